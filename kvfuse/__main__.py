@@ -1,0 +1,3 @@
+from kvfuse.cli import main
+
+main()

@@ -1,0 +1,86 @@
+"""The `kvfuse` command line: export (more commands arrive with the rewriter and runtime)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from kvfuse.errors import KvfuseError
+
+app = typer.Typer(
+    name="kvfuse",
+    help="Export, rewrite and run ONNX LLMs with fused attention and in-place KV caches.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+
+
+@app.callback()
+def _group() -> None:
+    """Export, rewrite and run ONNX LLMs with fused attention and in-place KV caches."""
+
+
+@app.command()
+def export(
+    source: Annotated[str, typer.Argument(help="HF model directory, .gguf file, or 'default'.")],
+    out_dir: Annotated[Path, typer.Argument(help="Directory to create for the ONNX export.")],
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace OUT_DIR if it exists.")
+    ] = False,
+    trust_remote_code: Annotated[
+        bool, typer.Option("--trust-remote-code", help="Allow the model's own Python code to run.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress, no summary.")] = False,
+) -> None:
+    """Export a causal LM to ONNX with past KV (Optimum, text-generation-with-past)."""
+    from kvfuse.exporters.export import export as run_export
+
+    result = run_export(
+        source, out_dir, overwrite=overwrite, trust_remote_code=trust_remote_code, quiet=quiet
+    )
+    if not quiet:
+        _print_export_summary(result)
+
+
+def _print_export_summary(result) -> None:
+    facts, summary = result.facts, result.summary
+    console.print(
+        f"[bold]{result.onnx_path}[/bold]: {facts.architecture}, {facts.num_layers} layers, "
+        f"{facts.num_heads} heads / {facts.num_kv_heads} KV heads × {facts.head_dim}, "
+        f"vocab {facts.vocab_size}"
+    )
+    console.print(
+        f"{summary.nodes:,} nodes, {summary.initializers} initializers, "
+        f"{summary.file_bytes / 1e6:,.1f} MB on disk, opsets {summary.opsets}"
+    )
+    table = Table("op type", "count", title="Most frequent ops")
+    for op, count in list(summary.op_histogram.items())[:12]:
+        table.add_row(op, str(count))
+    console.print(table)
+    io = Table("", "name", "dims", title="Inputs and outputs")
+    for kind, values in (("in", summary.inputs), ("out", summary.outputs)):
+        shown = list(values.items())
+        for name, dims in shown[:4] + ([("…", [])] if len(shown) > 5 else []) + shown[-1:]:
+            io.add_row(kind, name, str(dims))
+    console.print(io)
+
+
+def main() -> None:
+    """Console-script entry point: user errors become one line on stderr and exit status 1."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        app()
+    except KvfuseError as error:
+        Console(stderr=True).print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        Console(stderr=True).print("interrupted; nothing was written")
+        sys.exit(130)

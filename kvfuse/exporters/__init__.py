@@ -1,0 +1,1 @@
+"""Export Hugging Face causal LMs (directories, GGUF files, the bundled default) with Optimum."""

@@ -1,0 +1,1 @@
+"""Per-architecture knowledge as data, and tiny random models for tests."""

@@ -1,0 +1,70 @@
+"""Tiny randomly initialised causal LMs for fast tests of many architectures.
+
+Each entry is a transformers `model_type` and config overrides: two layers, widths of a few
+dozen, a 256-token vocabulary, grouped KV heads wherever the architecture allows. Weights are
+random (seeded), so these models prove structure and numerics, never text quality.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+_COMMON = {"vocab_size": 256, "max_position_embeddings": 512, "tie_word_embeddings": False}
+_LLAMA_LIKE = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
+
+TINY_CONFIGS: dict[str, dict[str, Any]] = {
+    "llama": {"model_type": "llama", **_LLAMA_LIKE},
+    "mistral": {"model_type": "mistral", **_LLAMA_LIKE, "sliding_window": 4096},
+    "qwen2": {"model_type": "qwen2", **_LLAMA_LIKE, "use_sliding_window": False},
+    "phi3": {"model_type": "phi3", **_LLAMA_LIKE, "pad_token_id": 0},
+    "gpt2": {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 512},
+    "gpt_neox": {
+        "model_type": "gpt_neox",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "rotary_pct": 0.25,
+    },
+    "falcon": {
+        "model_type": "falcon",
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "multi_query": True,
+        "new_decoder_architecture": False,
+        "alibi": False,
+        "parallel_attn": True,
+        "bias": False,
+    },
+}
+
+
+def tiny_config(name: str) -> Any:
+    """The transformers config of the tiny model `name` (a key of `TINY_CONFIGS`)."""
+    from transformers import AutoConfig
+
+    overrides = dict(TINY_CONFIGS[name])
+    model_type = overrides.pop("model_type")
+    config = AutoConfig.for_model(model_type, **_COMMON, **overrides)
+    config.bos_token_id, config.eos_token_id = 1, 2
+    return config
+
+
+def build_tiny_model(name: str, out_dir: Path, seed: int = 0) -> Path:
+    """Create the tiny model `name` with seeded random weights and save it to `out_dir`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(name), dtype=torch.float32)
+    model.eval()
+    model.save_pretrained(out_dir)
+    return Path(out_dir)

@@ -1,0 +1,1 @@
+"""The rule library matched by the rewriter. Not implemented yet."""

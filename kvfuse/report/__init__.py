@@ -1,0 +1,1 @@
+"""Reports about ONNX models: summaries now, graph diffs to come."""

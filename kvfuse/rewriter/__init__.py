@@ -1,0 +1,1 @@
+"""The rewriting engine (pipeline, layouts, verification). Not implemented yet."""

@@ -1,0 +1,1 @@
+"""The onnxruntime session wrapper and generation loop. Not implemented yet."""
