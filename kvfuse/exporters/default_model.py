@@ -52,8 +52,8 @@ def default_gguf_path() -> Path:
         digest = _sha256(staged)
         if digest != GGUF_SHA256:
             raise KvfuseError(
-                f"the default model file has checksum {digest[:12]}…, expected {GGUF_SHA256[:12]}…; "
-                f"delete {target.parent} and retry"
+                f"the default model file has checksum {digest[:12]}…, expected "
+                f"{GGUF_SHA256[:12]}…; delete {target.parent} and retry"
             )
         os.replace(staged, target)
     return target
