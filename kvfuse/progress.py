@@ -36,6 +36,7 @@ def quiet_libraries() -> Iterator[None]:
 
     previous = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     optimum_logger = logging.getLogger("optimum")
     previous_optimum = optimum_logger.level
     optimum_logger.setLevel(logging.ERROR)
@@ -45,4 +46,5 @@ def quiet_libraries() -> Iterator[None]:
             yield
     finally:
         transformers.logging.set_verbosity(previous)
+        transformers.logging.enable_progress_bar()
         optimum_logger.setLevel(previous_optimum)

@@ -128,9 +128,12 @@ def _load_causal_lm_config(hf_dir: Path, trust_remote_code: bool) -> Any:
                 "if you trust its author"
             ) from error
         raise KvfuseError(f"{hf_dir} has an unreadable config.json: {error}") from error
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    heads = config.architectures or []
+    causal_heads = [a for a in heads if a.endswith(("ForCausalLM", "LMHeadModel"))]
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or (heads and not causal_heads):
+        kind = f"'{config.model_type}'" + (f" ({', '.join(heads)})" if heads else "")
         raise KvfuseError(
-            f"{hf_dir} holds a '{config.model_type}' model, which is not a causal language model; "
+            f"{hf_dir} holds a {kind} model, which is not a causal language model; "
             "kvfuse exports decoder-only text-generation models"
         )
     _check_optimum_supports(config.model_type)

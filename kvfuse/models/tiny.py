@@ -65,6 +65,12 @@ def build_tiny_model(name: str, out_dir: Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(name), dtype=torch.float32)
+    with torch.no_grad():
+        # norm weights initialise to all-ones, which the exporter deduplicates into one shared
+        # tensor; perturb them so each layer's norm has its own weight, as a trained model does
+        for parameter in model.parameters():
+            if parameter.ndim == 1 and bool(torch.all(parameter == 1)):
+                parameter.add_(0.1 * torch.randn_like(parameter))
     model.eval()
     model.save_pretrained(out_dir)
     return Path(out_dir)

@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny models exported once per session, and the real SmolLM2 export."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory):
+    """Factory: `tiny_export(name)` → (hf_dir, export_dir) of a tiny model, built once."""
+    from kvfuse.exporters.export import export
+    from kvfuse.models.tiny import build_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny")
+    done: dict[str, tuple[Path, Path]] = {}
+
+    def get(name: str) -> tuple[Path, Path]:
+        if name not in done:
+            hf_dir = build_tiny_model(name, root / name)
+            export(hf_dir, root / f"{name}-onnx", quiet=True)
+            done[name] = (hf_dir, root / f"{name}-onnx")
+        return done[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def smollm2_export(tmp_path_factory):
+    """The bundled default model exported through the CLI entry point, once per session."""
+    from kvfuse.exporters.export import export
+
+    out = tmp_path_factory.mktemp("smollm2") / "onnx"
+    result = export("default", out, quiet=True)
+    return result

@@ -1,0 +1,72 @@
+"""Optimum exports of tiny random models run in onnxruntime and match PyTorch."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from kvfuse.exporters.reference import ConcatCacheRunner
+from kvfuse.models.tiny import TINY_CONFIGS
+
+# fp32 through different kernels: logits of these tiny models are O(1), differences O(1e-7)
+ATOL = 1e-4
+
+
+@pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
+def test_export_matches_pytorch_prefill_and_decode(tiny_export, name):
+    """Prefill of a 2×7 batch and one decode step with past match PyTorch logits."""
+    from transformers import AutoModelForCausalLM
+
+    hf_dir, out = tiny_export(name)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    ids = np.random.default_rng(0).integers(3, 250, size=(2, 7))
+    next_ids = np.array([[5], [9]])
+    with torch.no_grad():
+        expected_prefill = model(torch.tensor(ids)).logits.numpy()
+        full = torch.tensor(np.concatenate([ids, next_ids], axis=1))
+        expected_step = model(full).logits.numpy()[:, -1:]
+
+    runner = ConcatCacheRunner(out / "model.onnx")
+    prefill = runner.prefill(ids)
+    step = runner.step(next_ids)
+
+    np.testing.assert_allclose(prefill, expected_prefill, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(step, expected_step, atol=ATOL, rtol=0)
+    assert all(p.shape[2] == 8 for p in runner.past.values()), "past grew to 7 + 1 positions"
+
+
+@pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
+def test_export_metadata_records_architecture_facts(tiny_export, name):
+    """kvfuse-export.json holds the facts the rewriter needs, consistent with the graph."""
+    from kvfuse.models.tiny import tiny_config
+
+    _, out = tiny_export(name)
+    record = json.loads((out / "kvfuse-export.json").read_text())
+    facts = record["model"]
+    config = tiny_config(name)
+    assert facts["architecture"] == config.model_type
+    assert facts["num_layers"] == 2
+    assert facts["num_heads"] == 4
+    assert facts["head_dim"] == 16
+    runner = ConcatCacheRunner(out / "model.onnx")
+    assert len(runner.past_names) == 2 * facts["num_layers"]
+    kv_heads_in_graph = runner.inputs["past_key_values.0.key"].shape[1]
+    assert kv_heads_in_graph == facts["num_kv_heads"]
+    assert facts["positions"] == ("learned" if name == "gpt2" else "rope")
+    if name == "gpt_neox":
+        assert facts["rotary_dim"] == 4  # rotary_pct 0.25 of head_dim 16
+    assert record["source"]["kind"] == "hf-directory"
+    assert record["versions"]["optimum-onnx"] == importlib.metadata.version("optimum-onnx")
+
+
+def test_grouped_kv_heads_where_architecture_allows(tiny_export):
+    """The tiny Llama-family models really are GQA, Falcon really is multi-query."""
+    for name, kv_heads in [("llama", 2), ("mistral", 2), ("qwen2", 2), ("phi3", 2), ("falcon", 1)]:
+        _, out = tiny_export(name)
+        assert json.loads((out / "kvfuse-export.json").read_text())["model"]["num_kv_heads"] == (
+            kv_heads
+        )
