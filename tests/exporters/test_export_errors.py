@@ -45,7 +45,8 @@ def test_directory_that_is_not_a_causal_lm(tmp_path):
     """A BERT config is refused as not a causal language model."""
     model_dir = tmp_path / "bert"
     model_dir.mkdir()
-    (model_dir / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertForMaskedLM"]}))
+    config = {"model_type": "bert", "architectures": ["BertForMaskedLM"]}
+    (model_dir / "config.json").write_text(json.dumps(config))
     done = run_cli("export", str(model_dir), str(tmp_path / "out"))
     assert_one_line_error(done, "'bert'", "not a causal language model")
     assert not (tmp_path / "out").exists()
@@ -70,7 +71,7 @@ def test_architecture_optimum_cannot_export(tmp_path):
 
 
 def test_remote_code_is_not_run_by_default(tmp_path):
-    """A config that needs the model's own code asks for --trust-remote-code instead of running it."""
+    """A config needing the model's own code asks for --trust-remote-code; the code never runs."""
     model_dir = tmp_path / "custom"
     model_dir.mkdir()
     marker = tmp_path / "code-ran"
@@ -79,7 +80,8 @@ def test_remote_code_is_not_run_by_default(tmp_path):
         "from transformers import PretrainedConfig\n"
         "class CustomConfig(PretrainedConfig):\n    model_type = 'custom'\n"
     )
-    config = {"model_type": "custom", "auto_map": {"AutoConfig": "configuration_custom.CustomConfig"}}
+    auto_map = {"AutoConfig": "configuration_custom.CustomConfig"}
+    config = {"model_type": "custom", "auto_map": auto_map}
     (model_dir / "config.json").write_text(json.dumps(config))
     done = run_cli("export", str(model_dir), str(tmp_path / "out"))
     assert_one_line_error(done, "--trust-remote-code")

