@@ -1,0 +1,1 @@
+"""Attention rules: scaled dot-product attention, GQA/MQA head repeat, the KV-cache concat."""

@@ -1,0 +1,132 @@
+"""Attention over a growing Concat KV cache → kvfuse CachedAttention (fixed-buffer ready).
+
+Legend: B batch, S new tokens, P past, T = P + S, H heads, Hkv kv heads, D head dim; L the
+cache layout (see `Layout`), "proj" the layout a projection is reshaped into.
+
+    q_flat ─ Reshape(proj) ─ [Transpose→L] ─ [Rotary] ──────────────────── [Transpose→BHSD] ─┐
+    k_flat ─ Reshape(proj) ─ [Transpose→L] ─ [Rotary] ─ Concat(past_k, ·, S axis) ═ present_k │
+                                                          └─ [RepeatKV] ──────────────────── Attention ─┐
+    v_flat ─ Reshape(proj) ─ [Transpose→L] ──────────── Concat(past_v, ·, S axis) ═ present_v │          │
+                                                          └─ [RepeatKV] ───────────────────────────────┘
+    out_BHSD ─ Transpose(→proj) ─ Reshape ─ y_flat
+
+becomes CachedAttention(q_flat, k_flat, v_flat, past_k, past_v, [cos, sin]) → (y_flat,
+present_k, present_v). Rotary may be applied before or after the transpose into the cache
+layout (it acts on D only). The mask is dropped: the fused op is causal over the valid
+positions, which is what the model's mask builder computed from `attention_mask`.
+"""
+
+from __future__ import annotations
+
+from onnxscript.rewriter import pattern
+
+from kvfuse.patterns.attention.sdpa import maybe_transpose, static_dim
+from kvfuse.rewriter.layout import LAYOUTS, Layout
+from kvfuse.rewriter.rules import KVFUSE_DOMAIN, Rule, fail, ok
+
+
+class CachedAttentionRule(Rule):
+    """`attention/cached_<layout>[_rope]`: projections, cache concat and attention → one op."""
+
+    def __init__(self, layout: Layout, rotary: bool) -> None:
+        # remove_nodes=False: the mask builder still reads shapes of the matched K/V (e.g.
+        # Shape(repeated key) to slice the mask); it dies with the mask once we are done.
+        name = f"attention/cached_{layout.name.lower()}{'_rope' if rotary else ''}"
+        super().__init__(name, remove_nodes=False)
+        self.layout, self.rotary = layout, rotary
+
+    def _heads(self, op, flat, shape, cos, sin, rotate: bool, tag: str):
+        """flat projection → heads in the cache layout, rotated before or after the transpose."""
+        projected = op.Reshape(flat, shape)
+        if not rotate:
+            return maybe_transpose(op, projected, self.layout.to_cache)
+        return pattern.OrValue(
+            [
+                op.Rotary(
+                    maybe_transpose(op, projected, self.layout.to_cache),
+                    cos,
+                    sin,
+                    _domain=KVFUSE_DOMAIN,
+                ),
+                maybe_transpose(
+                    op, op.Rotary(projected, cos, sin, _domain=KVFUSE_DOMAIN), self.layout.to_cache
+                ),
+            ],
+            tag_var=f"{tag}_rotary_at",
+            tag_values=["cache", "projection"],
+        )
+
+    def pattern(self, op, q_flat, k_flat, v_flat, past_k, past_v, cos, sin, shapes, out_shape):
+        # `shapes`: one variable for the three projection reshapes (exporters share the target)
+        query = self._heads(op, q_flat, shapes, cos, sin, self.rotary, "q")
+        new_k = self._heads(op, k_flat, pattern.ANY_VALUE, cos, sin, self.rotary, "k")
+        present_k = op.Concat(past_k, new_k, axis=self.layout.seq_axis, _outputs=["present_k"])
+        new_v = self._heads(op, v_flat, pattern.ANY_VALUE, cos, sin, False, "v")
+        present_v = op.Concat(past_v, new_v, axis=self.layout.seq_axis, _outputs=["present_v"])
+        key = pattern.OrValue(
+            [op.RepeatKV(present_k, _domain=KVFUSE_DOMAIN), present_k],
+            tag_var="k_repeated",
+            tag_values=[1, 0],
+        )
+        value = pattern.OrValue(
+            [op.RepeatKV(present_v, _domain=KVFUSE_DOMAIN), present_v],
+            tag_var="v_repeated",
+            tag_values=[1, 0],
+        )
+        attended = op.Attention(
+            maybe_transpose(op, query, self.layout.to_bhsd),
+            key,
+            value,
+            _domain=KVFUSE_DOMAIN,
+            _allow_other_inputs=True,
+            _outputs=["attended"],
+        )
+        merged = maybe_transpose(op, attended, self.layout.bhsd_to_projection)
+        return op.Reshape(merged, out_shape), present_k, present_v
+
+    def check(self, context, q_flat, past_k, past_v, present_k, present_v, attended, **_):
+        for past in (past_k, past_v):
+            if not past.is_graph_input():
+                return fail(f"cache {past.name} is not a graph input", past)
+        for present in (present_k, present_v):
+            if not present.is_graph_output():
+                return fail(f"cache concat {present.name} is not a graph output", present)
+
+        attention = attended.producer()
+        if attention.attributes.get_string("layout") != self.layout.name:
+            found = attention.attributes.get_string("layout")
+            return fail(f"attention reads the cache as {found}, expected {self.layout.name}")
+        head_dim = static_dim(past_k, self.layout.name.index("D"))
+        kv_heads = static_dim(past_k, self.layout.head_axis)
+        width = static_dim(q_flat, -1)
+        if None in (head_dim, kv_heads, width):
+            return fail(f"cache {past_k.name} or query width not static: {past_k.shape}", past_k)
+        if width % head_dim or (width // head_dim) % kv_heads:
+            return fail(f"query width {width} is not a multiple of Hkv·D = {kv_heads}·{head_dim}")
+        if static_dim(past_v, self.layout.name.index("D")) != head_dim:
+            return fail(f"value head dim {past_v.shape} differs from key head dim {head_dim}")
+        return ok()
+
+    def rewrite(
+        self, op, q_flat, k_flat, v_flat, past_k, past_v, attended, cos=None, sin=None, **_
+    ):
+        head_dim = static_dim(past_k, self.layout.name.index("D"))
+        rotary = [cos, sin] if self.rotary else []
+        return op.CachedAttention(
+            q_flat,
+            k_flat,
+            v_flat,
+            past_k,
+            past_v,
+            *rotary,
+            num_heads=static_dim(q_flat, -1) // head_dim,
+            kv_num_heads=static_dim(past_k, self.layout.head_axis),
+            scale=attended.producer().attributes.get_float("scale"),
+            layout=self.layout.name,
+            rotary=int(self.rotary),
+            _domain=KVFUSE_DOMAIN,
+            _outputs=3,
+        )
+
+
+RULES = [CachedAttentionRule.rule(layout, rotary) for layout in LAYOUTS for rotary in (True, False)]

@@ -1,0 +1,113 @@
+"""Scaled dot-product attention → kvfuse Attention(q, k, v, [mask]; scale, layout).
+
+Legend: B batch, H heads, S new tokens, T total (past + new) positions, D head dim.
+
+    q_BHSD ── [·s_q] ─┐
+    k_L ─ Transpose(→BHDT) ─ [·s_k] ─ MatMul ─ [·s] ─ [+mask | Where(mask)] ─ [Cast] ─ Softmax(-1)
+                                                  ─ [Cast] ─ [Where(IsNaN, 0)] ─ MatMul(v_BHTD) ─ out_BHSD
+
+out = softmax(q·kᵀ·scale + mask)·v with scale = s_q·s_k·s (each a Mul or a Div, or absent).
+Optimum's TorchScript export multiplies q and kᵀ by sqrt(1/sqrt(D)) each and guards the softmax
+with IsNaN/Where; other exporters scale the product once. The key arrives in the cache layout
+`k_L` and is transposed to [B, H, D, T] by one perm that the `Layout` derives.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+from onnxscript.rewriter import pattern
+
+from kvfuse.patterns.norm import is_constant
+from kvfuse.rewriter.layout import LAYOUTS, Layout, is_identity
+from kvfuse.rewriter.rules import KVFUSE_DOMAIN, Rule, fail, ok
+
+
+def scaled(op, x, factor, tag: str):
+    """x, x·factor or x/factor, with the choice bound to `tag`."""
+    return pattern.OrValue(
+        [op.Mul(x, factor), op.Div(x, factor), x], tag_var=tag, tag_values=["mul", "div", "none"]
+    )
+
+
+def maybe_transpose(op, x, perm: list[int]):
+    return x if is_identity(perm) else op.Transpose(x, perm=perm)
+
+
+class SDPARule(Rule):
+    """`attention/sdpa_<layout>`: the decomposed attention core → kvfuse Attention."""
+
+    def __init__(self, layout: Layout) -> None:
+        super().__init__(f"attention/sdpa_{layout.name.lower()}")
+        self.layout = layout
+
+    def pattern(self, op, query, key, value, mask, q_scale, k_scale, qk_scale, zero):
+        key_t = op.Transpose(key, perm=self.layout.key_transposed)
+        scores = op.MatMul(scaled(op, query, q_scale, "q_how"), scaled(op, key_t, k_scale, "k_how"))
+        scores = scaled(op, scores, qk_scale, "qk_how")
+        scores = pattern.OrValue(
+            [op.Add(scores, mask), op.Where(mask, scores, pattern.ANY_VALUE), scores],
+            tag_var="mask_how",
+            tag_values=["add", "where", "none"],
+        )
+        scores = pattern.OrValue([op.Cast(scores), scores], tag_var="cast_in", tag_values=[1, 0])
+        probs = op.Softmax(scores, _outputs=["probs"])
+        probs = pattern.OrValue([op.Cast(probs), probs], tag_var="cast_out", tag_values=[1, 0])
+        probs = pattern.OrValue(
+            [op.Where(op.IsNaN(probs), zero, probs), probs], tag_var="nan_guard", tag_values=[1, 0]
+        )
+        return op.MatMul(probs, maybe_transpose(op, value, self.layout.to_bhsd))
+
+    def check(self, context, query, key, value, probs, **bound):
+        axis = probs.producer().attributes.get_int("axis", -1)
+        rank = len(query.shape) if query.shape is not None else 4
+        if axis not in (-1, rank - 1):
+            return fail(f"Softmax over axis {axis}, expected the last (keys) axis", probs)
+        head_dim = static_dim(query, -1)
+        if head_dim is None:
+            return fail(f"query {query.name} has no static head dim", query)
+        key_dim = static_dim(key, self.layout.name.index("D"))
+        if key_dim is not None and key_dim != head_dim:
+            return fail(f"key head dim {key_dim} differs from query head dim {head_dim}", key)
+        if attention_scale(bound, head_dim) is None:
+            return fail("attention scale factors are not constant scalars", query)
+        if bound["nan_guard"] and not is_constant(bound["zero"], 0.0):
+            return fail("softmax guard replaces NaN by a non-zero value", bound["zero"])
+        if bound["mask_how"] == "where":
+            return fail("Where-style mask needs its fill value checked; not supported yet")
+        return ok()
+
+    def rewrite(self, op, query, key, value, mask, **bound):
+        head_dim = static_dim(query, -1)
+        inputs = [query, key, value] + ([mask] if bound["mask_how"] == "add" else [])
+        return op.Attention(
+            *inputs,
+            scale=attention_scale(bound, head_dim),
+            layout=self.layout.name,
+            _domain=KVFUSE_DOMAIN,
+        )
+
+
+def attention_scale(bound: dict, head_dim: int) -> float | None:
+    """Product of the scale factors the match bound (q, kᵀ and q·kᵀ), or None if not constant."""
+    scale = 1.0
+    for how, factor in (("q_how", "q_scale"), ("k_how", "k_scale"), ("qk_how", "qk_scale")):
+        if bound[how] == "none":
+            continue
+        value = bound[factor]
+        if value is None or value.const_value is None or value.const_value.numpy().size != 1:
+            return None
+        number = float(value.const_value.numpy().reshape(-1)[0])
+        scale *= number if bound[how] == "mul" else 1.0 / number
+    del head_dim  # scale is taken as found; 1/sqrt(D) is the usual value, not a requirement
+    return scale
+
+
+def static_dim(value: ir.Value, axis: int) -> int | None:
+    """`value.shape[axis]` if it is a static int, else None."""
+    if value.shape is None or not -len(value.shape) <= axis < len(value.shape):
+        return None
+    dim = value.shape[axis]
+    return dim if isinstance(dim, int) else None
+
+
+RULES = [SDPARule.rule(layout) for layout in LAYOUTS]

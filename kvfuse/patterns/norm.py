@@ -1,0 +1,77 @@
+"""RMSNorm: y = w · x / sqrt(mean(x², last axis) + ε)  →  kvfuse RMSNorm(x, w, epsilon).
+
+    x ─┬─ Pow(2) ─ ReduceMean(-1) ─ Add(ε) ─ Sqrt ─ Div(1, ·) | Reciprocal ─┐
+       └──────────────────────────────────────────────── Mul ────────────┴─ Mul(w) ─ y
+                                                           (or Div(x, Sqrt(·)))
+
+TorchScript exports (Optimum) write `Div(1, Sqrt)` then `Mul(x, ·)`; the dynamo exporter
+writes `Reciprocal(Sqrt)`; some hand-written graphs divide x by the root directly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+from onnxscript.rewriter import pattern
+
+from kvfuse.rewriter.rules import KVFUSE_DOMAIN, Rule, fail, ok
+
+
+class RMSNormRule(Rule):
+    """`norm/rms`: the decomposed RMSNorm chain → kvfuse RMSNorm."""
+
+    def __init__(self) -> None:
+        super().__init__("norm/rms")
+
+    def pattern(self, op, x, weight, axes, epsilon, two, one):
+        squared = pattern.OrValue(
+            [op.Pow(x, two), op.Mul(x, x)], tag_var="square_how", tag_values=["pow", "mul"]
+        )
+        mean = op.ReduceMean(squared, axes, _outputs=["mean"])
+        root = op.Sqrt(op.Add(mean, epsilon))
+        normalized = pattern.OrValue(
+            [op.Mul(x, op.Div(one, root)), op.Mul(x, op.Reciprocal(root)), op.Div(x, root)],
+            tag_var="divide_how",
+            tag_values=["div", "reciprocal", "direct"],
+        )
+        return op.Mul(normalized, weight)
+
+    def check(self, context, x, weight, axes, epsilon, mean, **bound):
+        if bound["square_how"] == "pow" and not is_constant(bound["two"], 2.0):
+            return fail("Pow exponent is not 2", bound["two"])
+        if bound["divide_how"] == "div" and not is_constant(bound["one"], 1.0):
+            return fail("inverse root is not 1/sqrt(·)", bound["one"])
+        if x.shape is None or not isinstance(x.shape[-1], int):
+            return fail(f"normalized tensor {x.name} has no static last dim", x)
+        reduce_node = mean.producer()
+        axis_values = _ints(axes)
+        if axis_values not in ([-1], [len(x.shape) - 1]):
+            return fail(f"ReduceMean axes {axis_values}, expected the last axis [-1]", reduce_node)
+        if reduce_node.attributes.get_int("keepdims", 1) != 1:
+            return fail("ReduceMean keepdims=0, expected 1", reduce_node)
+        if weight.const_value is None or weight.const_value.shape != ir.Shape([x.shape[-1]]):
+            return fail(f"weight {weight.name} is not a constant [{x.shape[-1]}]", weight)
+        if epsilon.const_value is None or epsilon.const_value.numpy().size != 1:
+            return fail(f"epsilon {epsilon.name} is not a constant scalar", epsilon)
+        return ok()
+
+    def rewrite(self, op, x, weight, epsilon, **_):
+        eps = float(epsilon.const_value.numpy().reshape(-1)[0])
+        return op.RMSNorm(x, weight, epsilon=eps, _domain=KVFUSE_DOMAIN)
+
+
+def is_constant(value: ir.Value | None, number: float) -> bool:
+    """Whether `value` is a constant whose every element equals `number`."""
+    if value is None or value.const_value is None:
+        return False
+    array = value.const_value.numpy()
+    return array.size >= 1 and bool((array == number).all())
+
+
+def _ints(value: ir.Value | None) -> list[int] | None:
+    if value is None or value.const_value is None:
+        return None
+    return [int(v) for v in np.asarray(value.const_value.numpy()).reshape(-1)]
+
+
+RULES = [RMSNormRule.rule()]

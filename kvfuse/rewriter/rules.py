@@ -1,0 +1,97 @@
+"""What a kvfuse rule is, and how the engine applies rule stages and keeps near misses.
+
+A rule is an onnxscript `RewriteRuleClassBase` with a stable `family/variant` name. `check()`
+returns `fail(reason, *culprits)` (one failure convention); rules hold no state between check
+and rewrite. Nodes a rule creates carry its name in their metadata (`kvfuse.rule`) as well as
+onnxscript's own tag.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import onnx_ir as ir
+from onnxscript.rewriter import _basics, pattern
+
+KVFUSE_DOMAIN = "ai.kvfuse"
+RULE_TAG = "kvfuse.rule"
+ONNXSCRIPT_RULE_TAG = "pkg.onnxscript.rewriter.rule_name"
+
+
+class Rule(pattern.RewriteRuleClassBase):
+    """Base of every kvfuse rule; subclasses set `name` through `__init__`."""
+
+    def __init__(self, name: str, **kwargs) -> None:
+        super().__init__(name=name, **kwargs)
+
+
+def fail(reason: str, *culprits: ir.Node | ir.Value | None) -> pattern.MatchResult:
+    """The one way a check declines: a reason saying expected vs found, and the culprits."""
+    return pattern.MatchResult().fail(reason, [c for c in culprits if c is not None])
+
+
+def ok() -> pattern.MatchResult:
+    return pattern.MatchResult()
+
+
+@dataclasses.dataclass
+class NearMiss:
+    """The closest a rule came to matching at one root node, and why it stopped."""
+
+    rule: str
+    root: str
+    matched_nodes: int
+    reason: str
+    culprits: list[str]
+
+
+class NearMissTracer(_basics.MatchingTracer):
+    """Records, for every (rule, root node), the best failed attempt and its reason."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attempts: dict[tuple[str, str], NearMiss] = {}
+
+    def log(self, rule, container, node, match_result, status) -> None:  # noqa: D102
+        super().log(rule, container, node, match_result, status)
+        if status == _basics.MatchStatus.SUCCESS:
+            return
+        culprits = [
+            getattr(item, "name", None) or str(item)
+            for item in match_result.failure_nodes_and_values
+        ]
+        miss = NearMiss(
+            rule=rule.name,
+            root=node.name or node.op_type,
+            matched_nodes=len(match_result.nodes),
+            reason=match_result.reason or "structure differs",
+            culprits=culprits,
+        )
+        key = (rule.name, miss.root)
+        if key not in self.attempts or miss.matched_nodes > self.attempts[key].matched_nodes:
+            self.attempts[key] = miss
+
+
+def apply_rules(model: ir.Model, rules: Sequence[pattern.RewriteRule]) -> dict[str, int]:
+    """Apply each rule in order (each to a fixpoint of one sweep); return per-rule counts."""
+    counts = {}
+    for rule in rules:
+        counts[rule.name] = pattern.RewriteRuleSet([rule], commute=True).apply_to_model(model)
+    tag_new_nodes(model)
+    return counts
+
+
+def trace_rules(model: ir.Model, rules: Sequence[pattern.RewriteRule]) -> NearMissTracer:
+    """Dry-run `rules` with a tracer (nothing changes) to learn why candidates failed."""
+    tracer = NearMissTracer()
+    pattern.RewriteRuleSet(list(rules), commute=True).apply_to_model(model, tracer=tracer)
+    return tracer
+
+
+def tag_new_nodes(model: ir.Model) -> None:
+    """Copy onnxscript's rule tag into kvfuse's provenance key on every rewritten node."""
+    for node in model.graph.all_nodes():
+        name = node.metadata_props.get(ONNXSCRIPT_RULE_TAG)
+        if name and RULE_TAG not in node.metadata_props:
+            node.metadata_props[RULE_TAG] = name

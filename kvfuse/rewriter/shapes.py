@@ -1,0 +1,193 @@
+"""Resolve the shape plumbing exporters emit around Reshape, so that static dims become known.
+
+Exporters build Reshape targets at run time (`Concat(Unsqueeze(Gather(Shape(x), 0)), ..., -1,
+D)`), which ONNX shape inference cannot see through: every tensor after such a Reshape has an
+unknown shape and every `Shape → Gather` of it stays in the graph. Here the target is evaluated
+symbolically — dims are ints or named symbols like `batch_size` — and the Reshape output gets
+the shape it really has; ordinary constant folding then removes the plumbing whose dims are now
+static (head counts, head dims, half head dims for RoPE slices).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx_ir as ir
+
+Dim = int | str | None  # a static size, a symbolic size, or unknown
+
+
+def symbolic_ints(value: ir.Value | None) -> list[Dim] | None:
+    """The elements of a 1-D int64 shape tensor as dims, or None if it cannot be followed."""
+    if value is None:
+        return None
+    if value.const_value is not None:
+        array = value.const_value.numpy()
+        return [int(x) for x in array.reshape(-1)] if array.ndim <= 1 else None
+    node = value.producer()
+    if node is None:
+        return None
+    if node.op_type == "Concat":
+        parts = [symbolic_ints(v) for v in node.inputs]
+        return None if any(p is None for p in parts) else [d for p in parts for d in p]
+    if node.op_type in ("Unsqueeze", "Cast", "Identity", "Reshape"):
+        scalar = symbolic_scalar(node.inputs[0])
+        inner = symbolic_ints(node.inputs[0]) if scalar is None else [scalar]
+        return inner
+    if node.op_type == "Shape":
+        return _shape_slice(node)
+    return None
+
+
+def symbolic_scalar(value: ir.Value | None) -> Dim:
+    """A scalar (or 1-element) int value as a dim, or None if unknown."""
+    if value is None:
+        return None
+    if value.const_value is not None:
+        array = value.const_value.numpy()
+        return int(array.reshape(-1)[0]) if array.size == 1 else None
+    node = value.producer()
+    if node is None:
+        return None
+    if node.op_type == "Gather":
+        dims = symbolic_ints(node.inputs[0])
+        index = symbolic_scalar(node.inputs[1])
+        if dims is not None and isinstance(index, int) and -len(dims) <= index < len(dims):
+            return dims[index]
+    if node.op_type in ("Cast", "Identity", "Squeeze", "Unsqueeze"):
+        return symbolic_scalar(node.inputs[0])
+    if node.op_type in ("Mul", "Div"):
+        a, b = (symbolic_scalar(v) for v in node.inputs)
+        if isinstance(a, int) and isinstance(b, int):
+            return a * b if node.op_type == "Mul" else (a // b if b else None)
+    return None
+
+
+def _shape_slice(node: ir.Node) -> list[Dim] | None:
+    shape = node.inputs[0].shape if node.inputs[0] is not None else None
+    if shape is None:
+        return None
+    dims = [_dim(d) for d in shape]
+    start = node.attributes.get_int("start", 0)
+    end = node.attributes.get_int("end", len(dims))
+    return dims[start:end]
+
+
+def _dim(d) -> Dim:
+    if isinstance(d, int):
+        return d
+    return d.value if isinstance(d, ir.SymbolicDim) and d.value else None
+
+
+def reshape_output_dims(node: ir.Node) -> list[Dim] | None:
+    """The output dims of a Reshape from its symbolic target and its input's shape."""
+    target = symbolic_ints(node.inputs[1])
+    source = node.inputs[0].shape
+    if target is None or source is None:
+        return None
+    source_dims = [_dim(d) for d in source]
+    allow_zero = node.attributes.get_int("allowzero", 0)
+    dims = [
+        source_dims[i] if d == 0 and not allow_zero and i < len(source_dims) else d
+        for i, d in enumerate(target)
+    ]
+    if -1 in dims:
+        dims[dims.index(-1)] = _inferred_dim(source_dims, [d for d in dims if d != -1])
+    return dims
+
+
+def _inferred_dim(source: list[Dim], known: list[Dim]) -> Dim:
+    """Size of the -1 dim: product(source) / product(known), cancelling equal symbols."""
+    numerator, denominator = list(source), list(known)
+    for d in list(denominator):
+        if isinstance(d, str) and d in numerator:
+            numerator.remove(d)
+            denominator.remove(d)
+    if not all(isinstance(d, int) for d in numerator + denominator):
+        return None
+    top, bottom = math.prod(numerator), math.prod(denominator)
+    return top // bottom if bottom and top % bottom == 0 else None
+
+
+def propagate_reshape_shapes(graph: ir.Graph) -> int:
+    """Give every Reshape output the shape its symbolic target implies; returns how many."""
+    changed = 0
+    for node in graph:
+        if node.op_type != "Reshape" or node.domain not in ("", "ai.onnx"):
+            continue
+        dims = reshape_output_dims(node)
+        if dims is None or any(d is None for d in dims):
+            continue
+        shape = ir.Shape(dims)
+        if node.outputs[0].shape != shape:
+            node.outputs[0].shape = shape
+            changed += 1
+    return changed
+
+
+def fold_static_dims(graph: ir.Graph) -> int:
+    """Replace `Shape`/`Gather(Shape)`/`Concat` int tensors whose dims are all static by constants.
+
+    Returns how many values were replaced; run the constant folder afterwards to fold what
+    consumed them (Div, Unsqueeze, Slice bounds, ...).
+    """
+    replaced = 0
+    for node in list(graph):
+        if node.op_type not in ("Shape", "Gather", "Concat") or node.domain not in ("", "ai.onnx"):
+            continue
+        output = node.outputs[0]
+        if output.dtype != ir.DataType.INT64 or not output.uses() and not output.is_graph_output():
+            continue
+        if node.op_type == "Gather":
+            scalar = symbolic_scalar(output)
+            if not isinstance(scalar, int) or output.shape is None or len(output.shape) > 1:
+                continue
+            array = np.array(scalar if len(output.shape) == 0 else [scalar], dtype=np.int64)
+        else:
+            dims = symbolic_ints(output)
+            if dims is None or not all(isinstance(d, int) for d in dims):
+                continue
+            array = np.array(dims, dtype=np.int64)
+        constant = ir.node("Constant", [], attributes={"value": ir.tensor(array)})
+        graph.insert_before(node, constant)
+        constant.outputs[0].shape = ir.Shape(array.shape)
+        constant.outputs[0].dtype = ir.DataType.INT64
+        ir.convenience.replace_all_uses_with(output, constant.outputs[0])
+        replaced += 1
+    return replaced
+
+
+def resolve_shapes(model: ir.Model, max_rounds: int = 6) -> int:
+    """Alternate ONNX shape inference (with data propagation) and the symbolic Reshape pass,
+    folding the dims that become static, until nothing changes. Returns values folded."""
+    from onnx_ir.passes.common import ShapeInferencePass
+    from onnxscript import optimizer
+
+    folded_total = 0
+    for _ in range(max_rounds):
+        ShapeInferencePass(strict_mode=False)(model)
+        changed = propagate_reshape_shapes(model.graph)
+        folded = fold_static_dims(model.graph)
+        folded_total += folded
+        if folded:
+            optimizer.fold_constants(model)
+            optimizer.remove_unused_nodes(model)
+        if not changed and not folded:
+            break
+    return folded_total
+
+
+def canonicalize_concat_axes(graph: ir.Graph) -> int:
+    """Write every Concat axis as a non-negative index (rank permitting), so rules match one
+    spelling: TorchScript writes the cache concat as axis=-2, hand-written graphs as 2."""
+    changed = 0
+    for node in graph:
+        if node.op_type != "Concat" or node.domain not in ("", "ai.onnx"):
+            continue
+        axis = node.attributes.get_int("axis", 0)
+        rank = len(node.outputs[0].shape) if node.outputs[0].shape is not None else None
+        if axis < 0 and rank:
+            node.attributes["axis"] = ir.AttrInt64("axis", axis % rank)
+            changed += 1
+    return changed
