@@ -1,0 +1,115 @@
+"""Lowering for target `ort`: kvfuse ops → onnxruntime contrib ops.
+
+- RMSNorm(Add(a, b)) whose sum also feeds the residual → SkipSimplifiedLayerNormalization
+  (output 3 is the sum); any other RMSNorm → SimplifiedLayerNormalization (default domain in
+  onnxruntime, not com.microsoft).
+- CachedAttention → com.microsoft.GroupQueryAttention over fixed [B, Hkv, max_context, D]
+  buffers shared between past and present; `seqlens_k` (valid length − 1 per row) and
+  `total_sequence_length` say how much of each buffer holds real positions. RoPE is fused
+  (`do_rotary`) with caches baked from the model's own builder.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from kvfuse.rewriter.rules import KVFUSE_DOMAIN, RULE_TAG, Rule, fail, ok
+
+MS_DOMAIN = "com.microsoft"
+
+
+class SkipRMSNormRule(Rule):
+    """`lower/skip_rms`: residual Add + RMSNorm → SkipSimplifiedLayerNormalization."""
+
+    def __init__(self) -> None:
+        super().__init__("lower/skip_rms")
+
+    def pattern(self, op, a, b, weight):
+        total = op.Add(a, b, _outputs=["total"])
+        return op.RMSNorm(total, weight, _domain=KVFUSE_DOMAIN, _outputs=["normed"]), total
+
+    def check(self, context, a, b, **_):
+        if a.shape is None or b.shape is None or a.shape != b.shape:
+            return fail(f"residual add of {a.shape} and {b.shape} broadcasts", a, b)
+        return ok()
+
+    def rewrite(self, op, a, b, weight, normed, **_):
+        epsilon = normed.producer().attributes.get_float("epsilon")
+        outputs = op.SkipSimplifiedLayerNormalization(
+            a, b, weight, epsilon=epsilon, _domain=MS_DOMAIN, _outputs=4
+        )
+        return outputs[0], outputs[3]
+
+
+class RMSNormRule(Rule):
+    """`lower/rms`: RMSNorm → SimplifiedLayerNormalization."""
+
+    def __init__(self) -> None:
+        super().__init__("lower/rms")
+
+    def pattern(self, op, x, weight):
+        return op.RMSNorm(x, weight, _domain=KVFUSE_DOMAIN, _outputs=["normed"])
+
+    def rewrite(self, op, x, weight, normed, **_):
+        epsilon = normed.producer().attributes.get_float("epsilon")
+        return op.SimplifiedLayerNormalization(
+            x, weight, axis=-1, epsilon=epsilon, stash_type=1
+        )
+
+
+NORM_RULES = [SkipRMSNormRule.rule(), RMSNormRule.rule()]
+
+
+def lower_cached_attention(
+    graph: ir.Graph,
+    node: ir.Node,
+    seqlens_k: ir.Value,
+    total_length: ir.Value,
+    rotary_caches: tuple[ir.Value, ir.Value] | None,
+) -> ir.Node:
+    """Replace one CachedAttention node by GroupQueryAttention; returns the new node."""
+    attributes = node.attributes
+    q, k, v, past_k, past_v = node.inputs[:5]
+    seq_first = attributes.get_string("layout") == "SBHD"
+    if seq_first:  # GQA takes [B, S, H·D]; sequence-first projections are [S, B, H·D]
+        q, k, v = (_transpose(graph, node, x, [1, 0, 2]) for x in (q, k, v))
+    inputs = [q, k, v, past_k, past_v, seqlens_k, total_length]
+    if rotary_caches is not None:
+        inputs += list(rotary_caches)
+    gqa = ir.node(
+        "GroupQueryAttention", inputs, domain=MS_DOMAIN, num_outputs=3,
+        attributes={
+            "num_heads": attributes.get_int("num_heads"),
+            "kv_num_heads": attributes.get_int("kv_num_heads"),
+            "scale": attributes.get_float("scale"),
+            "do_rotary": int(rotary_caches is not None),
+            "rotary_interleaved": 0,
+        },
+        name=f"{node.name}/GroupQueryAttention",
+    )
+    gqa.metadata_props[RULE_TAG] = node.metadata_props.get(RULE_TAG, "attention/cached")
+    graph.insert_before(node, gqa)
+    output = gqa.outputs[0]
+    if seq_first:
+        output = _transpose(graph, node, output, [1, 0, 2])
+    for old, new in zip(node.outputs, [output, gqa.outputs[1], gqa.outputs[2]], strict=True):
+        _replace_value(graph, old, new)
+    graph.remove(node, safe=True)
+    return gqa
+
+
+def _transpose(graph: ir.Graph, anchor: ir.Node, value: ir.Value, perm: list[int]) -> ir.Value:
+    node = ir.node("Transpose", [value], attributes={"perm": perm})
+    graph.insert_before(anchor, node)
+    return node.outputs[0]
+
+
+def _replace_value(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
+    """Point every use and graph-output slot of `old` at `new`, keeping an output's name."""
+    name = old.name
+    for index, output in enumerate(graph.outputs):
+        if output is old:
+            old.name = f"{name}__replaced"
+            new.name = name
+            graph.outputs[index] = new
+    ir.convenience.replace_all_uses_with(old, new)

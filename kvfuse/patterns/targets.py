@@ -1,0 +1,20 @@
+"""The rewrite pipelines, one per target, as they run: read top to bottom."""
+
+from __future__ import annotations
+
+from kvfuse.patterns import lower_ort, norm, rotary
+from kvfuse.patterns.attention import cached, repeat_kv, sdpa
+from kvfuse.rewriter.pipeline import Stage
+
+FUSION_STAGES = [
+    Stage("fuse RMSNorm", rules=norm.RULES),
+    Stage("fuse RoPE", rules=rotary.RULES),
+    Stage("fuse GQA/MQA head repeat", rules=repeat_kv.RULES),
+    Stage("fuse attention core", rules=sdpa.RULES),
+    Stage("fuse attention with its KV cache", rules=cached.RULES),
+]
+
+# the rules to dry-run when a layer did not fuse, to report how close each came
+EXPLAIN_RULES = cached.RULES + sdpa.RULES + rotary.RULES + repeat_kv.RULES
+
+ORT_LOWERING = [Stage("lower RMSNorm to onnxruntime ops", rules=lower_ort.NORM_RULES)]

@@ -1,0 +1,104 @@
+"""The rewrite pipeline: a short list of named stages run top to bottom on an onnx_ir model.
+
+A stage is either a list of rules (applied one rule at a time, counted per rule) or a graph
+pass (a function of the model). Targets are defined in `kvfuse.patterns.targets`; this engine
+knows no rule by name.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import re
+import time
+from collections.abc import Callable, Sequence
+
+import onnx_ir as ir
+from onnxscript.rewriter import pattern
+
+from kvfuse.rewriter.rules import KVFUSE_DOMAIN, NearMiss, apply_rules, trace_rules
+
+
+@dataclasses.dataclass
+class Stage:
+    """One named step: rules to apply, or a graph pass `run(model) -> dict | None`."""
+
+    name: str
+    rules: Sequence[pattern.RewriteRule] = ()
+    run: Callable[[ir.Model], dict | None] | None = None
+
+
+@dataclasses.dataclass
+class StageRecord:
+    name: str
+    seconds: float
+    counts: dict[str, int]
+    nodes_after: int
+
+
+@dataclasses.dataclass
+class LayerOutcome:
+    """Whether one attention candidate (a Softmax of the input graph) was fused."""
+
+    layer: str
+    fused: bool
+    near_misses: list[NearMiss]
+
+
+def run_stages(model: ir.Model, stages: Sequence[Stage]) -> list[StageRecord]:
+    """Run `stages` in order; returns what each did."""
+    records = []
+    for stage in stages:
+        start = time.perf_counter()
+        if stage.rules:
+            counts = apply_rules(model, stage.rules)
+        else:
+            counts = stage.run(model) or {}
+        records.append(
+            StageRecord(stage.name, time.perf_counter() - start, counts, count_nodes(model))
+        )
+    return records
+
+
+def count_nodes(model: ir.Model) -> int:
+    return sum(1 for _ in model.graph.all_nodes())
+
+
+def op_histogram(model: ir.Model) -> dict[str, int]:
+    return dict(collections.Counter(n.op_type for n in model.graph.all_nodes()).most_common())
+
+
+LAYER_NAME = re.compile(r"(?:layers?|h|blocks?)[./_](\d+)")
+
+
+def layer_of(name: str) -> str | None:
+    """The layer index a node name mentions (`/model/layers.3/...` → "3"), if any."""
+    match = LAYER_NAME.search(name or "")
+    return match.group(1) if match else None
+
+
+def attention_candidates(model: ir.Model) -> list[str]:
+    """One label per attention candidate: the layer of each Softmax (or its node name)."""
+    return [layer_of(n.name) or n.name for n in model.graph if n.op_type == "Softmax"]
+
+
+def attention_outcomes(
+    model: ir.Model, candidates: list[str], explain_rules: Sequence[pattern.RewriteRule]
+) -> list[LayerOutcome]:
+    """Which candidates fused: those whose Softmax (or partial kvfuse Attention) is gone."""
+    left = [
+        layer_of(n.name) or n.name
+        for n in model.graph
+        if n.op_type == "Softmax" or (n.domain == KVFUSE_DOMAIN and n.op_type == "Attention")
+    ]
+    misses: dict[str | None, list[NearMiss]] = collections.defaultdict(list)
+    if left:
+        tracer = trace_rules(model, explain_rules)
+        for miss in tracer.attempts.values():
+            if miss.matched_nodes >= 2:
+                misses[layer_of(miss.root) or miss.root].append(miss)
+    outcomes = []
+    for layer in candidates:
+        best = sorted(misses.get(layer, []), key=lambda m: -m.matched_nodes)
+        outcomes.append(LayerOutcome(layer, layer not in left, best[:3]))
+    return outcomes

@@ -1,0 +1,127 @@
+"""Graph-level KV conversion: growing Concat caches → fixed, in-place retained-state buffers.
+
+After the attention rules, each layer is one `CachedAttention` reading `past_key_values.{i}.*`
+graph inputs and producing `present.{i}.*` graph outputs. Here the signature changes:
+
+- every past input and present output becomes `[batch, kv_heads, max_context, head_dim]`, the
+  same buffer updated in place (the runtime binds both to one OrtValue);
+- `seqlens_k` (int32 [batch], valid positions − 1 per row) and `total_sequence_length` (int32
+  scalar) are added: they tell the fused op how much of each buffer is real;
+- RoPE tables are baked for max_context positions from the model's own builder;
+- inputs nothing reads any more (`attention_mask`, and `position_ids` once RoPE is fused) are
+  dropped together with the dead mask and RoPE builders.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+
+from kvfuse.errors import KvfuseError
+from kvfuse.patterns.lower_ort import lower_cached_attention
+from kvfuse.rewriter import rotary_cache
+from kvfuse.rewriter.rules import KVFUSE_DOMAIN
+
+SEQLENS = "seqlens_k"
+TOTAL_LENGTH = "total_sequence_length"
+
+
+@dataclasses.dataclass
+class KVSignature:
+    """What the runtime needs to know about the retained-state I/O."""
+
+    pairs: list[tuple[str, str]]  # (past input, present output) sharing one buffer
+    kv_heads: int
+    head_dim: int
+    max_context: int
+    batch_size: int | None
+    inputs: list[str]
+
+
+def convert_to_retained_state(
+    model: ir.Model, max_context: int, batch_size: int | None
+) -> KVSignature:
+    """Lower every CachedAttention to GQA over fixed buffers and rewrite the graph signature."""
+    graph = model.graph
+    nodes = [n for n in graph if n.domain == KVFUSE_DOMAIN and n.op_type == "CachedAttention"]
+    if not nodes:
+        raise KvfuseError("no attention layer was fused; nothing to convert (see --explain)")
+    batch = batch_size if batch_size is not None else "batch_size"
+    seqlens = _add_input(graph, SEQLENS, ir.DataType.INT32, [batch])
+    total = _add_input(graph, TOTAL_LENGTH, ir.DataType.INT32, [])
+    caches: dict[tuple[str, str], tuple[ir.Value, ir.Value]] = {}
+    pairs = []
+    kv_heads = head_dim = None
+    for node in nodes:
+        rotary = _rotary_caches(graph, node, max_context, caches)
+        past_k, past_v = node.inputs[3], node.inputs[4]
+        kv_heads = node.attributes.get_int("kv_num_heads")
+        head_dim = past_k.shape[-1] if node.attributes.get_string("layout") != "SBHD" else None
+        head_dim = head_dim or past_k.shape[3]
+        gqa = lower_cached_attention(graph, node, seqlens, total, rotary)
+        for past, present in ((past_k, gqa.outputs[1]), (past_v, gqa.outputs[2])):
+            fixed = ir.Shape([batch, kv_heads, max_context, head_dim])
+            past.shape, present.shape = fixed, ir.Shape(fixed)
+            present.dtype = past.dtype
+            pairs.append((past.name, present.name))
+    _set_batch(graph, batch_size)
+    _remove_dead(model)
+    return KVSignature(
+        pairs=pairs, kv_heads=kv_heads, head_dim=head_dim, max_context=max_context,
+        batch_size=batch_size, inputs=[v.name for v in graph.inputs],
+    )
+
+
+def _add_input(graph: ir.Graph, name: str, dtype: ir.DataType, dims: list) -> ir.Value:
+    if any(v.name == name for v in graph.inputs):
+        raise KvfuseError(f"the model already has an input named {name}; cannot add it")
+    value = ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(dims))
+    graph.inputs.append(value)
+    return value
+
+
+def _rotary_caches(graph, node, max_context, caches):
+    """Baked [max_context, D/2] cos/sin initializers for a node with rotary inputs (shared)."""
+    if node.attributes.get_int("rotary", 0) == 0:
+        return None
+    cos, sin = node.inputs[5], node.inputs[6]
+    key = (cos.name, sin.name)
+    if key not in caches:
+        cos_table, sin_table = rotary_cache.evaluate_rotary_tables(graph, cos, sin, max_context)
+        cos_half, sin_half = rotary_cache.half_tables(cos_table, sin_table)
+        index = len(caches)
+        caches[key] = (
+            _initializer(graph, f"kvfuse.rotary_cos_{index}", cos_half),
+            _initializer(graph, f"kvfuse.rotary_sin_{index}", sin_half),
+        )
+    return caches[key]
+
+
+def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+    value.shape, value.dtype = ir.Shape(array.shape), ir.DataType.FLOAT
+    graph.register_initializer(value)
+    return value
+
+
+def _set_batch(graph: ir.Graph, batch_size: int | None) -> None:
+    """Make the batch dim static on token-level inputs and outputs when the user fixed it."""
+    if batch_size is None:
+        return
+    for value in list(graph.inputs) + list(graph.outputs):
+        if value.shape is not None and len(value.shape) >= 1 and not isinstance(
+            value.shape[0], int
+        ):
+            value.shape = ir.Shape([batch_size, *value.shape[1:]])
+
+
+def _remove_dead(model: ir.Model) -> None:
+    from onnxscript import optimizer
+
+    optimizer.remove_unused_nodes(model)
+    graph = model.graph
+    for value in list(graph.inputs):
+        if not value.uses():
+            graph.inputs.remove(value)

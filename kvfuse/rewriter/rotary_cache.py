@@ -1,0 +1,94 @@
+"""Recover a model's RoPE tables by running its own cos/sin builder for every position.
+
+Exporters compute cos and sin in the graph from `position_ids` (and the inverse frequencies,
+stored as a constant). Rather than pattern-match that builder, which differs per exporter and
+per RoPE scaling scheme, the subgraph that produces `cos`/`sin` is cut out and evaluated for
+positions 0..max_context-1: whatever scaling the model applies is reproduced exactly. The
+builder then has no consumers left and is removed with the other dead nodes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+
+from kvfuse.errors import KvfuseError
+
+
+def evaluate_rotary_tables(
+    graph: ir.Graph, cos: ir.Value, sin: ir.Value, max_context: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin as [max_context, D] float32 tables, evaluated from the graph's own builder."""
+    nodes, inputs = _ancestors([cos, sin])
+    names = {value.name for value in inputs}
+    if names != {"position_ids"}:
+        raise KvfuseError(
+            f"RoPE cos/sin depend on {sorted(names) or 'no input'}, expected only position_ids; "
+            "this exporter's rotary builder is not supported"
+        )
+    position_ids = np.arange(max_context, dtype=np.int64)[None, :]
+    cos_table, sin_table = _run(nodes, inputs, [cos, sin], {"position_ids": position_ids})
+    return _as_table(cos_table, max_context, cos), _as_table(sin_table, max_context, sin)
+
+
+def half_tables(cos: np.ndarray, sin: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The [T, D/2] caches a fused rotate-half kernel takes; fails if halves differ."""
+    half = cos.shape[1] // 2
+    if not (np.array_equal(cos[:, :half], cos[:, half:]) and np.array_equal(sin[:, :half], sin[:, half:])):
+        raise KvfuseError("RoPE tables are not two equal halves; not rotate-half RoPE")
+    return np.ascontiguousarray(cos[:, :half]), np.ascontiguousarray(sin[:, :half])
+
+
+def _ancestors(outputs: list[ir.Value]) -> tuple[list[ir.Node], list[ir.Value]]:
+    """Nodes computing `outputs` (in graph order) and the graph inputs they read."""
+    seen_nodes: set[ir.Node] = set()
+    graph_inputs: dict[str, ir.Value] = {}
+    stack = list(outputs)
+    while stack:
+        value = stack.pop()
+        node = value.producer()
+        if node is None:
+            if value.is_graph_input():
+                graph_inputs[value.name] = value
+            continue
+        if node in seen_nodes:
+            continue
+        seen_nodes.add(node)
+        stack.extend(v for v in node.inputs if v is not None)
+    graph = outputs[0].graph
+    ordered = [node for node in graph if node in seen_nodes]
+    return ordered, list(graph_inputs.values())
+
+
+def _run(nodes, inputs, outputs, feeds) -> list[np.ndarray]:
+    initializers = {}
+    for node in nodes:
+        for value in node.inputs:
+            if value is not None and value.is_initializer():
+                initializers[value.name] = ir.serde.serialize_tensor(value.const_value)
+                initializers[value.name].name = value.name
+    graph = onnx.helper.make_graph(
+        [ir.serde.serialize_node(node) for node in nodes],
+        "rotary_builder",
+        [onnx.helper.make_tensor_value_info(v.name, onnx.TensorProto.INT64, None) for v in inputs],
+        [onnx.helper.make_tensor_value_info(v.name, onnx.TensorProto.FLOAT, None) for v in outputs],
+        initializer=list(initializers.values()),
+    )
+    opset = outputs[0].graph.opset_imports.get("", 18)
+    model = onnx.helper.make_model(
+        graph, opset_imports=[onnx.helper.make_opsetid("", opset)], ir_version=10
+    )
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def _as_table(array: np.ndarray, max_context: int, value: ir.Value) -> np.ndarray:
+    squeezed = array.reshape([d for d in array.shape if d != 1])
+    if squeezed.ndim != 2 or squeezed.shape[0] != max_context:
+        raise KvfuseError(
+            f"RoPE table {value.name} evaluates to shape {list(array.shape)}, "
+            f"expected [.., {max_context}, head_dim]"
+        )
+    return squeezed.astype(np.float32)
