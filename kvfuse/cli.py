@@ -50,6 +50,80 @@ def export(
         _print_export_summary(result)
 
 
+@app.command()
+def optimize(
+    source: Annotated[Path, typer.Argument(help="An .onnx file or a `kvfuse export` directory.")],
+    output: Annotated[Path, typer.Argument(help="The optimized .onnx file to write.")],
+    target: Annotated[str, typer.Option(help="Lowering target: ort.")] = "ort",
+    max_context: Annotated[
+        int | None, typer.Option(help="KV buffer length (default: min(model, 2048)).")
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Make the batch dim static.")] = None,
+    explain: Annotated[
+        bool, typer.Option("--explain", help="Show every layer and each near miss.")
+    ] = False,
+    no_verify: Annotated[
+        bool, typer.Option("--no-verify", help="Skip the numerical check (not advised).")
+    ] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress, no summary.")] = False,
+) -> None:
+    """Fuse attention + KV cache into GroupQueryAttention with fixed, in-place KV buffers."""
+    from kvfuse.rewriter.optimize import PartialFusion
+    from kvfuse.rewriter.optimize import optimize as run_optimize
+
+    try:
+        result = run_optimize(
+            source,
+            output,
+            target=target,
+            max_context=max_context,
+            batch_size=batch_size,
+            verify_numerics=not no_verify,
+            overwrite=overwrite,
+            quiet=quiet,
+        )
+    except PartialFusion as error:
+        if explain:
+            _print_layers(error.result)
+        raise
+    if not quiet:
+        _print_optimize_summary(result, explain)
+
+
+def _print_optimize_summary(result, explain: bool) -> None:
+    console.print(
+        f"[bold]{result.output}[/bold]: {result.fused_layers}/{len(result.layers)} attention "
+        f"layers fused, {result.nodes_before:,} → {result.nodes_after:,} nodes, KV buffers "
+        f"[batch, {result.signature.kv_heads}, {result.signature.max_context}, "
+        f"{result.signature.head_dim}] shared past/present"
+    )
+    table = Table("rule", "fired", title="Rules")
+    for rule, count in result.rule_counts.items():
+        if count or explain:
+            table.add_row(rule, str(count))
+    console.print(table)
+    if result.verification is not None:
+        console.print(result.verification.summary())
+    else:
+        console.print("[yellow]verification skipped (--no-verify)[/yellow]")
+    if explain:
+        _print_layers(result)
+
+
+def _print_layers(result) -> None:
+    table = Table("layer", "fused", "closest rule", "why not", title="Attention layers")
+    for layer in result.layers:
+        miss = layer.near_misses[0] if layer.near_misses else None
+        table.add_row(
+            layer.layer,
+            "yes" if layer.fused else "[red]no[/red]",
+            miss.rule if miss and not layer.fused else "",
+            (miss.reason if miss else "no rule came close") if not layer.fused else "",
+        )
+    Console(stderr=True).print(table)
+
+
 def _print_export_summary(result) -> None:
     facts, summary = result.facts, result.summary
     console.print(

@@ -13,32 +13,43 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from kvfuse.rewriter.rules import KVFUSE_DOMAIN, RULE_TAG, Rule, fail, ok
+from kvfuse.rewriter.rules import KVFUSE_DOMAIN, RULE_TAG, Rule, like
 
 MS_DOMAIN = "com.microsoft"
 
 
-class SkipRMSNormRule(Rule):
-    """`lower/skip_rms`: residual Add + RMSNorm → SkipSimplifiedLayerNormalization."""
+def lower_skip_rms_norms(model: ir.Model) -> dict[str, int]:
+    """`lower/skip_rms`: RMSNorm(Add(a, b)) → SkipSimplifiedLayerNormalization(a, b), whose
+    output 3 (a + b) takes over the Add's other uses (the residual stream).
 
-    def __init__(self) -> None:
-        super().__init__("lower/skip_rms")
-
-    def pattern(self, op, a, b, weight):
-        total = op.Add(a, b, _outputs=["total"])
-        return op.RMSNorm(total, weight, _domain=KVFUSE_DOMAIN, _outputs=["normed"]), total
-
-    def check(self, context, a, b, **_):
+    A graph pass rather than a rule: the Add's output is used twice (norm and residual), and
+    matching a two-output pattern would search every Add in the graph for every norm.
+    """
+    graph, fused = model.graph, 0
+    for norm in [n for n in graph if n.domain == KVFUSE_DOMAIN and n.op_type == "RMSNorm"]:
+        add = norm.inputs[0].producer()
+        if add is None or add.op_type != "Add" or add.domain not in ("", "ai.onnx"):
+            continue
+        a, b = add.inputs
         if a.shape is None or b.shape is None or a.shape != b.shape:
-            return fail(f"residual add of {a.shape} and {b.shape} broadcasts", a, b)
-        return ok()
-
-    def rewrite(self, op, a, b, weight, normed, **_):
-        epsilon = normed.producer().attributes.get_float("epsilon")
-        outputs = op.SkipSimplifiedLayerNormalization(
-            a, b, weight, epsilon=epsilon, _domain=MS_DOMAIN, _outputs=4
+            continue  # a broadcasting add is not a residual connection
+        skip = ir.node(
+            "SkipSimplifiedLayerNormalization",
+            [a, b, norm.inputs[1]],
+            domain=MS_DOMAIN,
+            num_outputs=4,
+            attributes={"epsilon": norm.attributes.get_float("epsilon")},
+            name=f"{add.name}/SkipSimplifiedLayerNormalization",
         )
-        return outputs[0], outputs[3]
+        skip.metadata_props[RULE_TAG] = "lower/skip_rms"
+        graph.insert_before(norm, skip)
+        like(skip.outputs[0], norm.outputs[0])
+        like(skip.outputs[3], add.outputs[0])
+        _replace_value(graph, norm.outputs[0], skip.outputs[0])
+        _replace_value(graph, add.outputs[0], skip.outputs[3])
+        graph.remove([norm, add], safe=True)
+        fused += 1
+    return {"lower/skip_rms": fused}
 
 
 class RMSNormRule(Rule):
@@ -52,22 +63,22 @@ class RMSNormRule(Rule):
 
     def rewrite(self, op, x, weight, normed, **_):
         epsilon = normed.producer().attributes.get_float("epsilon")
-        return op.SimplifiedLayerNormalization(
-            x, weight, axis=-1, epsilon=epsilon, stash_type=1
-        )
+        return op.SimplifiedLayerNormalization(x, weight, axis=-1, epsilon=epsilon, stash_type=1)
 
 
-NORM_RULES = [SkipRMSNormRule.rule(), RMSNormRule.rule()]
+NORM_RULES = [RMSNormRule.rule()]
 
 
 def lower_cached_attention(
     graph: ir.Graph,
     node: ir.Node,
+    presents: tuple[ir.Value, ir.Value],
     seqlens_k: ir.Value,
     total_length: ir.Value,
     rotary_caches: tuple[ir.Value, ir.Value] | None,
 ) -> ir.Node:
-    """Replace one CachedAttention node by GroupQueryAttention; returns the new node."""
+    """Replace one CachedAttention node by GroupQueryAttention, which also takes over the
+    layer's `present` graph outputs (so far the old Concats'); returns the new node."""
     attributes = node.attributes
     q, k, v, past_k, past_v = node.inputs[:5]
     seq_first = attributes.get_string("layout") == "SBHD"
@@ -77,7 +88,10 @@ def lower_cached_attention(
     if rotary_caches is not None:
         inputs += list(rotary_caches)
     gqa = ir.node(
-        "GroupQueryAttention", inputs, domain=MS_DOMAIN, num_outputs=3,
+        "GroupQueryAttention",
+        inputs,
+        domain=MS_DOMAIN,
+        num_outputs=3,
         attributes={
             "num_heads": attributes.get_int("num_heads"),
             "kv_num_heads": attributes.get_int("kv_num_heads"),
@@ -92,7 +106,8 @@ def lower_cached_attention(
     output = gqa.outputs[0]
     if seq_first:
         output = _transpose(graph, node, output, [1, 0, 2])
-    for old, new in zip(node.outputs, [output, gqa.outputs[1], gqa.outputs[2]], strict=True):
+    _replace_value(graph, node.outputs[0], output)
+    for old, new in zip(presents, gqa.outputs[1:], strict=True):
         _replace_value(graph, old, new)
     graph.remove(node, safe=True)
     return gqa

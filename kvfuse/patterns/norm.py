@@ -14,7 +14,7 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
-from kvfuse.rewriter.rules import KVFUSE_DOMAIN, Rule, fail, ok
+from kvfuse.rewriter.rules import KVFUSE_DOMAIN, Rule, fail, like, ok
 
 
 class RMSNormRule(Rule):
@@ -57,7 +57,7 @@ class RMSNormRule(Rule):
 
     def rewrite(self, op, x, weight, epsilon, **_):
         eps = float(epsilon.const_value.numpy().reshape(-1)[0])
-        return op.RMSNorm(x, weight, epsilon=eps, _domain=KVFUSE_DOMAIN)
+        return like(op.RMSNorm(x, weight, epsilon=eps, _domain=KVFUSE_DOMAIN), x)
 
 
 def is_constant(value: ir.Value | None, number: float) -> bool:

@@ -12,7 +12,7 @@ attention is lowered). Llama, Mistral, Qwen2 and Phi3 exports all produce this f
 from __future__ import annotations
 
 from kvfuse.patterns.norm import _ints
-from kvfuse.rewriter.rules import KVFUSE_DOMAIN, Rule, fail, ok
+from kvfuse.rewriter.rules import KVFUSE_DOMAIN, Rule, fail, like, ok
 
 
 class RotateHalfRule(Rule):
@@ -51,7 +51,7 @@ class RotateHalfRule(Rule):
         return ok()
 
     def rewrite(self, op, x, cos, sin, **_):
-        return op.Rotary(x, cos, sin, interleaved=0, _domain=KVFUSE_DOMAIN)
+        return like(op.Rotary(x, cos, sin, interleaved=0, _domain=KVFUSE_DOMAIN), x)
 
 
 RULES = [RotateHalfRule.rule()]

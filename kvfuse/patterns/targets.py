@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from kvfuse.patterns import lower_ort, norm, rotary
 from kvfuse.patterns.attention import cached, repeat_kv, sdpa
+from kvfuse.rewriter import shapes
 from kvfuse.rewriter.pipeline import Stage
 
 FUSION_STAGES = [
@@ -17,4 +18,8 @@ FUSION_STAGES = [
 # the rules to dry-run when a layer did not fuse, to report how close each came
 EXPLAIN_RULES = cached.RULES + sdpa.RULES + rotary.RULES + repeat_kv.RULES
 
-ORT_LOWERING = [Stage("lower RMSNorm to onnxruntime ops", rules=lower_ort.NORM_RULES)]
+ORT_LOWERING = [
+    Stage("infer shapes through the fused ops", run=shapes.infer_shapes),
+    Stage("lower residual + RMSNorm to onnxruntime ops", run=lower_ort.lower_skip_rms_norms),
+    Stage("lower RMSNorm to onnxruntime ops", rules=lower_ort.NORM_RULES),
+]

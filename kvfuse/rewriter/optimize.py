@@ -1,7 +1,7 @@
 """File in, file out: read an exported model, rewrite it for a target, verify, write atomically.
 
-    IN.onnx | export dir ─ load ─ clean up ─ fuse ─ lower ─ retained-state KV ─ verify ─ OUT.onnx
-                                                                                   + OUT.kvfuse.json
+IN.onnx | export dir ─ load ─ clean up ─ fuse ─ lower ─ retained-state KV ─ verify ─ OUT.onnx
+                                                                               + OUT.kvfuse.json
 """
 
 from __future__ import annotations
@@ -28,8 +28,13 @@ from kvfuse.rewriter.verify import Verification, verify
 TARGETS = ("ort",)
 DEFAULT_MAX_CONTEXT = 2048
 COMPANION_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-    "config.json", "generation_config.json", "kvfuse-export.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "config.json",
+    "generation_config.json",
+    "kvfuse-export.json",
 )
 
 
@@ -108,8 +113,16 @@ def optimize(
         records += pipeline.run_stages(model, targets.FUSION_STAGES)
     layers = pipeline.attention_outcomes(model, candidates, targets.EXPLAIN_RULES)
     result = OptimizeResult(
-        None, target, before_nodes, pipeline.count_nodes(model), before_ops,
-        pipeline.op_histogram(model), records, layers, None, None,
+        None,
+        target,
+        before_nodes,
+        pipeline.count_nodes(model),
+        before_ops,
+        pipeline.op_histogram(model),
+        records,
+        layers,
+        None,
+        None,
     )
     if result.fused_layers < len(layers):
         raise PartialFusion(result)
@@ -203,9 +216,13 @@ def _stamp_metadata(model, signature, target, source) -> None:
 
 def metadata_record(signature, target: str, source: Path) -> dict:
     return {
-        "kvfuse_version": __version__, "target": target, "source_model": str(source),
-        "layout": "BHSD", "max_context": signature.max_context,
-        "batch_size": signature.batch_size, "kv_heads": signature.kv_heads,
+        "kvfuse_version": __version__,
+        "target": target,
+        "source_model": str(source),
+        "layout": "BHSD",
+        "max_context": signature.max_context,
+        "batch_size": signature.batch_size,
+        "kv_heads": signature.kv_heads,
         "head_dim": signature.head_dim,
         "kv_pairs": [{"past": p, "present": q} for p, q in signature.pairs],
         "inputs": signature.inputs,
@@ -220,9 +237,12 @@ def metadata_record(signature, target: str, source: Path) -> dict:
 def _write(output: Path, proto_bytes: bytes, source: Path, result, overwrite: bool) -> None:
     with staged_file(output, overwrite=overwrite, inputs=[source]) as staging:
         (staging / output.name).write_bytes(proto_bytes)
-        sidecar = {**metadata_record(result.signature, result.target, source),
-                   "rule_counts": result.rule_counts,
-                   "nodes_before": result.nodes_before, "nodes_after": result.nodes_after}
+        sidecar = {
+            **metadata_record(result.signature, result.target, source),
+            "rule_counts": result.rule_counts,
+            "nodes_before": result.nodes_before,
+            "nodes_after": result.nodes_after,
+        }
         if result.verification is not None:
             sidecar["verification"] = dataclasses.asdict(result.verification)
         (staging / f"{output.stem}.kvfuse.json").write_text(json.dumps(sidecar, indent=2))

@@ -68,7 +68,7 @@ def op_histogram(model: ir.Model) -> dict[str, int]:
     return dict(collections.Counter(n.op_type for n in model.graph.all_nodes()).most_common())
 
 
-LAYER_NAME = re.compile(r"(?:layers?|h|blocks?)[./_](\d+)")
+LAYER_NAME = re.compile(r"(?:layers?|h|blocks?|past_key_values)[./_](\d+)")
 
 
 def layer_of(name: str) -> str | None:
@@ -77,9 +77,30 @@ def layer_of(name: str) -> str | None:
     return match.group(1) if match else None
 
 
+def node_layer(node: ir.Node, depth: int = 12) -> str | None:
+    """The layer a node belongs to: from its name, else from the nearest named ancestor
+    (nodes a rule creates have generic names; their inputs lead back to the layer)."""
+    frontier = [node]
+    for _ in range(depth):
+        next_frontier = []
+        for current in frontier:
+            layer = layer_of(current.name)
+            if layer is not None:
+                return layer
+            for value in current.inputs:
+                if value is None:
+                    continue
+                if value.producer() is None and layer_of(value.name) is not None:
+                    return layer_of(value.name)
+                if value.producer() is not None:
+                    next_frontier.append(value.producer())
+        frontier = next_frontier
+    return None
+
+
 def attention_candidates(model: ir.Model) -> list[str]:
     """One label per attention candidate: the layer of each Softmax (or its node name)."""
-    return [layer_of(n.name) or n.name for n in model.graph if n.op_type == "Softmax"]
+    return [node_layer(n) or n.name for n in model.graph if n.op_type == "Softmax"]
 
 
 def attention_outcomes(
@@ -87,7 +108,7 @@ def attention_outcomes(
 ) -> list[LayerOutcome]:
     """Which candidates fused: those whose Softmax (or partial kvfuse Attention) is gone."""
     left = [
-        layer_of(n.name) or n.name
+        node_layer(n) or n.name
         for n in model.graph
         if n.op_type == "Softmax" or (n.domain == KVFUSE_DOMAIN and n.op_type == "Attention")
     ]

@@ -60,7 +60,8 @@ def convert_to_retained_state(
         kv_heads = node.attributes.get_int("kv_num_heads")
         head_dim = past_k.shape[-1] if node.attributes.get_string("layout") != "SBHD" else None
         head_dim = head_dim or past_k.shape[3]
-        gqa = lower_cached_attention(graph, node, seqlens, total, rotary)
+        presents = (_present_of(past_k), _present_of(past_v))
+        gqa = lower_cached_attention(graph, node, presents, seqlens, total, rotary)
         for past, present in ((past_k, gqa.outputs[1]), (past_v, gqa.outputs[2])):
             fixed = ir.Shape([batch, kv_heads, max_context, head_dim])
             past.shape, present.shape = fixed, ir.Shape(fixed)
@@ -69,9 +70,21 @@ def convert_to_retained_state(
     _set_batch(graph, batch_size)
     _remove_dead(model)
     return KVSignature(
-        pairs=pairs, kv_heads=kv_heads, head_dim=head_dim, max_context=max_context,
-        batch_size=batch_size, inputs=[v.name for v in graph.inputs],
+        pairs=pairs,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        max_context=max_context,
+        batch_size=batch_size,
+        inputs=[v.name for v in graph.inputs],
     )
+
+
+def _present_of(past: ir.Value) -> ir.Value:
+    """The graph output a past input is concatenated into (its `present` twin)."""
+    for user, _ in past.uses():
+        if user.op_type == "Concat" and user.outputs[0].is_graph_output():
+            return user.outputs[0]
+    raise KvfuseError(f"cache input {past.name} has no Concat into a graph output")
 
 
 def _add_input(graph: ir.Graph, name: str, dtype: ir.DataType, dims: list) -> ir.Value:
@@ -111,8 +124,10 @@ def _set_batch(graph: ir.Graph, batch_size: int | None) -> None:
     if batch_size is None:
         return
     for value in list(graph.inputs) + list(graph.outputs):
-        if value.shape is not None and len(value.shape) >= 1 and not isinstance(
-            value.shape[0], int
+        if (
+            value.shape is not None
+            and len(value.shape) >= 1
+            and not isinstance(value.shape[0], int)
         ):
             value.shape = ir.Shape([batch_size, *value.shape[1:]])
 

@@ -36,7 +36,10 @@ def evaluate_rotary_tables(
 def half_tables(cos: np.ndarray, sin: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The [T, D/2] caches a fused rotate-half kernel takes; fails if halves differ."""
     half = cos.shape[1] // 2
-    if not (np.array_equal(cos[:, :half], cos[:, half:]) and np.array_equal(sin[:, :half], sin[:, half:])):
+    if not (
+        np.array_equal(cos[:, :half], cos[:, half:])
+        and np.array_equal(sin[:, :half], sin[:, half:])
+    ):
         raise KvfuseError("RoPE tables are not two equal halves; not rotate-half RoPE")
     return np.ascontiguousarray(cos[:, :half]), np.ascontiguousarray(sin[:, :half])
 

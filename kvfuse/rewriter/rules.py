@@ -31,6 +31,15 @@ def fail(reason: str, *culprits: ir.Node | ir.Value | None) -> pattern.MatchResu
     return pattern.MatchResult().fail(reason, [c for c in culprits if c is not None])
 
 
+def like(value: ir.Value, reference: ir.Value) -> ir.Value:
+    """Give a value a rule created the dtype and shape of the value it replaces, so that shape
+    inference can continue through kvfuse ops (which ONNX does not know)."""
+    value.dtype = reference.dtype
+    if reference.shape is not None:
+        value.shape = ir.Shape(reference.shape)
+    return value
+
+
 def ok() -> pattern.MatchResult:
     return pattern.MatchResult()
 

@@ -191,3 +191,11 @@ def canonicalize_concat_axes(graph: ir.Graph) -> int:
             node.attributes["axis"] = ir.AttrInt64("axis", axis % rank)
             changed += 1
     return changed
+
+
+def infer_shapes(model: ir.Model) -> dict[str, int]:
+    """ONNX shape inference over the graph; kvfuse ops keep the shapes their rules gave them."""
+    from onnx_ir.passes.common import ShapeInferencePass
+
+    ShapeInferencePass(strict_mode=False)(model)
+    return {}

@@ -94,8 +94,15 @@ class FixedCacheRunner:
 
 
 def verify(
-    original: Path, rewritten: bytes | Path, pairs, kv_shape, *, batch: int = 1,
-    prompt_tokens: int = 12, decode_steps: int = 8, seed: int = 0,
+    original: Path,
+    rewritten: bytes | Path,
+    pairs,
+    kv_shape,
+    *,
+    batch: int = 1,
+    prompt_tokens: int = 12,
+    decode_steps: int = 8,
+    seed: int = 0,
 ) -> Verification:
     """Compare logits and greedy tokens of `rewritten` against `original` step by step."""
     reference = ConcatCacheRunner(original)
@@ -116,8 +123,11 @@ def _compare(step: str, expected: np.ndarray, found: np.ndarray) -> StepCheck:
     diff = np.abs(expected - found)
     used = diff / (ATOL + RTOL * np.abs(expected))
     return StepCheck(
-        step, float(diff.max()), float(used.max()),
-        int(expected[0, -1].argmax()), int(found[0, -1].argmax()),
+        step,
+        float(diff.max()),
+        float(used.max()),
+        int(expected[0, -1].argmax()),
+        int(found[0, -1].argmax()),
     )
 
 

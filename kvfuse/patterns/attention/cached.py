@@ -11,7 +11,8 @@ cache layout (see `Layout`), "proj" the layout a projection is reshaped into.
     out_BHSD ─ Transpose(→proj) ─ Reshape ─ y_flat
 
 becomes CachedAttention(q_flat, k_flat, v_flat, past_k, past_v, [cos, sin]) → (y_flat,
-present_k, present_v). Rotary may be applied before or after the transpose into the cache
+present_k, present_v); the retained-state conversion moves the `present.*` graph outputs onto
+its outputs 1 and 2. Rotary may be applied before or after the transpose into the cache
 layout (it acts on D only). The mask is dropped: the fused op is causal over the valid
 positions, which is what the model's mask builder computed from `attention_mask`.
 """
@@ -22,7 +23,7 @@ from onnxscript.rewriter import pattern
 
 from kvfuse.patterns.attention.sdpa import maybe_transpose, static_dim
 from kvfuse.rewriter.layout import LAYOUTS, Layout
-from kvfuse.rewriter.rules import KVFUSE_DOMAIN, Rule, fail, ok
+from kvfuse.rewriter.rules import KVFUSE_DOMAIN, Rule, fail, like, ok
 
 
 class CachedAttentionRule(Rule):
@@ -82,7 +83,9 @@ class CachedAttentionRule(Rule):
             _outputs=["attended"],
         )
         merged = maybe_transpose(op, attended, self.layout.bhsd_to_projection)
-        return op.Reshape(merged, out_shape), present_k, present_v
+        # single output: the present concats stay graph outputs until the retained-state
+        # conversion rewires them (matching them as outputs costs a search over all Concats)
+        return op.Reshape(merged, out_shape, _outputs=["y_flat"])
 
     def check(self, context, q_flat, past_k, past_v, present_k, present_v, attended, **_):
         for past in (past_k, past_v):
@@ -108,11 +111,22 @@ class CachedAttentionRule(Rule):
         return ok()
 
     def rewrite(
-        self, op, q_flat, k_flat, v_flat, past_k, past_v, attended, cos=None, sin=None, **_
+        self,
+        op,
+        q_flat,
+        k_flat,
+        v_flat,
+        past_k,
+        past_v,
+        attended,
+        y_flat,
+        cos=None,
+        sin=None,
+        **_,
     ):
         head_dim = static_dim(past_k, self.layout.name.index("D"))
         rotary = [cos, sin] if self.rotary else []
-        return op.CachedAttention(
+        outputs = op.CachedAttention(
             q_flat,
             k_flat,
             v_flat,
@@ -127,6 +141,7 @@ class CachedAttentionRule(Rule):
             _domain=KVFUSE_DOMAIN,
             _outputs=3,
         )
+        return like(outputs[0], y_flat)
 
 
 RULES = [CachedAttentionRule.rule(layout, rotary) for layout in LAYOUTS for rotary in (True, False)]

@@ -11,7 +11,7 @@ from __future__ import annotations
 from onnxscript.rewriter import pattern
 
 from kvfuse.patterns.norm import _ints
-from kvfuse.rewriter.rules import KVFUSE_DOMAIN, Rule, fail, ok
+from kvfuse.rewriter.rules import KVFUSE_DOMAIN, Rule, fail, like, ok
 
 
 class RepeatKVRule(Rule):
@@ -47,7 +47,8 @@ class RepeatKVRule(Rule):
     def rewrite(self, op, x, axes, repeated, **_):
         head_axis = _ints(axes)[0] - 1
         repeats = repeated.shape[head_axis] // x.shape[head_axis]
-        return op.RepeatKV(x, repeats=repeats, axis=head_axis, _domain=KVFUSE_DOMAIN)
+        repeated_kv = op.RepeatKV(x, repeats=repeats, axis=head_axis, _domain=KVFUSE_DOMAIN)
+        return like(repeated_kv, repeated)
 
 
 RULES = [RepeatKVRule.rule()]

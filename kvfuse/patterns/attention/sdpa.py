@@ -19,7 +19,7 @@ from onnxscript.rewriter import pattern
 
 from kvfuse.patterns.norm import is_constant
 from kvfuse.rewriter.layout import LAYOUTS, Layout, is_identity
-from kvfuse.rewriter.rules import KVFUSE_DOMAIN, Rule, fail, ok
+from kvfuse.rewriter.rules import KVFUSE_DOMAIN, Rule, fail, like, ok
 
 
 def scaled(op, x, factor, tag: str):
@@ -55,7 +55,8 @@ class SDPARule(Rule):
         probs = pattern.OrValue(
             [op.Where(op.IsNaN(probs), zero, probs), probs], tag_var="nan_guard", tag_values=[1, 0]
         )
-        return op.MatMul(probs, maybe_transpose(op, value, self.layout.to_bhsd))
+        value_bhsd = maybe_transpose(op, value, self.layout.to_bhsd)
+        return op.MatMul(probs, value_bhsd, _outputs=["attention_out"])
 
     def check(self, context, query, key, value, probs, **bound):
         axis = probs.producer().attributes.get_int("axis", -1)
@@ -79,11 +80,14 @@ class SDPARule(Rule):
     def rewrite(self, op, query, key, value, mask, **bound):
         head_dim = static_dim(query, -1)
         inputs = [query, key, value] + ([mask] if bound["mask_how"] == "add" else [])
-        return op.Attention(
-            *inputs,
-            scale=attention_scale(bound, head_dim),
-            layout=self.layout.name,
-            _domain=KVFUSE_DOMAIN,
+        return like(
+            op.Attention(
+                *inputs,
+                scale=attention_scale(bound, head_dim),
+                layout=self.layout.name,
+                _domain=KVFUSE_DOMAIN,
+            ),
+            bound["attention_out"],
         )
 
 
