@@ -20,7 +20,7 @@ import numpy as np
 import onnx_ir as ir
 
 from kvfuse.errors import KvfuseError
-from kvfuse.patterns.lower_ort import lower_cached_attention
+from kvfuse.patterns.lower_ort import MS_DOMAIN, lower_cached_attention
 from kvfuse.rewriter import rotary_cache
 from kvfuse.rewriter.rules import KVFUSE_DOMAIN
 
@@ -48,6 +48,7 @@ def convert_to_retained_state(
     nodes = [n for n in graph if n.domain == KVFUSE_DOMAIN and n.op_type == "CachedAttention"]
     if not nodes:
         raise KvfuseError("no attention layer was fused; nothing to convert (see --explain)")
+    model.opset_imports.setdefault(MS_DOMAIN, 1)
     batch = batch_size if batch_size is not None else "batch_size"
     seqlens = _add_input(graph, SEQLENS, ir.DataType.INT32, [batch])
     total = _add_input(graph, TOTAL_LENGTH, ir.DataType.INT32, [])
