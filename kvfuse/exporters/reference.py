@@ -64,10 +64,8 @@ class ConcatCacheRunner:
 
     def _empty_past(self, name: str, batch: int) -> np.ndarray:
         dims = self.inputs[name].shape
-        shape = [
-            batch if i == 0 and not isinstance(d, int) else 0 if _is_past_dim(d) else d
-            for i, d in enumerate(dims)
-        ]
+        # symbolic dims: the past length starts empty; any other (the batch) is the batch size
+        shape = [d if isinstance(d, int) else 0 if _is_past_dim(d) else batch for d in dims]
         return np.zeros(shape, dtype=np.float32)
 
 

@@ -1,0 +1,165 @@
+"""Hand-built one-layer causal LMs with a Concat KV cache, in any layout, for rule tests.
+
+    input_ids ─ Gather(embed) ─ [Transpose → S,B,E] ─ q/k/v MatMul ─ Reshape(proj) ─ [Transpose → L]
+      ─ RoPE(position_ids) on q, k ─ Concat(past, ·, S axis of L) ═ present.0.*
+      ─ repeat kv heads (Unsqueeze, Expand, Reshape) ─ Q·Kᵀ (scaled) + causal mask ─ Softmax
+      ─ ·V ─ Transpose → proj ─ Reshape ─ o_proj MatMul ─ + residual ─ lm_head ─ logits
+
+The layout L is the cache layout ("BHSD" like Optimum, "BSHD", or "SBHD" sequence-first), and
+options vary what the rules must absorb: where the scale sits, whether K/V heads repeat.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from kvfuse.rewriter.layout import Layout, is_identity
+
+VOCAB, HIDDEN, HEADS, HEAD_DIM = 64, 64, 4, 16
+
+
+class _Graph:
+    """Tiny helper: add nodes with fresh names, keep initializers."""
+
+    def __init__(self, seed: int) -> None:
+        self.nodes, self.inits, self.rng, self.count = [], [], np.random.default_rng(seed), 0
+
+    def op(self, op_type: str, *inputs: str, name: str | None = None, **attrs) -> str:
+        self.count += 1
+        out = f"{op_type.lower()}_{self.count}"
+        node_name = name or f"/model/layers.0/{op_type}_{self.count}"
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out], node_name, **attrs))
+        return out
+
+    def const(self, array, dtype=np.float32) -> str:
+        name = f"c_{len(self.inits)}"
+        self.inits.append(onnx.numpy_helper.from_array(np.asarray(array, dtype=dtype), name))
+        return name
+
+    def weight(self, *shape: int) -> str:
+        return self.const(self.rng.normal(0, 0.2, shape))
+
+
+def build_lm(layout: str = "BHSD", kv_heads: int = 2, scale: str = "split", seed: int = 0):
+    """One attention layer LM; `scale` is "split" (√s on q and kᵀ), "qk" or "div"."""
+    L, g = Layout(layout), _Graph(seed)
+    emb = g.op("Gather", g.weight(VOCAB, HIDDEN), "input_ids", name="/model/embed_tokens/Gather")
+    if L.projection == "SBHD":
+        emb = g.op("Transpose", emb, perm=[1, 0, 2])
+    cos, sin = _rope_tables(g, L)
+
+    def heads(width: int, n_heads: int) -> str:
+        flat = g.op("MatMul", emb, g.weight(HIDDEN, width))
+        proj = g.op("Reshape", flat, g.const([0, 0, n_heads, HEAD_DIM], np.int64))
+        return proj if is_identity(L.to_cache) else g.op("Transpose", proj, perm=L.to_cache)
+
+    q = _rotate(g, heads(HEADS * HEAD_DIM, HEADS), cos, sin)
+    k = _rotate(g, heads(kv_heads * HEAD_DIM, kv_heads), cos, sin)
+    v = heads(kv_heads * HEAD_DIM, kv_heads)
+    k_cat = g.op("Concat", "past_key_values.0.key", k, axis=L.seq_axis)
+    v_cat = g.op("Concat", "past_key_values.0.value", v, axis=L.seq_axis)
+    g.nodes.append(helper.make_node("Identity", [k_cat], ["present.0.key"], "present_k"))
+    g.nodes.append(helper.make_node("Identity", [v_cat], ["present.0.value"], "present_v"))
+    k_all, v_all = (_repeat(g, L, "present.0." + kv, kv_heads) for kv in ("key", "value"))
+    q_bhsd = q if is_identity(L.to_bhsd) else g.op("Transpose", q, perm=L.to_bhsd)
+    key_t = g.op("Transpose", k_all, perm=L.key_transposed)
+    scores = _scaled_scores(g, q_bhsd, key_t, scale)
+    scores = g.op("Add", scores, _causal_mask(g, L))
+    probs = g.op("Softmax", scores, axis=-1)
+    v_bhsd = v_all if is_identity(L.to_bhsd) else g.op("Transpose", v_all, perm=L.to_bhsd)
+    attended = g.op("MatMul", probs, v_bhsd)
+    merged = g.op("Transpose", attended, perm=L.bhsd_to_projection)
+    flat = g.op("Reshape", merged, g.const([0, 0, HEADS * HEAD_DIM], np.int64))
+    hidden = g.op("Add", emb, g.op("MatMul", flat, g.weight(HEADS * HEAD_DIM, HIDDEN)))
+    logits = g.op("MatMul", hidden, g.weight(HIDDEN, VOCAB))
+    if L.projection == "SBHD":
+        logits = g.op("Transpose", logits, perm=[1, 0, 2])
+    g.nodes.append(helper.make_node("Identity", [logits], ["logits"], "logits"))
+    return _model(g, L, kv_heads)
+
+
+def _rope_tables(g: _Graph, L: Layout) -> tuple[str, str]:
+    """cos/sin [.., S, D] from position_ids, shaped to broadcast against heads in layout L."""
+    inv_freq = g.const(1.0 / (10000.0 ** (np.arange(0, HEAD_DIM, 2) / HEAD_DIM)))
+    positions = g.op("Unsqueeze", g.op("Cast", "position_ids", to=TensorProto.FLOAT),
+                     g.const([-1], np.int64), name="/model/rotary_emb/Unsqueeze")
+    freqs = g.op("Mul", positions, inv_freq, name="/model/rotary_emb/Mul")
+    angles = g.op("Concat", freqs, freqs, axis=-1, name="/model/rotary_emb/Concat")
+    tables = []
+    for fn in ("Cos", "Sin"):
+        table = g.op(fn, angles, name=f"/model/rotary_emb/{fn}")  # [B, S, D]
+        if L.projection == "SBHD":
+            table = g.op("Transpose", table, perm=[1, 0, 2], name=f"/model/rotary_emb/T{fn}")
+        axis = L.head_axis  # insert a broadcast axis where the heads are
+        tables.append(g.op("Unsqueeze", table, g.const([axis], np.int64)))
+    return tables[0], tables[1]
+
+
+def _rotate(g: _Graph, x: str, cos: str, sin: str) -> str:
+    half = HEAD_DIM // 2
+    first = g.op("Slice", x, g.const([0], np.int64), g.const([half], np.int64),
+                 g.const([-1], np.int64))
+    second = g.op("Slice", x, g.const([half], np.int64), g.const([2**62], np.int64),
+                  g.const([-1], np.int64))
+    rotated = g.op("Concat", g.op("Neg", second), first, axis=-1)
+    return g.op("Add", g.op("Mul", x, cos), g.op("Mul", rotated, sin))
+
+
+def _repeat(g: _Graph, L: Layout, x: str, kv_heads: int) -> str:
+    if kv_heads == HEADS:
+        return x
+    axis = L.head_axis
+    unsqueezed = g.op("Unsqueeze", x, g.const([axis + 1], np.int64))
+    ones = [1] * 5
+    ones[axis + 1] = HEADS // kv_heads
+    expanded = g.op("Expand", unsqueezed, g.const(ones, np.int64))
+    target = [0] * 4
+    target[axis], target[L.name.index("D")] = HEADS, HEAD_DIM
+    target[L.seq_axis] = -1
+    return g.op("Reshape", expanded, g.const(target, np.int64))
+
+
+def _scaled_scores(g: _Graph, q: str, key_t: str, scale: str) -> str:
+    if scale == "split":
+        root = g.const(HEAD_DIM**-0.25)
+        return g.op("MatMul", g.op("Mul", q, root), g.op("Mul", key_t, root))
+    if scale == "qk":
+        return g.op("Mul", g.op("MatMul", q, key_t), g.const(HEAD_DIM**-0.5))
+    return g.op("Div", g.op("MatMul", q, key_t), g.const(HEAD_DIM**0.5))
+
+
+def _causal_mask(g: _Graph, L: Layout) -> str:
+    """0 where key position t ≤ query position, −inf after; [B, 1, S, T]."""
+    total = g.op("Gather", g.op("Shape", "present.0.key"), g.const(L.seq_axis, np.int64),
+                 name="/model/mask/Gather")
+    key_pos = g.op("Range", g.const(0, np.int64), total, g.const(1, np.int64),
+                   name="/model/mask/Range")
+    query_pos = g.op("Unsqueeze", "position_ids", g.const([-1], np.int64), name="/model/mask/Q")
+    allowed = g.op("LessOrEqual", key_pos, query_pos, name="/model/mask/LessOrEqual")  # [B,S,T]
+    mask = g.op("Where", allowed, g.const(0.0), g.const(-np.inf), name="/model/mask/Where")
+    return g.op("Unsqueeze", mask, g.const([1], np.int64), name="/model/mask/Unsqueeze")
+
+
+def _model(g: _Graph, L: Layout, kv_heads: int) -> onnx.ModelProto:
+    dims = {"B": "batch_size", "H": kv_heads, "S": "past_sequence_length", "D": HEAD_DIM}
+    past_dims = [dims[axis] for axis in L.name]
+    out_dims = [d if d != "past_sequence_length" else "total_sequence_length" for d in past_dims]
+    inputs = [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "seq"]),
+        helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch_size", "seq"]),
+    ] + [
+        helper.make_tensor_value_info(f"past_key_values.0.{kv}", TensorProto.FLOAT, past_dims)
+        for kv in ("key", "value")
+    ]
+    outputs = [
+        helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "seq", VOCAB])
+    ] + [
+        helper.make_tensor_value_info(f"present.0.{kv}", TensorProto.FLOAT, out_dims)
+        for kv in ("key", "value")
+    ]
+    graph = helper.make_graph(g.nodes, f"synthetic_{L.name}", inputs, outputs, g.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    onnx.checker.check_model(model, full_check=True)
+    return model
