@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from kvfuse.patterns import lower_ort, norm, rotary
-from kvfuse.patterns.attention import cached, repeat_kv, sdpa
+from kvfuse.patterns.attention import cached, diagnose, repeat_kv, sdpa
 from kvfuse.rewriter import shapes
 from kvfuse.rewriter.pipeline import Stage
 
@@ -15,8 +15,10 @@ FUSION_STAGES = [
     Stage("fuse attention with its KV cache", rules=cached.RULES),
 ]
 
-# the rules to dry-run when a layer did not fuse, to report how close each came
+# the rules to dry-run when a layer did not fuse, to report how close each came, and the
+# plain-words check of each leftover Softmax
 EXPLAIN_RULES = cached.RULES + sdpa.RULES + rotary.RULES + repeat_kv.RULES
+DIAGNOSE = diagnose.diagnose_softmax
 
 ORT_LOWERING = [
     Stage("infer shapes through the fused ops", run=shapes.infer_shapes),

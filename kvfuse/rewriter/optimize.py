@@ -111,7 +111,7 @@ def optimize(
         records = pipeline.run_stages(model, [Stage("clean up", run=_clean_up)])
     with steps.step("Fusing attention, RoPE and norms"):
         records += pipeline.run_stages(model, targets.FUSION_STAGES)
-    layers = pipeline.attention_outcomes(model, candidates, targets.EXPLAIN_RULES)
+    layers = pipeline.attention_outcomes(model, candidates, targets.EXPLAIN_RULES, targets.DIAGNOSE)
     result = OptimizeResult(
         None,
         target,

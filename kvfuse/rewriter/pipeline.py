@@ -104,7 +104,10 @@ def attention_candidates(model: ir.Model) -> list[str]:
 
 
 def attention_outcomes(
-    model: ir.Model, candidates: list[str], explain_rules: Sequence[pattern.RewriteRule]
+    model: ir.Model,
+    candidates: list[str],
+    explain_rules: Sequence[pattern.RewriteRule],
+    diagnose: Callable[[ir.Node], NearMiss | None] | None = None,
 ) -> list[LayerOutcome]:
     """Which candidates fused: those whose Softmax (or partial kvfuse Attention) is gone."""
     left = [
@@ -113,6 +116,12 @@ def attention_outcomes(
         if n.op_type == "Softmax" or (n.domain == KVFUSE_DOMAIN and n.op_type == "Attention")
     ]
     misses: dict[str | None, list[NearMiss]] = collections.defaultdict(list)
+    diagnoses: dict[str, NearMiss] = {}
+    for node in model.graph:
+        if diagnose is not None and node.op_type == "Softmax":
+            found = diagnose(node)
+            if found is not None:
+                diagnoses[node_layer(node) or node.name] = found
     if left:
         tracer = trace_rules(model, explain_rules)
         for miss in tracer.attempts.values():
@@ -120,6 +129,8 @@ def attention_outcomes(
                 misses[layer_of(miss.root) or miss.root].append(miss)
     outcomes = []
     for layer in candidates:
-        best = sorted(misses.get(layer, []), key=lambda m: -m.matched_nodes)
-        outcomes.append(LayerOutcome(layer, layer not in left, best[:3]))
+        best = sorted(misses.get(layer, []), key=lambda m: -m.matched_nodes)[:3]
+        if layer in diagnoses:  # plain-words first failed constraint goes first
+            best.insert(0, diagnoses[layer])
+        outcomes.append(LayerOutcome(layer, layer not in left, best))
     return outcomes

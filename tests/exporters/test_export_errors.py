@@ -23,10 +23,11 @@ def assert_one_line_error(done: subprocess.CompletedProcess, *fragments: str) ->
     assert done.returncode == 1, done.stderr
     assert "Traceback" not in done.stderr
     lines = [line for line in done.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, done.stderr
-    assert lines[0].startswith("error: ")
+    errors = [line for line in lines if line.startswith("error: ")]
+    # progress lines (✓ step) and an --explain table may come first; the error is one line, last
+    assert len(errors) == 1 and lines[-1] == errors[0], done.stderr
     for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+        assert fragment in errors[0], errors[0]
 
 
 def leftovers(parent) -> list[str]:

@@ -83,8 +83,12 @@ def build_lm(layout: str = "BHSD", kv_heads: int = 2, scale: str = "split", seed
 def _rope_tables(g: _Graph, L: Layout) -> tuple[str, str]:
     """cos/sin [.., S, D] from position_ids, shaped to broadcast against heads in layout L."""
     inv_freq = g.const(1.0 / (10000.0 ** (np.arange(0, HEAD_DIM, 2) / HEAD_DIM)))
-    positions = g.op("Unsqueeze", g.op("Cast", "position_ids", to=TensorProto.FLOAT),
-                     g.const([-1], np.int64), name="/model/rotary_emb/Unsqueeze")
+    positions = g.op(
+        "Unsqueeze",
+        g.op("Cast", "position_ids", to=TensorProto.FLOAT),
+        g.const([-1], np.int64),
+        name="/model/rotary_emb/Unsqueeze",
+    )
     freqs = g.op("Mul", positions, inv_freq, name="/model/rotary_emb/Mul")
     angles = g.op("Concat", freqs, freqs, axis=-1, name="/model/rotary_emb/Concat")
     tables = []
@@ -99,10 +103,12 @@ def _rope_tables(g: _Graph, L: Layout) -> tuple[str, str]:
 
 def _rotate(g: _Graph, x: str, cos: str, sin: str) -> str:
     half = HEAD_DIM // 2
-    first = g.op("Slice", x, g.const([0], np.int64), g.const([half], np.int64),
-                 g.const([-1], np.int64))
-    second = g.op("Slice", x, g.const([half], np.int64), g.const([2**62], np.int64),
-                  g.const([-1], np.int64))
+    first = g.op(
+        "Slice", x, g.const([0], np.int64), g.const([half], np.int64), g.const([-1], np.int64)
+    )
+    second = g.op(
+        "Slice", x, g.const([half], np.int64), g.const([2**62], np.int64), g.const([-1], np.int64)
+    )
     rotated = g.op("Concat", g.op("Neg", second), first, axis=-1)
     return g.op("Add", g.op("Mul", x, cos), g.op("Mul", rotated, sin))
 
@@ -132,10 +138,15 @@ def _scaled_scores(g: _Graph, q: str, key_t: str, scale: str) -> str:
 
 def _causal_mask(g: _Graph, L: Layout) -> str:
     """0 where key position t ≤ query position, −inf after; [B, 1, S, T]."""
-    total = g.op("Gather", g.op("Shape", "present.0.key"), g.const(L.seq_axis, np.int64),
-                 name="/model/mask/Gather")
-    key_pos = g.op("Range", g.const(0, np.int64), total, g.const(1, np.int64),
-                   name="/model/mask/Range")
+    total = g.op(
+        "Gather",
+        g.op("Shape", "present.0.key"),
+        g.const(L.seq_axis, np.int64),
+        name="/model/mask/Gather",
+    )
+    key_pos = g.op(
+        "Range", g.const(0, np.int64), total, g.const(1, np.int64), name="/model/mask/Range"
+    )
     query_pos = g.op("Unsqueeze", "position_ids", g.const([-1], np.int64), name="/model/mask/Q")
     allowed = g.op("LessOrEqual", key_pos, query_pos, name="/model/mask/LessOrEqual")  # [B,S,T]
     mask = g.op("Where", allowed, g.const(0.0), g.const(-np.inf), name="/model/mask/Where")

@@ -1,0 +1,83 @@
+"""What kvfuse expects of each architecture's Optimum export — data the end-to-end tests use.
+
+`cache_layout`: the layout the exported graph keeps its KV cache in; `rope`: RoPE style
+("half" = rotate-half on the full head dim, None = learned positions); per layer, how many
+attention fusions and RMSNorm fusions a complete rewrite makes; `fuses`: whether the `ort`
+target fuses this architecture today (the README's table is generated from these facts and a
+real run, never typed by hand).
+"""
+
+from __future__ import annotations
+
+ARCHITECTURES: dict[str, dict] = {
+    "llama": {
+        "cache_layout": "BHSD",
+        "rope": "half",
+        "attention_per_layer": 1,
+        "rms_norms_per_layer": 2,
+        "final_norm": True,
+        "fuses": True,
+    },
+    "mistral": {
+        "cache_layout": "BHSD",
+        "rope": "half",
+        "attention_per_layer": 1,
+        "rms_norms_per_layer": 2,
+        "final_norm": True,
+        "fuses": True,
+    },
+    "qwen2": {
+        "cache_layout": "BHSD",
+        "rope": "half",
+        "attention_per_layer": 1,
+        "rms_norms_per_layer": 2,
+        "final_norm": True,
+        "fuses": True,
+    },
+    "phi3": {
+        "cache_layout": "BHSD",
+        "rope": "half",
+        "attention_per_layer": 1,
+        "rms_norms_per_layer": 2,
+        "final_norm": True,
+        "fuses": False,
+        "gap": "packed QKV split by Slice",
+    },
+    "gpt2": {
+        "cache_layout": "BHSD",
+        "rope": None,
+        "attention_per_layer": 1,
+        "rms_norms_per_layer": 0,
+        "final_norm": False,
+        "fuses": False,
+        "gap": "LayerNorm, learned positions, scale as a computed tensor",
+    },
+    "gpt_neox": {
+        "cache_layout": "BHSD",
+        "rope": "half-partial",
+        "attention_per_layer": 1,
+        "rms_norms_per_layer": 0,
+        "final_norm": False,
+        "fuses": False,
+        "gap": "partial rotary, per-head interleaved packed QKV",
+    },
+    "falcon": {
+        "cache_layout": "BHSD",
+        "rope": "half",
+        "attention_per_layer": 1,
+        "rms_norms_per_layer": 0,
+        "final_norm": False,
+        "fuses": False,
+        "gap": "multi-query packed QKV, scale as a computed tensor",
+    },
+}
+
+
+def expected_fusions(architecture: str, num_layers: int) -> dict[str, int]:
+    """Counts a complete `ort` rewrite of this architecture makes for `num_layers` layers."""
+    facts = ARCHITECTURES[architecture]
+    norms = facts["rms_norms_per_layer"] * num_layers + int(facts["final_norm"])
+    return {
+        "GroupQueryAttention": facts["attention_per_layer"] * num_layers,
+        "rms_norms": norms,
+    }

@@ -1,0 +1,104 @@
+"""Why did this Softmax not become attention? A plain-words walk of its neighbourhood.
+
+The matcher's own failure for a pattern with alternatives is often "none of the alternatives
+matched". For every Softmax left after fusion this module walks the usual attention chain and
+names the first constraint that does not hold, with the nodes involved:
+
+    MatMul(q, [scale] Transpose(k)) ─ [scale] ─ [mask] ─ [Cast] ─ Softmax ─ [guard] ─ MatMul(·, v)
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from kvfuse.rewriter.layout import LAYOUTS
+from kvfuse.rewriter.rules import NearMiss
+
+PASS_THROUGH = ("Cast", "Add", "Mul", "Div", "Where")
+
+
+def diagnose_softmax(softmax: ir.Node) -> NearMiss | None:
+    """The first attention constraint this Softmax's neighbourhood breaks, or None."""
+    for check in (_axis, _single_use, _scores_matmul, _key_transpose, _value_head_dim):
+        reason = check(softmax)
+        if reason is not None:
+            text, culprits = reason
+            return NearMiss(
+                "attention/sdpa (diagnosis)",
+                softmax.name or "Softmax",
+                0,
+                text,
+                [c.name or c.op_type for c in culprits],
+            )
+    return None
+
+
+def _axis(softmax):
+    axis = softmax.attributes.get_int("axis", -1)
+    rank = len(softmax.outputs[0].shape) if softmax.outputs[0].shape is not None else 4
+    if axis not in (-1, rank - 1):
+        return f"Softmax over axis {axis}, expected the last (keys) axis", [softmax]
+    return None
+
+
+def _single_use(softmax):
+    value = softmax.outputs[0]
+    if value.is_graph_output():
+        return f"attention probabilities {value.name} are also a graph output", [softmax]
+    users = [user for user, _ in value.uses()]
+    if len(users) > 2 or (len(users) == 2 and {u.op_type for u in users} != {"IsNaN", "Where"}):
+        kinds = ", ".join(sorted(u.op_type for u in users))
+        return f"attention probabilities feed {kinds}, expected only the V MatMul", users
+    return None
+
+
+def _scores_matmul(softmax):
+    node = _walk_up(softmax.inputs[0])
+    if node is None or node.op_type != "MatMul":
+        found = node.op_type if node is not None else "a graph input"
+        return f"Softmax input comes from {found}, expected the Q·Kᵀ MatMul", [softmax]
+    return None
+
+
+def _key_transpose(softmax):
+    matmul = _walk_up(softmax.inputs[0])
+    key = _walk_up(matmul.inputs[1], through=("Mul", "Div"))
+    if key is None or key.op_type != "Transpose":
+        found = key.op_type if key is not None else "a graph input"
+        return f"Q·Kᵀ takes its key from {found}, expected a Transpose of K", [matmul]
+    perm = list(key.attributes.get_ints("perm", []))
+    expected = {tuple(layout.key_transposed): layout.name for layout in LAYOUTS}
+    if tuple(perm) not in expected:
+        options = ", ".join(f"{list(p)} ({name})" for p, name in expected.items())
+        return f"key transpose perm {perm}, expected one of {options}", [key]
+    return None
+
+
+def _value_head_dim(softmax):
+    matmul = _walk_up(softmax.inputs[0])
+    query_dim = _last_dim(matmul.inputs[0])
+    consumers = [u for u, _ in softmax.outputs[0].uses()]
+    for user in consumers + [u for c in consumers for u, _ in c.outputs[0].uses()]:
+        if user.op_type == "MatMul":
+            value_dim = _last_dim(user.inputs[1])
+            if None not in (query_dim, value_dim) and value_dim != query_dim:
+                return (
+                    f"value head dim {value_dim} differs from query head dim {query_dim}",
+                    [user],
+                )
+    return None
+
+
+def _walk_up(value: ir.Value | None, through=PASS_THROUGH) -> ir.Node | None:
+    """The first producer above `value` that is not a scale, mask, cast or guard."""
+    node = value.producer() if value is not None else None
+    while node is not None and node.op_type in through:
+        value = node.inputs[1] if node.op_type == "Where" else node.inputs[0]
+        node = value.producer() if value is not None else None
+    return node
+
+
+def _last_dim(value: ir.Value | None) -> int | None:
+    if value is None or value.shape is None or not isinstance(value.shape[-1], int):
+        return None
+    return value.shape[-1]

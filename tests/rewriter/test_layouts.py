@@ -1,0 +1,114 @@
+"""The attention rules on hand-built graphs in every layout, scale placement and head repeat."""
+
+from __future__ import annotations
+
+import onnx
+import onnxruntime as ort
+import pytest
+
+from kvfuse.rewriter.layout import LAYOUTS, Layout
+from kvfuse.rewriter.optimize import PartialFusion, optimize
+from tests.rewriter.synthetic import build_lm
+
+
+def run(tmp_path, model: onnx.ModelProto, **kwargs):
+    source = tmp_path / "model.onnx"
+    onnx.save(model, source)
+    return optimize(source, tmp_path / "out.onnx", max_context=32, quiet=True, **kwargs)
+
+
+@pytest.mark.parametrize("layout", [layout.name for layout in LAYOUTS])
+@pytest.mark.parametrize("scale", ["split", "qk", "div"])
+def test_layout_fuses_and_verifies(tmp_path, layout, scale):
+    """Each layout × scale placement: every rule fires once per use and outputs agree."""
+    result = run(tmp_path, build_lm(layout, scale=scale))
+    counts = result.rule_counts
+    suffix = layout.lower()
+    assert counts[f"attention/sdpa_{suffix}"] == 1
+    assert counts[f"attention/cached_{suffix}_rope"] == 1
+    assert counts["rotary/half"] == 2  # q and k
+    assert counts["attention/repeat_kv"] == 2  # k and v: 4 heads over 2 kv heads
+    assert result.ops_after["GroupQueryAttention"] == 1
+    assert not {"Softmax", "Concat", "Cos", "Sin", "Range"} & set(result.ops_after)
+    assert result.verification.passed, result.verification.summary()
+    assert result.verification.max_abs_diff < 1e-5
+
+
+@pytest.mark.parametrize("kv_heads", [4, 1], ids=["mha", "mqa"])
+def test_mha_and_mqa_are_gqa_with_other_kv_head_counts(tmp_path, kv_heads):
+    """MHA (no repeat) and MQA (one kv head) lower to GQA with kv_num_heads 4 and 1."""
+    result = run(tmp_path, build_lm("BHSD", kv_heads=kv_heads))
+    assert result.rule_counts["attention/repeat_kv"] == (0 if kv_heads == 4 else 2)
+    gqa = next(n for n in onnx.load(result.output).graph.node if n.op_type == "GroupQueryAttention")
+    attributes = {a.name: onnx.helper.get_attribute_value(a) for a in gqa.attribute}
+    assert (attributes["num_heads"], attributes["kv_num_heads"]) == (4, kv_heads)
+    assert result.verification.passed
+
+
+def test_rewritten_model_runs_with_onnxruntime_optimisations_on(tmp_path):
+    """The output is a valid model for a normal (optimising) onnxruntime session too."""
+    result = run(tmp_path, build_lm("SBHD"))
+    session = ort.InferenceSession(str(result.output), providers=["CPUExecutionProvider"])
+    names = {i.name for i in session.get_inputs()}
+    assert names == {
+        "input_ids",
+        "seqlens_k",
+        "total_sequence_length",
+        "past_key_values.0.key",
+        "past_key_values.0.value",
+    }
+
+
+def _node(model: onnx.ModelProto, op_type: str, index: int = 0) -> onnx.NodeProto:
+    return [n for n in model.graph.node if n.op_type == op_type][index]
+
+
+def test_no_fusion_when_an_intermediate_is_used_elsewhere(tmp_path):
+    """Attention probabilities exported as an extra output must keep the decomposed graph."""
+    model = build_lm("BHSD")
+    probs = _node(model, "Softmax").output[0]
+    model.graph.output.append(onnx.helper.make_tensor_value_info(probs, 1, None))
+    with pytest.raises(PartialFusion) as failure:
+        run(tmp_path, model)
+    layer = failure.value.result.layers[0]
+    assert not layer.fused
+    assert any("other uses" in miss.reason for miss in layer.near_misses), layer.near_misses
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_no_fusion_with_a_wrong_key_permutation(tmp_path):
+    """A key transposed with the wrong perm is not attention: the reason names the perm."""
+    model = build_lm("BHSD")
+    key_transpose = next(
+        n
+        for n in model.graph.node
+        if n.op_type == "Transpose" and list(n.attribute[0].ints) == [0, 1, 3, 2]
+    )
+    key_transpose.attribute[0].ints[:] = [1, 0, 3, 2]  # no layout transposes a key like this
+    with pytest.raises(PartialFusion) as failure:
+        run(tmp_path, model)
+    reasons = [m.reason for m in failure.value.result.layers[0].near_misses]
+    assert any("perm" in reason for reason in reasons), reasons
+    assert "attention layers fused" in str(failure.value)
+
+
+def test_no_fusion_with_mismatched_head_dims(tmp_path):
+    """A value head dim unlike the key's is refused with both dims in the reason."""
+    model = build_lm("BHSD")
+    value_input = next(i for i in model.graph.input if i.name == "past_key_values.0.value")
+    value_input.type.tensor_type.shape.dim[3].dim_value = 8
+    with pytest.raises(PartialFusion) as failure:
+        run(tmp_path, model)
+    reasons = [m.reason for m in failure.value.result.layers[0].near_misses]
+    assert any("head dim" in reason for reason in reasons), reasons
+
+
+def test_layout_permutations():
+    """Layout derives each perm from its letters."""
+    assert Layout("BHSD").key_transposed == [0, 1, 3, 2]
+    assert Layout("BSHD").key_transposed == [0, 2, 3, 1]
+    assert Layout("SBHD").key_transposed == [1, 2, 3, 0]
+    assert Layout("BHSD").to_cache == [0, 2, 1, 3] and Layout("BSHD").to_cache == [0, 1, 2, 3]
+    assert [layout.seq_axis for layout in LAYOUTS] == [2, 1, 0]
+    with pytest.raises(ValueError, match="permutation of BHSD"):
+        Layout("BHS")
