@@ -3,12 +3,12 @@
 Legend: B batch, S new tokens, P past, T = P + S, H heads, Hkv kv heads, D head dim; L the
 cache layout (see `Layout`), "proj" the layout a projection is reshaped into.
 
-    q_flat ─ Reshape(proj) ─ [Transpose→L] ─ [Rotary] ──────────────────── [Transpose→BHSD] ─┐
-    k_flat ─ Reshape(proj) ─ [Transpose→L] ─ [Rotary] ─ Concat(past_k, ·, S axis) ═ present_k │
-                                                          └─ [RepeatKV] ──────────────────── Attention ─┐
-    v_flat ─ Reshape(proj) ─ [Transpose→L] ──────────── Concat(past_v, ·, S axis) ═ present_v │          │
-                                                          └─ [RepeatKV] ───────────────────────────────┘
-    out_BHSD ─ Transpose(→proj) ─ Reshape ─ y_flat
+    q_flat ─ Reshape ─ [Transpose→L] ─ [Rotary] ────────────── [Transpose→BHSD] ─ q ─┐
+    k_flat ─ Reshape ─ [Transpose→L] ─ [Rotary] ─ Concat(past_k, ·) ═ present_k      │
+                                                   └─ [RepeatKV] ──────────── k ─ Attention
+    v_flat ─ Reshape ─ [Transpose→L] ─────────── Concat(past_v, ·) ═ present_v      │
+                                                   └─ [RepeatKV] ──────────── v ─────┘
+    Attention ─ Transpose(→proj) ─ Reshape ─ y_flat        (concats on L's sequence axis)
 
 becomes CachedAttention(q_flat, k_flat, v_flat, past_k, past_v, [cos, sin]) → (y_flat,
 present_k, present_v); the retained-state conversion moves the `present.*` graph outputs onto

@@ -3,7 +3,8 @@
 Legend: Hkv kv heads, n = H / Hkv repeats. transformers' `repeat_kv` gives each kv head n
 consecutive copies (not a tiled block), which exporters write as
 
-    x[.., Hkv, ..] ─ Unsqueeze(head+1) ─ Expand(.., Hkv, n, ..) | Tile(1,..,n,..) ─ Reshape(.., Hkv·n, ..)
+    x[.., Hkv, ..] ─ Unsqueeze(head+1) ─ Expand(.., Hkv, n, ..) | Tile(1,..,n,..)
+                   ─ Reshape(.., Hkv·n, ..)
 """
 
 from __future__ import annotations

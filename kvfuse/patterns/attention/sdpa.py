@@ -3,8 +3,8 @@
 Legend: B batch, H heads, S new tokens, T total (past + new) positions, D head dim.
 
     q_BHSD ── [·s_q] ─┐
-    k_L ─ Transpose(→BHDT) ─ [·s_k] ─ MatMul ─ [·s] ─ [+mask | Where(mask)] ─ [Cast] ─ Softmax(-1)
-                                                  ─ [Cast] ─ [Where(IsNaN, 0)] ─ MatMul(v_BHTD) ─ out_BHSD
+    k_L ─ Transpose(→BHDT) ─ [·s_k] ─ MatMul ─ [·s] ─ [+mask | Where(mask)] ─ [Cast]
+        ─ Softmax(-1) ─ [Cast] ─ [Where(IsNaN, 0)] ─ MatMul(v_BHTD) ─ out_BHSD
 
 out = softmax(q·kᵀ·scale + mask)·v with scale = s_q·s_k·s (each a Mul or a Div, or absent).
 Optimum's TorchScript export multiplies q and kᵀ by sqrt(1/sqrt(D)) each and guards the softmax
