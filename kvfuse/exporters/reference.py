@@ -55,7 +55,8 @@ class ConcatCacheRunner:
             positions = np.cumsum(self.mask, axis=1) - 1
             positions[self.mask == 0] = 1
             feed["position_ids"] = positions[:, -input_ids.shape[1] :]
-        outputs = dict(zip(self.output_names, self.session.run(None, feed), strict=True))
+        self.last_outputs = self.session.run(None, feed)
+        outputs = dict(zip(self.output_names, self.last_outputs, strict=True))
         self.past = {
             past: outputs[present]
             for past, present in zip(self.past_names, self.present_names, strict=True)

@@ -23,7 +23,7 @@ from kvfuse.progress import Steps
 from kvfuse.report.summary import load_structure
 from kvfuse.rewriter import pipeline, retained_state, shapes
 from kvfuse.rewriter.pipeline import Stage
-from kvfuse.rewriter.verify import Verification, verify
+from kvfuse.rewriter.verify import Verification, locate_divergence, verify
 
 TARGETS = ("ort",)
 DEFAULT_MAX_CONTEXT = 2048
@@ -141,7 +141,11 @@ def optimize(
                 model_path, proto_bytes, signature.pairs, kv_shape, batch=batch_size or 1
             )
         if not result.verification.passed:
-            raise KvfuseError(f"{result.verification.summary()}; nothing was written")
+            where = locate_divergence(model_path, proto_bytes, signature.pairs, kv_shape)
+            raise KvfuseError(
+                f"{result.verification.summary()}; {where or 'no shared tensor to compare'}; "
+                "nothing was written"
+            )
     with steps.step(f"Writing {output}"):
         _write(output, proto_bytes, model_path, result, overwrite)
     result.output = output

@@ -87,7 +87,8 @@ class FixedCacheRunner:
         }
         if "position_ids" in self.input_names:
             feed["position_ids"] = np.tile(np.arange(self.length, total), (batch, 1))
-        outputs = dict(zip(self.output_names, self.session.run(None, feed), strict=True))
+        self.last_outputs = self.session.run(None, feed)
+        outputs = dict(zip(self.output_names, self.last_outputs, strict=True))
         self.cache = {past: outputs[present] for past, present in self.pairs}
         self.length = total
         return outputs["logits"]
@@ -149,3 +150,41 @@ def _session(model: bytes | Path) -> ort.InferenceSession:
     options.log_severity_level = 3
     source = model if isinstance(model, bytes) else str(model)
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def locate_divergence(
+    original: Path, rewritten: bytes, pairs, kv_shape, *, prompt_tokens: int = 12, seed: int = 0
+) -> str | None:
+    """On a failed check: the first tensor both graphs still share by name (projections, MLP
+    outputs — per layer, in graph order) whose prefill values differ beyond tolerance."""
+    import onnx
+
+    from kvfuse.rewriter.pipeline import layer_of
+
+    candidate_proto = onnx.load_from_string(rewritten)
+    original_proto = onnx.load(str(original))
+    produced = {out for node in candidate_proto.graph.node for out in node.output}
+    shared = [
+        out for node in original_proto.graph.node for out in node.output
+        if out in produced and layer_of(out) is not None
+    ]
+    if not shared:
+        return None
+    for proto in (original_proto, candidate_proto):
+        proto.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in shared)
+    reference = ConcatCacheRunner(original)
+    reference.session = _session(original_proto.SerializeToString())
+    reference.output_names = [o.name for o in reference.session.get_outputs()]
+    candidate = FixedCacheRunner(candidate_proto.SerializeToString(), pairs, kv_shape)
+    vocab = _vocab_size(reference.session)
+    ids = np.random.default_rng(seed).integers(3, min(vocab, 1000), size=(1, prompt_tokens))
+    reference.prefill(ids)
+    candidate.prefill(ids)
+    expected = dict(zip(reference.output_names, reference.last_outputs, strict=True))
+    found = dict(zip(candidate.output_names, candidate.last_outputs, strict=True))
+    for name in shared:
+        a, b = expected[name], found[name]
+        if a.shape != b.shape or not np.allclose(a, b, atol=ATOL, rtol=RTOL):
+            diff = float(np.abs(a - b).max()) if a.shape == b.shape else float("inf")
+            return f"first divergence at layer {layer_of(name)}: {name} (max |Δ| {diff:.2e})"
+    return None

@@ -96,3 +96,19 @@ def test_greedy_tokens_match_original_over_sixteen_steps(optimized, tiny_export)
         b = rewritten.step(np.array([[tokens_b[-1]]]))
     assert tokens_a == tokens_b
     assert len(set(tokens_a)) > 1  # the random model does not just repeat one token
+
+
+def test_wrong_rewrite_is_caught_and_the_first_diverging_layer_named(tiny_export, tmp_path,
+                                                                     monkeypatch):
+    """A rule that gets the scale wrong fails verification, names layer 0, writes nothing."""
+    from kvfuse.errors import KvfuseError
+    from kvfuse.patterns.attention import sdpa
+
+    real_scale = sdpa.attention_scale
+    monkeypatch.setattr(sdpa, "attention_scale", lambda *a: 2 * real_scale(*a))
+    _, export_dir = tiny_export("llama")
+    with pytest.raises(KvfuseError, match="FAILED first at prefill") as failure:
+        optimize(export_dir, tmp_path / "bad.onnx", max_context=64, quiet=True)
+    assert "first divergence at layer 0: /model/layers.0/" in str(failure.value)
+    assert "nothing was written" in str(failure.value)
+    assert not (tmp_path / "bad.onnx").exists()
