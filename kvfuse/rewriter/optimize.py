@@ -108,7 +108,8 @@ def optimize(
     if not candidates:
         raise KvfuseError(f"{model_path} has no attention (no Softmax); nothing to fuse")
     with steps.step("Cleaning up shape plumbing"):
-        records = pipeline.run_stages(model, [Stage("clean up", run=_clean_up)])
+        specialize = Stage("fix batch size", run=lambda m: shapes.specialize_batch(m, batch_size))
+        records = pipeline.run_stages(model, [specialize, Stage("clean up", run=_clean_up)])
     with steps.step("Fusing attention, RoPE and norms"):
         records += pipeline.run_stages(model, targets.FUSION_STAGES)
     layers = pipeline.attention_outcomes(model, candidates, targets.EXPLAIN_RULES, targets.DIAGNOSE)

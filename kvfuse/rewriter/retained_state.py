@@ -68,7 +68,6 @@ def convert_to_retained_state(
             past.shape, present.shape = fixed, ir.Shape(fixed)
             present.dtype = past.dtype
             pairs.append((past.name, present.name))
-    _set_batch(graph, batch_size)
     _remove_dead(model)
     return KVSignature(
         pairs=pairs,
@@ -118,19 +117,6 @@ def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     value.shape, value.dtype = ir.Shape(array.shape), ir.DataType.FLOAT
     graph.register_initializer(value)
     return value
-
-
-def _set_batch(graph: ir.Graph, batch_size: int | None) -> None:
-    """Make the batch dim static on token-level inputs and outputs when the user fixed it."""
-    if batch_size is None:
-        return
-    for value in list(graph.inputs) + list(graph.outputs):
-        if (
-            value.shape is not None
-            and len(value.shape) >= 1
-            and not isinstance(value.shape[0], int)
-        ):
-            value.shape = ir.Shape([batch_size, *value.shape[1:]])
 
 
 def _remove_dead(model: ir.Model) -> None:

@@ -28,7 +28,9 @@ def evaluate_rotary_tables(
             f"RoPE cos/sin depend on {sorted(names) or 'no input'}, expected only position_ids; "
             "this exporter's rotary builder is not supported"
         )
-    position_ids = np.arange(max_context, dtype=np.int64)[None, :]
+    rows = inputs[0].shape[0] if inputs[0].shape is not None else 1
+    rows = rows if isinstance(rows, int) else 1  # a static batch needs that many rows
+    position_ids = np.tile(np.arange(max_context, dtype=np.int64), (rows, 1))
     cos_table, sin_table = _run(nodes, inputs, [cos, sin], {"position_ids": position_ids})
     return _as_table(cos_table, max_context, cos), _as_table(sin_table, max_context, sin)
 
@@ -88,10 +90,13 @@ def _run(nodes, inputs, outputs, feeds) -> list[np.ndarray]:
 
 
 def _as_table(array: np.ndarray, max_context: int, value: ir.Value) -> np.ndarray:
-    squeezed = array.reshape([d for d in array.shape if d != 1])
-    if squeezed.ndim != 2 or squeezed.shape[0] != max_context:
+    """[T, D] from a table broadcast for any layout ([B,1,T,D], [T,B,1,D], ...): every batch
+    row holds the same positions, so row 0 is the table."""
+    axes = [i for i, d in enumerate(array.shape[:-1]) if d == max_context]
+    if not axes:
         raise KvfuseError(
             f"RoPE table {value.name} evaluates to shape {list(array.shape)}, "
-            f"expected [.., {max_context}, head_dim]"
+            f"expected one axis of {max_context} positions and the rotary dim last"
         )
-    return squeezed.astype(np.float32)
+    by_position = np.moveaxis(array, axes[-1], 0).reshape(max_context, -1, array.shape[-1])
+    return np.ascontiguousarray(by_position[:, 0, :], dtype=np.float32)

@@ -199,3 +199,22 @@ def infer_shapes(model: ir.Model) -> dict[str, int]:
 
     ShapeInferencePass(strict_mode=False)(model)
     return {}
+
+
+def specialize_batch(model: ir.Model, batch_size: int | None) -> dict[str, int]:
+    """Make every graph input/output dim named like a batch (e.g. `batch_size`) static, before
+    clean-up, so the shape plumbing that reads the batch size folds away."""
+    if batch_size is None:
+        return {}
+    changed = 0
+    for value in [*model.graph.inputs, *model.graph.outputs]:
+        if value.shape is None:
+            continue
+        dims = [
+            batch_size if isinstance(d, ir.SymbolicDim) and "batch" in str(d.value) else d
+            for d in value.shape
+        ]
+        if dims != list(value.shape):
+            value.shape = ir.Shape(dims)
+            changed += 1
+    return {"shape/static_batch": changed}

@@ -165,7 +165,9 @@ def locate_divergence(
     original_proto = onnx.load(str(original))
     produced = {out for node in candidate_proto.graph.node for out in node.output}
     shared = [
-        out for node in original_proto.graph.node for out in node.output
+        out
+        for node in original_proto.graph.node
+        for out in node.output
         if out in produced and layer_of(out) is not None
     ]
     if not shared:

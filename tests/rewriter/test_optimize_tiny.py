@@ -98,8 +98,9 @@ def test_greedy_tokens_match_original_over_sixteen_steps(optimized, tiny_export)
     assert len(set(tokens_a)) > 1  # the random model does not just repeat one token
 
 
-def test_wrong_rewrite_is_caught_and_the_first_diverging_layer_named(tiny_export, tmp_path,
-                                                                     monkeypatch):
+def test_wrong_rewrite_is_caught_and_the_first_diverging_layer_named(
+    tiny_export, tmp_path, monkeypatch
+):
     """A rule that gets the scale wrong fails verification, names layer 0, writes nothing."""
     from kvfuse.errors import KvfuseError
     from kvfuse.patterns.attention import sdpa
@@ -112,3 +113,17 @@ def test_wrong_rewrite_is_caught_and_the_first_diverging_layer_named(tiny_export
     assert "first divergence at layer 0: /model/layers.0/" in str(failure.value)
     assert "nothing was written" in str(failure.value)
     assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_batch_size_becomes_static(tiny_export, tmp_path):
+    """--batch-size 2: every batch dim of the I/O is 2; verification runs at batch 2."""
+    _, export_dir = tiny_export("qwen2")
+    result = optimize(export_dir, tmp_path / "b2.onnx", max_context=32, batch_size=2, quiet=True)
+    model = onnx.load(result.output)
+    for value in list(model.graph.input) + list(model.graph.output):
+        dims = [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+        assert "batch_size" not in dims, (value.name, dims)
+        if value.name != "total_sequence_length":
+            assert dims[0] == 2, (value.name, dims)
+    assert "Shape" not in result.ops_after  # the shape plumbing folded away
+    assert result.verification.passed
