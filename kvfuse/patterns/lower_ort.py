@@ -97,7 +97,7 @@ def lower_cached_attention(
             "kv_num_heads": attributes.get_int("kv_num_heads"),
             "scale": attributes.get_float("scale"),
             "do_rotary": int(rotary_caches is not None),
-            "rotary_interleaved": 0,
+            "rotary_interleaved": attributes.get_int("rotary_interleaved", 0),
         },
         name=f"{node.name}/GroupQueryAttention",
     )

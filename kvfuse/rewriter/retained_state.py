@@ -100,10 +100,11 @@ def _rotary_caches(graph, node, max_context, caches):
     if node.attributes.get_int("rotary", 0) == 0:
         return None
     cos, sin = node.inputs[5], node.inputs[6]
-    key = (cos.name, sin.name)
+    key = (cos.name, sin.name, node.attributes.get_int("rotary_interleaved", 0))
     if key not in caches:
         cos_table, sin_table = rotary_cache.evaluate_rotary_tables(graph, cos, sin, max_context)
-        cos_half, sin_half = rotary_cache.half_tables(cos_table, sin_table)
+        interleaved = bool(node.attributes.get_int("rotary_interleaved", 0))
+        cos_half, sin_half = rotary_cache.half_tables(cos_table, sin_table, interleaved)
         index = len(caches)
         caches[key] = (
             _initializer(graph, f"kvfuse.rotary_cos_{index}", cos_half),

@@ -35,15 +35,20 @@ def evaluate_rotary_tables(
     return _as_table(cos_table, max_context, cos), _as_table(sin_table, max_context, sin)
 
 
-def half_tables(cos: np.ndarray, sin: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The [T, D/2] caches a fused rotate-half kernel takes; fails if halves differ."""
-    half = cos.shape[1] // 2
-    if not (
-        np.array_equal(cos[:, :half], cos[:, half:])
-        and np.array_equal(sin[:, :half], sin[:, half:])
-    ):
-        raise KvfuseError("RoPE tables are not two equal halves; not rotate-half RoPE")
-    return np.ascontiguousarray(cos[:, :half]), np.ascontiguousarray(sin[:, :half])
+def half_tables(
+    cos: np.ndarray, sin: np.ndarray, interleaved: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """The [T, R/2] caches a fused kernel takes: one value per rotated pair. Rotate-half
+    tables repeat their first half; interleaved tables repeat each value twice in a row."""
+    if interleaved:
+        parts = (cos[:, 0::2], cos[:, 1::2], sin[:, 0::2], sin[:, 1::2])
+    else:
+        half = cos.shape[1] // 2
+        parts = (cos[:, :half], cos[:, half:], sin[:, :half], sin[:, half:])
+    if not (np.array_equal(parts[0], parts[1]) and np.array_equal(parts[2], parts[3])):
+        style = "interleaved" if interleaved else "rotate-half"
+        raise KvfuseError(f"RoPE tables do not repeat per pair as {style} RoPE needs")
+    return np.ascontiguousarray(parts[0]), np.ascontiguousarray(parts[2])
 
 
 def _ancestors(outputs: list[ir.Value]) -> tuple[list[ir.Node], list[ir.Value]]:

@@ -17,7 +17,7 @@ from onnx import TensorProto, helper
 
 from kvfuse.rewriter.layout import Layout, is_identity
 
-VOCAB, HIDDEN, HEADS, HEAD_DIM = 64, 64, 4, 16
+VOCAB, HIDDEN, HEADS = 64, 64, 4
 
 
 class _Graph:
@@ -42,21 +42,39 @@ class _Graph:
         return self.const(self.rng.normal(0, 0.2, shape))
 
 
-def build_lm(layout: str = "BHSD", kv_heads: int = 2, scale: str = "split", seed: int = 0):
-    """One attention layer LM; `scale` is "split" (√s on q and kᵀ), "qk" or "div"."""
+def build_lm(
+    layout: str = "BHSD",
+    kv_heads: int = 2,
+    scale: str = "split",
+    mask: str = "add",
+    rope: str = "half",
+    head_dim: int = 16,
+    seed: int = 0,
+):
+    """One attention layer LM; `scale` is "split" (√s on q and kᵀ), "qk" or "div"; `mask`
+    is "add" (additive −inf mask) or "where" (Where(allowed, scores, −inf)); `rope` is
+    "half" (rotate-half), "interleaved" (rotate every two) or "partial" (half the head dim)."""
+    global HEAD_DIM
+    HEAD_DIM = head_dim
     L, g = Layout(layout), _Graph(seed)
     emb = g.op("Gather", g.weight(VOCAB, HIDDEN), "input_ids", name="/model/embed_tokens/Gather")
     if L.projection == "SBHD":
         emb = g.op("Transpose", emb, perm=[1, 0, 2])
-    cos, sin = _rope_tables(g, L)
+    rotary_dim = HEAD_DIM // 2 if rope == "partial" else HEAD_DIM
+    cos, sin = _rope_tables(g, L, rotary_dim, interleaved=rope == "interleaved")
+    rotate = _rotate_pairs if rope == "interleaved" else _rotate
+    if rope == "partial":
+
+        def rotate(g, x, cos, sin):
+            return _partial(g, x, cos, sin, rotary_dim)
 
     def heads(width: int, n_heads: int) -> str:
         flat = g.op("MatMul", emb, g.weight(HIDDEN, width))
         proj = g.op("Reshape", flat, g.const([0, 0, n_heads, HEAD_DIM], np.int64))
         return proj if is_identity(L.to_cache) else g.op("Transpose", proj, perm=L.to_cache)
 
-    q = _rotate(g, heads(HEADS * HEAD_DIM, HEADS), cos, sin)
-    k = _rotate(g, heads(kv_heads * HEAD_DIM, kv_heads), cos, sin)
+    q = rotate(g, heads(HEADS * HEAD_DIM, HEADS), cos, sin)
+    k = rotate(g, heads(kv_heads * HEAD_DIM, kv_heads), cos, sin)
     v = heads(kv_heads * HEAD_DIM, kv_heads)
     k_cat = g.op("Concat", "past_key_values.0.key", k, axis=L.seq_axis)
     v_cat = g.op("Concat", "past_key_values.0.value", v, axis=L.seq_axis)
@@ -66,7 +84,12 @@ def build_lm(layout: str = "BHSD", kv_heads: int = 2, scale: str = "split", seed
     q_bhsd = q if is_identity(L.to_bhsd) else g.op("Transpose", q, perm=L.to_bhsd)
     key_t = g.op("Transpose", k_all, perm=L.key_transposed)
     scores = _scaled_scores(g, q_bhsd, key_t, scale)
-    scores = g.op("Add", scores, _causal_mask(g, L))
+    allowed = _causal_allowed(g, L)
+    if mask == "where":
+        scores = g.op("Where", allowed, scores, g.const(-np.inf))
+    else:
+        additive = g.op("Where", allowed, g.const(0.0), g.const(-np.inf), name="/model/mask/W")
+        scores = g.op("Add", scores, additive)
     probs = g.op("Softmax", scores, axis=-1)
     v_bhsd = v_all if is_identity(L.to_bhsd) else g.op("Transpose", v_all, perm=L.to_bhsd)
     attended = g.op("MatMul", probs, v_bhsd)
@@ -80,17 +103,18 @@ def build_lm(layout: str = "BHSD", kv_heads: int = 2, scale: str = "split", seed
     return _model(g, L, kv_heads)
 
 
-def _rope_tables(g: _Graph, L: Layout) -> tuple[str, str]:
-    """cos/sin [.., S, D] from position_ids, shaped to broadcast against heads in layout L."""
-    inv_freq = g.const(1.0 / (10000.0 ** (np.arange(0, HEAD_DIM, 2) / HEAD_DIM)))
+def _rope_tables(g: _Graph, L: Layout, dims: int, interleaved: bool) -> tuple[str, str]:
+    """cos/sin [.., S, R] from position_ids, shaped to broadcast against heads in layout L;
+    each frequency appears twice: in two halves (rotate-half) or side by side (interleaved)."""
+    inv_freq = 1.0 / (10000.0 ** (np.arange(0, dims, 2) / dims))
+    per_dim = np.repeat(inv_freq, 2) if interleaved else np.concatenate([inv_freq, inv_freq])
     positions = g.op(
         "Unsqueeze",
         g.op("Cast", "position_ids", to=TensorProto.FLOAT),
         g.const([-1], np.int64),
         name="/model/rotary_emb/Unsqueeze",
     )
-    freqs = g.op("Mul", positions, inv_freq, name="/model/rotary_emb/Mul")
-    angles = g.op("Concat", freqs, freqs, axis=-1, name="/model/rotary_emb/Concat")
+    angles = g.op("Mul", positions, g.const(per_dim), name="/model/rotary_emb/Mul")
     tables = []
     for fn in ("Cos", "Sin"):
         table = g.op(fn, angles, name=f"/model/rotary_emb/{fn}")  # [B, S, D]
@@ -111,6 +135,31 @@ def _rotate(g: _Graph, x: str, cos: str, sin: str) -> str:
     )
     rotated = g.op("Concat", g.op("Neg", second), first, axis=-1)
     return g.op("Add", g.op("Mul", x, cos), g.op("Mul", rotated, sin))
+
+
+def _rotate_pairs(g: _Graph, x: str, cos: str, sin: str) -> str:
+    """GPT-J's rotate_every_two: (x₀, x₁) → (−x₁, x₀) for each pair."""
+    axes, step = g.const([-1], np.int64), g.const([2], np.int64)
+    odd = g.op("Slice", x, g.const([1], np.int64), g.const([2**62], np.int64), axes, step)
+    even = g.op("Slice", x, g.const([0], np.int64), g.const([2**62], np.int64), axes, step)
+    stacked = g.op(
+        "Concat", g.op("Unsqueeze", g.op("Neg", odd), axes), g.op("Unsqueeze", even, axes), axis=-1
+    )
+    rotated = g.op("Reshape", stacked, g.const([0, 0, 0, HEAD_DIM], np.int64))
+    return g.op("Add", g.op("Mul", x, cos), g.op("Mul", rotated, sin))
+
+
+def _partial(g: _Graph, x: str, cos: str, sin: str, dims: int) -> str:
+    """Rotate-half on the first `dims` of the head dim, pass the rest through."""
+    axes = g.const([-1], np.int64)
+    head = g.op("Slice", x, g.const([0], np.int64), g.const([dims], np.int64), axes)
+    tail = g.op("Slice", x, g.const([dims], np.int64), g.const([2**62], np.int64), axes)
+    half = dims // 2
+    first = g.op("Slice", head, g.const([0], np.int64), g.const([half], np.int64), axes)
+    second = g.op("Slice", head, g.const([half], np.int64), g.const([2**62], np.int64), axes)
+    rotated = g.op("Concat", g.op("Neg", second), first, axis=-1)
+    turned = g.op("Add", g.op("Mul", head, cos), g.op("Mul", rotated, sin))
+    return g.op("Concat", turned, tail, axis=-1)
 
 
 def _repeat(g: _Graph, L: Layout, x: str, kv_heads: int) -> str:
@@ -136,8 +185,8 @@ def _scaled_scores(g: _Graph, q: str, key_t: str, scale: str) -> str:
     return g.op("Div", g.op("MatMul", q, key_t), g.const(HEAD_DIM**0.5))
 
 
-def _causal_mask(g: _Graph, L: Layout) -> str:
-    """0 where key position t ≤ query position, −inf after; [B, 1, S, T]."""
+def _causal_allowed(g: _Graph, L: Layout) -> str:
+    """True where key position t ≤ query position; [B, 1, S, T]."""
     total = g.op(
         "Gather",
         g.op("Shape", "present.0.key"),
@@ -149,8 +198,7 @@ def _causal_mask(g: _Graph, L: Layout) -> str:
     )
     query_pos = g.op("Unsqueeze", "position_ids", g.const([-1], np.int64), name="/model/mask/Q")
     allowed = g.op("LessOrEqual", key_pos, query_pos, name="/model/mask/LessOrEqual")  # [B,S,T]
-    mask = g.op("Where", allowed, g.const(0.0), g.const(-np.inf), name="/model/mask/Where")
-    return g.op("Unsqueeze", mask, g.const([1], np.int64), name="/model/mask/Unsqueeze")
+    return g.op("Unsqueeze", allowed, g.const([1], np.int64), name="/model/mask/Unsqueeze")
 
 
 def _model(g: _Graph, L: Layout, kv_heads: int) -> onnx.ModelProto:

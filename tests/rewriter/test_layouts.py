@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
@@ -32,6 +33,44 @@ def test_layout_fuses_and_verifies(tmp_path, layout, scale):
     assert not {"Softmax", "Concat", "Cos", "Sin", "Range"} & set(result.ops_after)
     assert result.verification.passed, result.verification.summary()
     assert result.verification.max_abs_diff < 1e-5
+
+
+@pytest.mark.parametrize("layout", ["BHSD", "BSHD"])
+@pytest.mark.parametrize("rope", ["interleaved", "partial"])
+def test_rope_styles_fuse_into_gqa_rotary(tmp_path, layout, rope):
+    """Interleaved and partial RoPE fuse; GQA gets rotary_interleaved and an R/2-wide cache."""
+    result = run(tmp_path, build_lm(layout, rope=rope, head_dim=32))
+    assert result.rule_counts[f"rotary/{rope}"] == 2
+    assert result.ops_after["GroupQueryAttention"] == 1
+    model = onnx.load(result.output)
+    gqa = next(n for n in model.graph.node if n.op_type == "GroupQueryAttention")
+    attributes = {a.name: onnx.helper.get_attribute_value(a) for a in gqa.attribute}
+    assert attributes["do_rotary"] == 1
+    assert attributes["rotary_interleaved"] == (rope == "interleaved")
+    cos = next(i for i in model.graph.initializer if i.name == gqa.input[7])
+    assert list(cos.dims) == [32, 8 if rope == "partial" else 16]
+    assert result.verification.passed, result.verification.summary()
+
+
+@pytest.mark.parametrize("layout", ["BHSD", "SBHD"])
+def test_where_mask_fuses(tmp_path, layout):
+    """A boolean mask applied with Where(allowed, scores, -inf) fuses like an additive one."""
+    result = run(tmp_path, build_lm(layout, mask="where"))
+    assert result.rule_counts[f"attention/sdpa_{layout.lower()}"] == 1
+    assert result.ops_after["GroupQueryAttention"] == 1
+    assert result.verification.passed
+
+
+def test_where_mask_with_a_harmless_fill_is_not_a_mask(tmp_path):
+    """Where(allowed, scores, 0.0) does not mask anything out: refused, with the reason."""
+    model = build_lm("BHSD", mask="where")
+    where = next(n for n in model.graph.node if n.op_type == "Where" and "mask" not in n.name)
+    fill = next(i for i in model.graph.initializer if i.name == where.input[2])
+    fill.CopyFrom(onnx.numpy_helper.from_array(np.array(0.0, np.float32), fill.name))
+    with pytest.raises(PartialFusion) as failure:
+        run(tmp_path, model)
+    reasons = [m.reason for m in failure.value.result.layers[0].near_misses]
+    assert any("does not mask out" in reason for reason in reasons), reasons
 
 
 @pytest.mark.parametrize("kv_heads", [4, 1], ids=["mha", "mqa"])

@@ -19,6 +19,7 @@ positions, which is what the model's mask builder computed from `attention_mask`
 
 from __future__ import annotations
 
+import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
 from kvfuse.patterns.attention.sdpa import maybe_transpose, static_dim
@@ -88,6 +89,11 @@ class CachedAttentionRule(Rule):
         return op.Reshape(merged, out_shape, _outputs=["y_flat"])
 
     def check(self, context, q_flat, past_k, past_v, present_k, present_v, attended, **_):
+        if self.rotary:
+            query_rotary = _rotary_above(attended.producer().inputs[0])
+            key_rotary = _rotary_above(present_k.producer().inputs[1])
+            if _rotary_style(query_rotary) != _rotary_style(key_rotary):
+                return fail("query and key are rotated differently", query_rotary, key_rotary)
         for past in (past_k, past_v):
             if not past.is_graph_input():
                 return fail(f"cache {past.name} is not a graph input", past)
@@ -118,6 +124,7 @@ class CachedAttentionRule(Rule):
         v_flat,
         past_k,
         past_v,
+        present_k,
         attended,
         y_flat,
         cos=None,
@@ -126,6 +133,7 @@ class CachedAttentionRule(Rule):
     ):
         head_dim = static_dim(past_k, self.layout.name.index("D"))
         rotary = [cos, sin] if self.rotary else []
+        k_flat_rotated = present_k.producer().inputs[1]
         outputs = op.CachedAttention(
             q_flat,
             k_flat,
@@ -138,10 +146,27 @@ class CachedAttentionRule(Rule):
             scale=attended.producer().attributes.get_float("scale"),
             layout=self.layout.name,
             rotary=int(self.rotary),
+            rotary_interleaved=_rotary_style(_rotary_above(k_flat_rotated))[0]
+            if self.rotary
+            else 0,
             _domain=KVFUSE_DOMAIN,
             _outputs=3,
         )
         return like(outputs[0], y_flat)
+
+
+def _rotary_above(value: ir.Value) -> ir.Node | None:
+    """The kvfuse Rotary node producing `value`, looking through transposes."""
+    node = value.producer()
+    while node is not None and node.op_type == "Transpose":
+        node = node.inputs[0].producer()
+    return node if node is not None and node.op_type == "Rotary" else None
+
+
+def _rotary_style(node: ir.Node | None) -> tuple[int, int]:
+    if node is None:
+        return (-1, -1)
+    return node.attributes.get_int("interleaved", 0), node.attributes.get_int("rotary_dim", 0)
 
 
 RULES = [CachedAttentionRule.rule(layout, rotary) for layout in LAYOUTS for rotary in (True, False)]

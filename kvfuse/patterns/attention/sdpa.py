@@ -40,14 +40,21 @@ class SDPARule(Rule):
         super().__init__(f"attention/sdpa_{layout.name.lower()}")
         self.layout = layout
 
-    def pattern(self, op, query, key, value, mask, q_scale, k_scale, qk_scale, zero):
+    def pattern(self, op, query, key, value, mask, q_scale, k_scale, qk_scale, zero, fill):
         key_t = op.Transpose(key, perm=self.layout.key_transposed)
         scores = op.MatMul(scaled(op, query, q_scale, "q_how"), scaled(op, key_t, k_scale, "k_how"))
         scores = scaled(op, scores, qk_scale, "qk_how")
         scores = pattern.OrValue(
-            [op.Add(scores, mask), op.Where(mask, scores, pattern.ANY_VALUE), scores],
+            # additive mask; boolean mask kept where True (GPT-2's `Where(causal, s, min)`) or
+            # filled where True (`masked_fill`); or no mask
+            [
+                op.Add(scores, mask),
+                op.Where(mask, scores, fill),
+                op.Where(mask, fill, scores),
+                scores,
+            ],
             tag_var="mask_how",
-            tag_values=["add", "where", "none"],
+            tag_values=["add", "keep", "fill", "none"],
         )
         scores = pattern.OrValue([op.Cast(scores), scores], tag_var="cast_in", tag_values=[1, 0])
         probs = op.Softmax(scores, _outputs=["probs"])
@@ -73,18 +80,22 @@ class SDPARule(Rule):
             return fail("attention scale factors are not constant scalars", query)
         if bound["nan_guard"] and not is_constant(bound["zero"], 0.0):
             return fail("softmax guard replaces NaN by a non-zero value", bound["zero"])
-        if bound["mask_how"] == "where":
-            return fail("Where-style mask needs its fill value checked; not supported yet")
+        if bound["mask_how"] in ("keep", "fill") and not _very_negative(bound["fill"]):
+            return fail(
+                "Where-mask fills with a value that does not mask out (expected ≤ -1e4)",
+                bound["fill"],
+            )
         return ok()
 
     def rewrite(self, op, query, key, value, mask, **bound):
         head_dim = static_dim(query, -1)
-        inputs = [query, key, value] + ([mask] if bound["mask_how"] == "add" else [])
+        inputs = [query, key, value] + ([mask] if bound["mask_how"] != "none" else [])
         return like(
             op.Attention(
                 *inputs,
                 scale=attention_scale(bound, head_dim),
                 layout=self.layout.name,
+                mask_kind=bound["mask_how"],
                 _domain=KVFUSE_DOMAIN,
             ),
             bound["attention_out"],
@@ -104,6 +115,12 @@ def attention_scale(bound: dict, head_dim: int) -> float | None:
         scale *= number if bound[how] == "mul" else 1.0 / number
     del head_dim  # scale is taken as found; 1/sqrt(D) is the usual value, not a requirement
     return scale
+
+
+def _very_negative(value: ir.Value | None) -> bool:
+    if value is None or value.const_value is None or value.const_value.numpy().size != 1:
+        return False
+    return float(value.const_value.numpy().reshape(-1)[0]) <= -1e4
 
 
 def static_dim(value: ir.Value, axis: int) -> int | None:
