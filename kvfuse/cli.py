@@ -91,6 +91,61 @@ def optimize(
         _print_optimize_summary(result, explain)
 
 
+@app.command()
+def run(
+    model: Annotated[Path, typer.Argument(help="An optimized .onnx file or its directory.")],
+    prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Text to answer.")] = None,
+    chat: Annotated[bool, typer.Option("--chat", help="Interactive chat session.")] = False,
+    raw: Annotated[bool, typer.Option("--raw", help="No chat template around the prompt.")] = False,
+    max_new_tokens: Annotated[int, typer.Option(help="Stop after this many tokens.")] = 128,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
+    top_k: Annotated[int, typer.Option(help="Sample among the k likeliest (0 = all).")] = 0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
+    repetition_penalty: Annotated[float, typer.Option(help="> 1 discourages repeats.")] = 1.0,
+    seed: Annotated[int | None, typer.Option(help="Seed for sampling.")] = None,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable).")] = None,
+    threads: Annotated[int | None, typer.Option(help="Threads (default: physical cores).")] = None,
+) -> None:
+    """Generate with an optimized model, streaming text; prints prefill ms, decode tokens/s
+    and KV memory at the end."""
+    from kvfuse.runtime.generate import GenerationConfig, load
+    from kvfuse.runtime.sampling import Sampling
+
+    if prompt is None and not chat:
+        raise KvfuseError("give --prompt TEXT, or --chat for an interactive session")
+    generator = load(model, threads)
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        stop=tuple(stop or ()),
+        chat=not raw,
+        sampling=Sampling(temperature, top_k, top_p, repetition_penalty, seed),
+        on_full_context="stop",
+    )
+    prompts = [prompt] if prompt is not None else _chat_turns()
+    for text in prompts:
+        for delta in generator.stream(text, config):
+            console.out(delta, end="", highlight=False)
+        stats = generator.last.stats
+        console.print()
+        Console(stderr=True).print(
+            f"[dim]prefill {stats.prefill_ms:.0f} ms ({stats.prompt_tokens[0]} tokens) · decode "
+            f"{stats.decode_tokens_per_s:.1f} tokens/s ({stats.new_tokens[0]} tokens) · KV "
+            f"{stats.kv_bytes / 2**20:.1f} MiB ({generator.last.finish_reasons[0]})[/dim]"
+        )
+
+
+def _chat_turns():
+    """Prompts typed at the terminal, until an empty line or end of input."""
+    while True:
+        try:
+            line = console.input("[bold]you>[/bold] ")
+        except EOFError:
+            return
+        if not line.strip():
+            return
+        yield line
+
+
 def _print_optimize_summary(result, explain: bool) -> None:
     console.print(
         f"[bold]{result.output}[/bold]: {result.fused_layers}/{len(result.layers)} attention "

@@ -37,3 +37,16 @@ def smollm2_export(tmp_path_factory):
     out = tmp_path_factory.mktemp("smollm2") / "onnx"
     result = export("default", out, quiet=True)
     return result
+
+
+@pytest.fixture(scope="session")
+def optimized_smollm2(smollm2_export):
+    """SmolLM2's export optimized for `ort` with a 256-position context, beside its tokenizer."""
+    from kvfuse.rewriter.optimize import optimize
+
+    return optimize(
+        smollm2_export.out_dir,
+        smollm2_export.out_dir / "model-kvfuse.onnx",
+        max_context=256,
+        quiet=True,
+    )

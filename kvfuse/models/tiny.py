@@ -73,4 +73,33 @@ def build_tiny_model(name: str, out_dir: Path, seed: int = 0) -> Path:
                 parameter.add_(0.1 * torch.randn_like(parameter))
     model.eval()
     model.save_pretrained(out_dir)
+    save_byte_tokenizer(Path(out_dir))
     return Path(out_dir)
+
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<{{ message['role'] }}>{{ message['content'] }}\n"
+    "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+def save_byte_tokenizer(out_dir: Path) -> None:
+    """A byte-level tokenizer whose 256 tokens are the 256 bytes (no merges): it fits the tiny
+    vocabulary, and multi-byte characters span several tokens, as real text often does."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.save(str(out_dir / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "chat_template": CHAT_TEMPLATE,
+        "eos_token": alphabet[2],
+        "bos_token": alphabet[1],
+        "model_max_length": 512,
+    }
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config))

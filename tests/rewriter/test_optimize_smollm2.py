@@ -6,16 +6,9 @@ import numpy as np
 import pytest
 
 from kvfuse.exporters.reference import ConcatCacheRunner
-from kvfuse.rewriter.optimize import optimize
 from kvfuse.rewriter.verify import FixedCacheRunner
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def optimized_smollm2(smollm2_export, tmp_path_factory):
-    out = tmp_path_factory.mktemp("smollm2-opt") / "model.onnx"
-    return optimize(smollm2_export.out_dir, out, max_context=256, quiet=True)
 
 
 def test_all_thirty_layers_fuse_with_far_fewer_nodes(optimized_smollm2):

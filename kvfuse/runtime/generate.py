@@ -1,0 +1,197 @@
+"""Generation: tokenize → prefill → decode one token at a time → sample → stop.
+
+prompt ─ Text.encode ─ prefill (chunks of `prefill_chunk`) ─┐
+                                               ┌─ sample ◀─┘
+                                               └─ decode step (1 token per row) ─ sample …
+stop on eos · stop string · max_new_tokens · full context; stream text deltas as they come
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from kvfuse.errors import KvfuseError
+from kvfuse.runtime.sampling import Sampler, Sampling
+from kvfuse.runtime.session import Session
+from kvfuse.runtime.spec import read_spec
+from kvfuse.runtime.text import StreamDecoder, Text
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig:
+    """What to generate and when to stop."""
+
+    max_new_tokens: int = 128
+    sampling: Sampling = Sampling()
+    stop: tuple[str, ...] = ()
+    chat: bool = True  # wrap the prompt with the model's chat template, if it has one
+    on_full_context: str = "error"  # or "stop": end cleanly when the buffers are full
+    prefill_chunk: int = 512
+
+
+@dataclasses.dataclass
+class Stats:
+    prompt_tokens: list[int]
+    new_tokens: list[int]
+    prefill_ms: float
+    decode_tokens_per_s: float
+    kv_bytes: int
+
+
+@dataclasses.dataclass
+class Completion:
+    texts: list[str]
+    tokens: list[list[int]]
+    finish_reasons: list[str]  # "eos", "stop", "length", "context"
+    stats: Stats
+
+
+class Generator:
+    """An optimized model ready to generate; `kvfuse.load(path)` returns one."""
+
+    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+        self.spec = read_spec(path)
+        self.text = Text(self.spec.directory)
+        self.threads = threads
+        self._sessions: dict[int, Session] = {}
+
+    def session(self, batch: int) -> Session:
+        if batch not in self._sessions:
+            self._sessions[batch] = Session(self.spec, batch, self.threads)
+        return self._sessions[batch]
+
+    def generate(
+        self,
+        prompts: str | list[str],
+        config: GenerationConfig = GenerationConfig(),
+    ) -> Completion:
+        """Generate for one prompt or a batch (rows of different lengths are fine)."""
+        run = _Run(self, [prompts] if isinstance(prompts, str) else list(prompts), config)
+        for _ in run.steps():
+            pass
+        return run.completion()
+
+    def stream(self, prompt: str, config: GenerationConfig = GenerationConfig()) -> Iterator[str]:
+        """Yield text deltas of one prompt's completion as tokens arrive."""
+        run = _Run(self, [prompt], config)
+        yield from run.steps()
+        self.last = run.completion()
+
+
+class _Run:
+    """One generation: the state of the loop, kept out of the Generator."""
+
+    def __init__(self, generator: Generator, prompts: list[str], config: GenerationConfig):
+        self.config, self.text = config, generator.text
+        self.prompts = [generator.text.encode(p, config.chat) for p in prompts]
+        self.max_context = generator.spec.max_context
+        for ids in self.prompts:
+            if not ids:
+                raise KvfuseError("the prompt is empty after tokenization")
+            if len(ids) >= self.max_context:
+                raise KvfuseError(
+                    f"the prompt has {len(ids)} tokens but the model's context holds "
+                    f"{self.max_context}; shorten it or optimize with a larger --max-context"
+                )
+        self.session = generator.session(len(prompts))
+        self.sampler = Sampler(config.sampling)
+        self.new: list[list[int]] = [[] for _ in prompts]
+        self.finish: list[str | None] = [None] * len(prompts)
+        self.decoders = [StreamDecoder(self.text) for _ in prompts]
+        self.texts = [""] * len(prompts)
+
+    def steps(self) -> Iterator[str]:
+        """The loop. Yields row 0's text deltas (for streaming)."""
+        start = time.perf_counter()
+        self.session.reset()
+        logits, lengths = self._prefill()
+        self.prefill_ms = (time.perf_counter() - start) * 1e3
+        decode_start, decoded = time.perf_counter(), 0
+        while True:
+            seen = [p + n for p, n in zip(self.prompts, self.new, strict=True)]
+            tokens = self.sampler.pick(logits, seen)
+            delta = self._accept(tokens)
+            if delta:
+                yield delta
+            if all(self.finish):
+                break
+            if lengths.max() + 1 > self.max_context:
+                self._context_full()
+                break
+            lengths = lengths + 1
+            logits = self.session.run(tokens[:, None], lengths)[:, 0]
+            decoded += 1
+            if decoded == 1:
+                self.session.check_in_place()  # the cache must not have moved
+        seconds = time.perf_counter() - decode_start
+        self.decode_rate = decoded / seconds if decoded and seconds > 0 else 0.0
+
+    def _prefill(self) -> tuple[np.ndarray, np.ndarray]:
+        """Fill the buffers with the prompts; returns each row's last logits and lengths."""
+        lengths = np.array([len(p) for p in self.prompts])
+        chunk = self.config.prefill_chunk
+        if len(self.prompts) == 1 and lengths[0] > chunk:  # long prompt: chunks of `chunk`
+            ids = np.array(self.prompts)
+            for begin in range(0, lengths[0], chunk):
+                end = min(begin + chunk, lengths[0])
+                logits = self.session.run(ids[:, begin:end], np.array([end]))
+            return logits[:, -1].copy(), lengths
+        # rows of different lengths: right-padded; each row's valid length bounds its keys
+        padded = np.zeros((len(self.prompts), lengths.max()), np.int64)
+        for row, ids in enumerate(self.prompts):
+            padded[row, : len(ids)] = ids
+        logits = self.session.run(padded, lengths)
+        return logits[np.arange(len(lengths)), lengths - 1].copy(), lengths
+
+    def _accept(self, tokens: np.ndarray) -> str:
+        """Record each unfinished row's token and apply the stop conditions."""
+        stream_delta = ""
+        for row, token in enumerate(tokens.tolist()):
+            if self.finish[row]:
+                continue
+            if token in self.text.eos_ids:
+                self.finish[row] = "eos"
+                continue
+            self.new[row].append(token)
+            delta = self.decoders[row].push(token)
+            self.texts[row] += delta
+            stop = next((s for s in self.config.stop if s in self.texts[row]), None)
+            if stop is not None:
+                cut = self.texts[row].index(stop)
+                delta = delta[: max(0, len(delta) - (len(self.texts[row]) - cut))]
+                self.texts[row] = self.texts[row][:cut]
+                self.finish[row] = "stop"
+            elif len(self.new[row]) >= self.config.max_new_tokens:
+                self.finish[row] = "length"
+            if row == 0:
+                stream_delta = delta
+        return stream_delta
+
+    def _context_full(self) -> None:
+        if self.config.on_full_context == "error":
+            raise KvfuseError(
+                f"the context of {self.max_context} positions is full after "
+                f"{max(len(n) for n in self.new)} new tokens; pass a smaller max_new_tokens, "
+                "choose on_full_context='stop', or optimize with a larger --max-context"
+            )
+        self.finish = [f or "context" for f in self.finish]
+
+    def completion(self) -> Completion:
+        stats = Stats(
+            prompt_tokens=[len(p) for p in self.prompts],
+            new_tokens=[len(n) for n in self.new],
+            prefill_ms=self.prefill_ms,
+            decode_tokens_per_s=self.decode_rate,
+            kv_bytes=self.session.kv_bytes,
+        )
+        return Completion(self.texts, self.new, [f or "length" for f in self.finish], stats)
+
+
+def load(path: str | Path, threads: int | None = None) -> Generator:
+    """Load an optimized model (its `.onnx` or its directory) for generation."""
+    return Generator(path, threads)

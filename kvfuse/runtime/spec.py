@@ -1,0 +1,81 @@
+"""What an optimized model needs fed: read from its own metadata, nothing else installed.
+
+`kvfuse optimize` stamps a JSON record into the model's `metadata_props["kvfuse"]` (and a
+`<name>.kvfuse.json` beside it): the past→present pairs, the buffer shape, the inputs. The
+tokenizer files (`tokenizer.json`, `tokenizer_config.json`, `chat_template.jinja`,
+`generation_config.json`, `kvfuse-export.json`) sit in the same directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import onnx
+
+from kvfuse.errors import KvfuseError
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """The retained-state contract of one optimized model."""
+
+    path: Path
+    pairs: list[tuple[str, str]]  # (past input, present output): one buffer each
+    kv_heads: int
+    head_dim: int
+    max_context: int
+    batch_size: int | None  # static batch, or None for any
+    inputs: list[str]
+    vocab_size: int
+
+    @property
+    def directory(self) -> Path:
+        return self.path.parent
+
+
+def find_model(path: str | Path) -> Path:
+    """The optimized `.onnx` in `path` (a file, or a directory holding exactly one)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise KvfuseError(f"{path} does not exist; give an optimized .onnx file or its directory")
+    candidates = [p for p in sorted(path.glob("*.onnx")) if p.with_suffix(".kvfuse.json").exists()]
+    if len(candidates) != 1:
+        raise KvfuseError(
+            f"{path} holds {len(candidates)} kvfuse-optimized models; name the .onnx file "
+            "(or run `kvfuse optimize` first)"
+        )
+    return candidates[0]
+
+
+def read_spec(path: str | Path) -> ModelSpec:
+    """Read the retained-state contract from an optimized model's metadata."""
+    model_path = find_model(path)
+    try:
+        proto = onnx.load(str(model_path), load_external_data=False)
+    except Exception as error:  # a corrupt or non-ONNX file
+        raise KvfuseError(
+            f"{model_path} is not a readable ONNX model; re-run kvfuse optimize"
+        ) from error
+    metadata = {p.key: p.value for p in proto.metadata_props}
+    if "kvfuse" not in metadata:
+        raise KvfuseError(
+            f"{model_path} was not written by `kvfuse optimize` (no kvfuse metadata); "
+            "optimize it first"
+        )
+    record = json.loads(metadata["kvfuse"])
+    logits = next(o for o in proto.graph.output if o.name == "logits")
+    vocab = logits.type.tensor_type.shape.dim[-1].dim_value
+    return ModelSpec(
+        path=model_path,
+        pairs=[(p["past"], p["present"]) for p in record["kv_pairs"]],
+        kv_heads=record["kv_heads"],
+        head_dim=record["head_dim"],
+        max_context=record["max_context"],
+        batch_size=record.get("batch_size"),
+        inputs=record["inputs"],
+        vocab_size=vocab,
+    )

@@ -1,0 +1,92 @@
+"""Tokenizer for the runtime: the `tokenizers` library and the model's own chat template.
+
+A deployed model needs no transformers: `tokenizer.json` is read by `tokenizers`, the chat
+template (`chat_template.jinja` or `tokenizer_config.json`) is rendered with jinja2, and eos
+ids come from `generation_config.json` / `kvfuse-export.json`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from kvfuse.errors import KvfuseError
+
+
+class Text:
+    """Encode prompts (raw or chat) and decode tokens, incrementally for streaming."""
+
+    def __init__(self, directory: Path) -> None:
+        from tokenizers import Tokenizer
+
+        path = directory / "tokenizer.json"
+        if not path.is_file():
+            raise KvfuseError(
+                f"{directory} has no tokenizer.json; keep the export's tokenizer "
+                "files beside the optimized model"
+            )
+        self.tokenizer = Tokenizer.from_file(str(path))
+        self.config = _json(directory / "tokenizer_config.json")
+        self.chat_template = _chat_template(directory, self.config)
+        self.eos_ids = _eos_ids(directory, self.config, self.tokenizer)
+
+    def encode(self, prompt: str, chat: bool) -> list[int]:
+        """Token ids of `prompt`; with `chat`, wrapped as one user turn by the chat template."""
+        if chat and self.chat_template is not None:
+            rendered = self.render([{"role": "user", "content": prompt}])
+            return self.tokenizer.encode(rendered, add_special_tokens=False).ids
+        return self.tokenizer.encode(prompt).ids
+
+    def render(self, messages: list[dict]) -> str:
+        import jinja2
+
+        environment = jinja2.Environment(trim_blocks=False, lstrip_blocks=False)
+        template = environment.from_string(self.chat_template)
+        specials = {k: self.config.get(k) for k in ("bos_token", "eos_token")}
+        return template.render(messages=messages, add_generation_prompt=True, **specials)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+class StreamDecoder:
+    """Turns a growing token list into text deltas, holding back incomplete UTF-8 sequences
+    (a multi-byte character split over tokens decodes to U+FFFD until it is whole)."""
+
+    def __init__(self, text: Text) -> None:
+        self.text, self.tokens, self.emitted = text, [], ""
+
+    def push(self, token: int) -> str:
+        self.tokens.append(token)
+        decoded = self.text.decode(self.tokens)
+        if decoded.endswith("\ufffd"):
+            return ""
+        delta, self.emitted = decoded[len(self.emitted) :], decoded
+        return delta
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _chat_template(directory: Path, config: dict) -> str | None:
+    template_file = directory / "chat_template.jinja"
+    if template_file.is_file():
+        return template_file.read_text()
+    template = config.get("chat_template")
+    return template if isinstance(template, str) else None
+
+
+def _eos_ids(directory: Path, config: dict, tokenizer) -> set[int]:
+    """eos from the export's facts or generation_config (which may list several), else the
+    tokenizer config's eos token."""
+    facts = _json(directory / "kvfuse-export.json").get("model", {})
+    if facts.get("eos_token_ids"):
+        return set(facts["eos_token_ids"])
+    eos = _json(directory / "generation_config.json").get("eos_token_id")
+    if eos is not None:
+        return set(eos) if isinstance(eos, list) else {eos}
+    token = config.get("eos_token")
+    token = token.get("content") if isinstance(token, dict) else token
+    found = tokenizer.token_to_id(token) if token else None
+    return {found} if found is not None else set()
