@@ -59,6 +59,9 @@ def optimize(
         int | None, typer.Option(help="KV buffer length (default: min(model, 2048)).")
     ] = None,
     batch_size: Annotated[int | None, typer.Option(help="Make the batch dim static.")] = None,
+    logits: Annotated[
+        str, typer.Option(help="'last': logits of each row's last position only; 'all'.")
+    ] = "last",
     explain: Annotated[
         bool, typer.Option("--explain", help="Show every layer and each near miss.")
     ] = False,
@@ -79,6 +82,7 @@ def optimize(
             target=target,
             max_context=max_context,
             batch_size=batch_size,
+            logits=logits,
             verify_numerics=not no_verify,
             overwrite=overwrite,
             quiet=quiet,

@@ -22,6 +22,7 @@ from kvfuse.patterns import targets
 from kvfuse.progress import Steps
 from kvfuse.report.summary import load_structure
 from kvfuse.rewriter import pipeline, retained_state, shapes
+from kvfuse.rewriter.last_logits import gather_last_logits
 from kvfuse.rewriter.pipeline import Stage
 from kvfuse.rewriter.verify import Verification, locate_divergence, verify
 
@@ -73,6 +74,7 @@ def optimize(
     target: str = "ort",
     max_context: int | None = None,
     batch_size: int | None = None,
+    logits: str = "last",
     verify_numerics: bool = True,
     overwrite: bool = False,
     quiet: bool = False,
@@ -85,6 +87,8 @@ def optimize(
         target: "ort" (onnxruntime contrib ops).
         max_context: KV buffer length; default min(model's max positions, 2048).
         batch_size: make the batch dim static.
+        logits: "last" computes logits for each row's last position only (what generation
+            reads); "all" keeps logits for every position.
         verify_numerics: compare against the original before writing (default on).
         overwrite: replace an existing output (never the input).
         quiet: no progress display.
@@ -93,6 +97,8 @@ def optimize(
         An `OptimizeResult`; the output is written only if every attention layer fused and
         verification passed (a `KvfuseError` says why otherwise).
     """
+    if logits not in ("last", "all"):
+        raise KvfuseError(f"logits must be 'last' or 'all', not {logits!r}")
     if target not in TARGETS:
         raise KvfuseError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     steps = Steps(quiet)
@@ -130,7 +136,13 @@ def optimize(
     with steps.step(f"Lowering to {target} with fixed {max_context}-position KV buffers"):
         records += pipeline.run_stages(model, targets.ORT_LOWERING)
         signature = retained_state.convert_to_retained_state(model, max_context, batch_size)
+        if logits == "last":
+            records += pipeline.run_stages(
+                model, [Stage("logits for the last position", run=gather_last_logits)]
+            )
+            logits = "last" if records[-1].counts["logits/last_position"] else "all"
         records += pipeline.run_stages(model, [Stage("final clean up", run=_clean_up)])
+    signature.logits = logits
     _stamp_metadata(model, signature, target, model_path)
     result.nodes_after, result.ops_after = pipeline.count_nodes(model), pipeline.op_histogram(model)
     result.signature = signature
@@ -232,6 +244,7 @@ def metadata_record(signature, target: str, source: Path) -> dict:
         "max_context": signature.max_context,
         "batch_size": signature.batch_size,
         "kv_heads": signature.kv_heads,
+        "logits": signature.logits,
         "head_dim": signature.head_dim,
         "kv_pairs": [{"past": p, "present": q} for p, q in signature.pairs],
         "inputs": signature.inputs,

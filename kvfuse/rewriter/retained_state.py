@@ -38,6 +38,7 @@ class KVSignature:
     max_context: int
     batch_size: int | None
     inputs: list[str]
+    logits: str = "all"  # "last": one position per row
 
 
 def convert_to_retained_state(

@@ -146,6 +146,8 @@ class _Run:
         for row, ids in enumerate(self.prompts):
             padded[row, : len(ids)] = ids
         logits = self.session.run(padded, lengths)
+        if logits.shape[1] == 1:  # the graph already picked each row's last position
+            return logits[:, 0].copy(), lengths
         return logits[np.arange(len(lengths)), lengths - 1].copy(), lengths
 
     def _accept(self, tokens: np.ndarray) -> str:

@@ -51,8 +51,9 @@ class Session:
 
     def run(self, input_ids: np.ndarray, lengths_after: np.ndarray) -> np.ndarray:
         """One step: `input_ids` [B, S] at each row's current end; `lengths_after` [B] is each
-        row's valid length once these tokens are in. Returns logits [B, S, vocab] (a view of a
-        reused buffer: copy what you keep)."""
+        row's valid length once these tokens are in. Returns logits [B, S, vocab], or [B, 1,
+        vocab] (each row's last position) for a model optimized with last-position logits —
+        a reused buffer: copy what you keep."""
         steps = input_ids.shape[1]
         if int(lengths_after.max()) > self.spec.max_context:
             raise KvfuseError(f"context of {self.spec.max_context} positions is full")
@@ -64,7 +65,7 @@ class Session:
         if "position_ids" in self.spec.inputs:
             start = lengths_after[:, None] - steps
             self.binding.bind_cpu_input("position_ids", start + np.arange(steps)[None, :])
-        logits = self._logits_buffer(steps)
+        logits = self._logits_buffer(1 if self.spec.last_logits_only else steps)
         self.session.run_with_iobinding(self.binding)
         return logits
 

@@ -29,6 +29,7 @@ class ModelSpec:
     batch_size: int | None  # static batch, or None for any
     inputs: list[str]
     vocab_size: int
+    last_logits_only: bool  # logits are [B, 1, vocab]: each row's last position
 
     @property
     def directory(self) -> Path:
@@ -78,4 +79,5 @@ def read_spec(path: str | Path) -> ModelSpec:
         batch_size=record.get("batch_size"),
         inputs=record["inputs"],
         vocab_size=vocab,
+        last_logits_only=record.get("logits") == "last",
     )

@@ -15,7 +15,7 @@ from kvfuse.rewriter.verify import FixedCacheRunner
 
 FUSING = sorted(name for name, facts in ARCHITECTURES.items() if facts["fuses"])
 # ops of the mask builder, the RoPE builder and the growing cache: all must be gone
-BUILDER_OPS = {"Softmax", "Cos", "Sin", "Range", "Where", "Concat", "Expand", "Shape", "Slice"}
+BUILDER_OPS = {"Softmax", "Cos", "Sin", "Range", "Where", "Concat", "Slice", "Equal"}
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +49,7 @@ def test_all_layers_fuse_into_retained_state_gqa(optimized, name):
     )
     assert norms == expected["rms_norms"]
     assert not BUILDER_OPS & set(ops), BUILDER_OPS & set(ops)
+    assert ops.get("Shape", 0) == 1  # only the new-token count of the last-position logits
     assert result.nodes_after < result.nodes_before / 10
     assert result.verification.passed and result.verification.tokens_equal
     assert result.verification.max_abs_diff < 1e-4
@@ -125,5 +126,33 @@ def test_batch_size_becomes_static(tiny_export, tmp_path):
         assert "batch_size" not in dims, (value.name, dims)
         if value.name != "total_sequence_length":
             assert dims[0] == 2, (value.name, dims)
-    assert "Shape" not in result.ops_after  # the shape plumbing folded away
+    # the batch plumbing folded away; one Shape reads the new-token count for the logits index
+    assert result.ops_after.get("Shape", 0) == 1 and "Concat" not in result.ops_after
     assert result.verification.passed
+
+
+def test_last_position_logits(tiny_export, tmp_path):
+    """--logits last: [B, 1, vocab] holding each row's last position, equal to the full
+    logits' row at that position — also for right-padded rows of a batch."""
+    import numpy as np
+
+    _, export_dir = tiny_export("mistral")
+    full = optimize(export_dir, tmp_path / "all.onnx", max_context=32, logits="all", quiet=True)
+    last = optimize(export_dir, tmp_path / "last.onnx", max_context=32, quiet=True)
+    assert last.rule_counts["logits/last_position"] == 1
+    runners = [FixedCacheRunner(r.output, r.signature.pairs, [2, 2, 32, 16]) for r in (full, last)]
+    ids = np.array([[5, 9, 11, 3, 0, 0], [7, 1, 4, 8, 2, 6]])  # row 0 has 4 real tokens
+    outputs = []
+    for runner in runners:
+        runner.cache = {p: np.zeros([2, 2, 32, 16], np.float32) for p, _ in runner.pairs}
+        feed = {
+            "input_ids": ids,
+            "seqlens_k": np.array([3, 5], np.int32),
+            "total_sequence_length": np.array(6, np.int32),
+            **runner.cache,
+        }
+        outputs.append(runner.session.run(["logits"], feed)[0])
+    every, only_last = outputs
+    assert only_last.shape == (2, 1, 256)
+    np.testing.assert_allclose(only_last[0, 0], every[0, 3], atol=1e-5)
+    np.testing.assert_allclose(only_last[1, 0], every[1, 5], atol=1e-5)
