@@ -21,6 +21,8 @@ from kvfuse.runtime.session import Session
 from kvfuse.runtime.spec import read_spec
 from kvfuse.runtime.text import StreamDecoder, Text
 
+Prompt = str | list[int]
+
 
 @dataclasses.dataclass(frozen=True)
 class GenerationConfig:
@@ -67,16 +69,20 @@ class Generator:
 
     def generate(
         self,
-        prompts: str | list[str],
+        prompts: Prompt | list[Prompt],
         config: GenerationConfig = GenerationConfig(),
     ) -> Completion:
-        """Generate for one prompt or a batch (rows of different lengths are fine)."""
-        run = _Run(self, [prompts] if isinstance(prompts, str) else list(prompts), config)
+        """Generate for one prompt or a batch (rows of different lengths are fine). A prompt
+        is text, or a list of token ids used as they are."""
+        single = isinstance(prompts, str) or (bool(prompts) and isinstance(prompts[0], int))
+        run = _Run(self, [prompts] if single else list(prompts), config)
         for _ in run.steps():
             pass
         return run.completion()
 
-    def stream(self, prompt: str, config: GenerationConfig = GenerationConfig()) -> Iterator[str]:
+    def stream(
+        self, prompt: Prompt, config: GenerationConfig = GenerationConfig()
+    ) -> Iterator[str]:
         """Yield text deltas of one prompt's completion as tokens arrive."""
         run = _Run(self, [prompt], config)
         yield from run.steps()
@@ -88,7 +94,10 @@ class _Run:
 
     def __init__(self, generator: Generator, prompts: list[str], config: GenerationConfig):
         self.config, self.text = config, generator.text
-        self.prompts = [generator.text.encode(p, config.chat) for p in prompts]
+        self.prompts = [
+            generator.text.encode(p, config.chat) if isinstance(p, str) else list(p)
+            for p in prompts
+        ]
         self.max_context = generator.spec.max_context
         for ids in self.prompts:
             if not ids:
