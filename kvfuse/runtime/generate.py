@@ -34,6 +34,7 @@ class GenerationConfig:
     chat: bool = True  # wrap the prompt with the model's chat template, if it has one
     on_full_context: str = "error"  # or "stop": end cleanly when the buffers are full
     prefill_chunk: int = 512
+    ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks)
 
 
 @dataclasses.dataclass
@@ -165,7 +166,7 @@ class _Run:
         for row, token in enumerate(tokens.tolist()):
             if self.finish[row]:
                 continue
-            if token in self.text.eos_ids:
+            if token in self.text.eos_ids and not self.config.ignore_eos:
                 self.finish[row] = "eos"
                 continue
             self.new[row].append(token)
