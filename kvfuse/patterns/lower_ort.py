@@ -11,9 +11,12 @@
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import onnx_ir as ir
 
-from kvfuse.rewriter.rules import KVFUSE_DOMAIN, RULE_TAG, Rule, like
+from kvfuse.rewriter.rules import KVFUSE_DOMAIN, REPLACED_TAG, RULE_TAG, Rule, like, replaced_by
 
 MS_DOMAIN = "com.microsoft"
 
@@ -42,6 +45,7 @@ def lower_skip_rms_norms(model: ir.Model) -> dict[str, int]:
             name=f"{add.name}/SkipSimplifiedLayerNormalization",
         )
         skip.metadata_props[RULE_TAG] = "lower/skip_rms"
+        skip.metadata_props[REPLACED_TAG] = json.dumps(replaced_by(norm) + replaced_by(add))
         graph.insert_before(norm, skip)
         like(skip.outputs[0], norm.outputs[0])
         like(skip.outputs[3], add.outputs[0])
@@ -102,6 +106,9 @@ def lower_cached_attention(
         name=f"{node.name}/GroupQueryAttention",
     )
     gqa.metadata_props[RULE_TAG] = node.metadata_props.get(RULE_TAG, "attention/cached")
+    concats = [entry for present in presents for entry in replaced_by(present.producer())]
+    entries = dict.fromkeys(tuple(e) for e in replaced_by(node) + concats)  # ordered, unique
+    gqa.metadata_props[REPLACED_TAG] = json.dumps([list(e) for e in entries])
     graph.insert_before(node, gqa)
     output = gqa.outputs[0]
     if seq_first:
@@ -128,3 +135,67 @@ def _replace_value(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
             new.name = name
             graph.outputs[index] = new
     ir.convenience.replace_all_uses_with(old, new)
+
+
+def pack_qkv_projections(model: ir.Model) -> dict[str, int]:
+    """`lower/packed_qkv`: three projections of one hidden state feeding a GQA node become one
+    MatMul over concatenated weights, passed as GQA's packed query (key and value left empty):
+    one GEMV per layer instead of three at decode. Biases (Qwen2) are packed the same way.
+
+        x ─ MatMul(Wq) [+bq] ─┐                 x ─ MatMul([Wq|Wk|Wv]) [+[bq|bk|bv]] ─┐
+        x ─ MatMul(Wk) [+bk] ─ GQA      →                                            GQA
+        x ─ MatMul(Wv) [+bv] ─┘
+    """
+    graph, packed = model.graph, 0
+    for gqa in [n for n in graph if n.domain == MS_DOMAIN and n.op_type == "GroupQueryAttention"]:
+        projections = [_projection(value, gqa) for value in gqa.inputs[:3]]
+        if None in projections or len({p[0] for p in projections}) != 1:
+            continue
+        hidden = projections[0][0]
+        weights = [p[1].const_value.numpy() for p in projections]
+        biases = [p[2].const_value.numpy() if p[2] is not None else None for p in projections]
+        if any(b is None for b in biases) and any(b is not None for b in biases):
+            continue
+        name = f"{gqa.name}/packed_qkv"
+        fused = _constant_value(graph, f"{name}.weight", np.concatenate(weights, axis=1))
+        matmul = ir.node("MatMul", [hidden, fused], name=f"{name}/MatMul")
+        nodes, output = [matmul], matmul.outputs[0]
+        if biases[0] is not None:
+            bias = _constant_value(graph, f"{name}.bias", np.concatenate(biases))
+            add = ir.node("Add", [output, bias], name=f"{name}/Add")
+            nodes.append(add)
+            output = add.outputs[0]
+        for node in nodes:
+            node.metadata_props[RULE_TAG] = "lower/packed_qkv"
+            graph.insert_before(gqa, node)
+        gqa.replace_input_with(0, output)
+        gqa.replace_input_with(1, None)
+        gqa.replace_input_with(2, None)
+        packed += 1
+    return {"lower/packed_qkv": packed}
+
+
+def _projection(value: ir.Value | None, consumer: ir.Node):
+    """(hidden, weight, bias) if `value` = MatMul(hidden, W) [+ b] with constant W (and b)
+    read only by `consumer`; else None."""
+    if value is None or len(value.uses()) != 1 or value.is_graph_output():
+        return None
+    node, bias = value.producer(), None
+    if node is not None and node.op_type == "Add":
+        bias = next((v for v in node.inputs if v.const_value is not None), None)
+        rest = [v for v in node.inputs if v is not bias]
+        if bias is None or len(rest) != 1 or len(rest[0].uses()) != 1:
+            return None
+        node = rest[0].producer()
+    if node is None or node.op_type != "MatMul" or node.inputs[1].const_value is None:
+        return None
+    if node.inputs[1].const_value.numpy().ndim != 2:
+        return None
+    return node.inputs[0], node.inputs[1], bias
+
+
+def _constant_value(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+    value.shape, value.dtype = ir.Shape(array.shape), ir.DataType.FLOAT
+    graph.register_initializer(value)
+    return value

@@ -25,3 +25,6 @@ ORT_LOWERING = [
     Stage("lower residual + RMSNorm to onnxruntime ops", run=lower_ort.lower_skip_rms_norms),
     Stage("lower RMSNorm to onnxruntime ops", rules=lower_ort.NORM_RULES),
 ]
+
+# after the retained-state conversion (which creates the GroupQueryAttention nodes)
+ORT_FINISHING = [Stage("pack Q/K/V projections", run=lower_ort.pack_qkv_projections)]

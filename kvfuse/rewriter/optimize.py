@@ -136,6 +136,7 @@ def optimize(
     with steps.step(f"Lowering to {target} with fixed {max_context}-position KV buffers"):
         records += pipeline.run_stages(model, targets.ORT_LOWERING)
         signature = retained_state.convert_to_retained_state(model, max_context, batch_size)
+        records += pipeline.run_stages(model, targets.ORT_FINISHING)
         if logits == "last":
             records += pipeline.run_stages(
                 model, [Stage("logits for the last position", run=gather_last_logits)]

@@ -2,13 +2,14 @@
 
 A rule is an onnxscript `RewriteRuleClassBase` with a stable `family/variant` name. `check()`
 returns `fail(reason, *culprits)` (one failure convention); rules hold no state between check
-and rewrite. Nodes a rule creates carry its name in their metadata (`kvfuse.rule`) as well as
-onnxscript's own tag.
+and rewrite. Nodes a rule creates carry its name in their metadata (`kvfuse.rule`) and the
+input-graph nodes they replaced (`kvfuse.replaced`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Sequence
 
 import onnx_ir as ir
@@ -16,7 +17,7 @@ from onnxscript.rewriter import _basics, pattern
 
 KVFUSE_DOMAIN = "ai.kvfuse"
 RULE_TAG = "kvfuse.rule"
-ONNXSCRIPT_RULE_TAG = "pkg.onnxscript.rewriter.rule_name"
+REPLACED_TAG = "kvfuse.replaced"  # JSON list of [name, op_type] of the input-graph nodes replaced
 
 
 class Rule(pattern.RewriteRuleClassBase):
@@ -86,9 +87,35 @@ def apply_rules(model: ir.Model, rules: Sequence[pattern.RewriteRule]) -> dict[s
     """Apply each rule in order (each to a fixpoint of one sweep); return per-rule counts."""
     counts = {}
     for rule in rules:
-        counts[rule.name] = pattern.RewriteRuleSet([rule], commute=True).apply_to_model(model)
-    tag_new_nodes(model)
+        rule_set = pattern.RewriteRuleSet([rule], commute=True)
+        for variant in rule_set.rules:  # the rule and its commuted copies
+            _record_replacements(variant)
+        counts[rule.name] = rule_set.apply_to_model(model)
     return counts
+
+
+def _record_replacements(rule: pattern.RewriteRule) -> None:
+    """Make `rule` stamp on the nodes it creates which nodes it replaced (provenance), looking
+    through kvfuse nodes an earlier rule created, so the final ops name input-graph nodes."""
+    original = rule.try_rewrite
+
+    def try_rewrite(*args, **kwargs):
+        replacement = original(*args, **kwargs)
+        if replacement is not None:
+            replaced = [entry for node in replacement.match.nodes for entry in replaced_by(node)]
+            for node in replacement.new_nodes:
+                node.metadata_props[RULE_TAG] = rule.name
+                node.metadata_props[REPLACED_TAG] = json.dumps(replaced)
+        return replacement
+
+    rule.try_rewrite = try_rewrite
+
+
+def replaced_by(node: ir.Node) -> list[list[str]]:
+    """The input-graph nodes `node` stands for: itself, or what a rule recorded on it."""
+    if REPLACED_TAG in node.metadata_props:
+        return json.loads(node.metadata_props[REPLACED_TAG])
+    return [[node.name or "", node.op_type]]
 
 
 def trace_rules(model: ir.Model, rules: Sequence[pattern.RewriteRule]) -> NearMissTracer:
@@ -96,11 +123,3 @@ def trace_rules(model: ir.Model, rules: Sequence[pattern.RewriteRule]) -> NearMi
     tracer = NearMissTracer()
     pattern.RewriteRuleSet(list(rules), commute=True).apply_to_model(model, tracer=tracer)
     return tracer
-
-
-def tag_new_nodes(model: ir.Model) -> None:
-    """Copy onnxscript's rule tag into kvfuse's provenance key on every rewritten node."""
-    for node in model.graph.all_nodes():
-        name = node.metadata_props.get(ONNXSCRIPT_RULE_TAG)
-        if name and RULE_TAG not in node.metadata_props:
-            node.metadata_props[RULE_TAG] = name
