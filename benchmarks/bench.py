@@ -338,7 +338,8 @@ def write_report(results, bandwidth, weights, args) -> None:
 def _first_mismatch(tokens, reference) -> str:
     if reference is None:
         return "no reference"
-    index = next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), None)
+    pairs = enumerate(zip(tokens, reference, strict=False))
+    index = next((i for i, (a, b) in pairs if a != b), None)
     return f"no (from token {index})"
 
 

@@ -24,6 +24,7 @@ _EXPORTS = {
     "Generator": "kvfuse.runtime.generate",
     "GenerationConfig": "kvfuse.runtime.generate",
     "Sampling": "kvfuse.runtime.sampling",
+    "diff": "kvfuse.report.diff",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -69,6 +69,10 @@ def optimize(
         bool, typer.Option("--no-verify", help="Skip the numerical check (not advised).")
     ] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT.")] = False,
+    report: Annotated[
+        Path | None,
+        typer.Option(help="Write the graph diff report as REPORT.json, .md and .html."),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress, no summary.")] = False,
 ) -> None:
     """Fuse attention + KV cache into GroupQueryAttention with fixed, in-place KV buffers."""
@@ -93,6 +97,14 @@ def optimize(
         raise
     if not quiet:
         _print_optimize_summary(result, explain)
+    if report is not None:
+        from kvfuse import report as reports
+        from kvfuse.report.diff import build_report
+
+        source_model = source / "model.onnx" if source.is_dir() else source
+        written = reports.write_all(build_report(source_model, result.output, result), report)
+        if not quiet:
+            console.print("report: " + ", ".join(str(p) for p in written))
 
 
 @app.command()
@@ -148,6 +160,28 @@ def _chat_turns():
         if not line.strip():
             return
         yield line
+
+
+@app.command()
+def diff(
+    before: Annotated[Path, typer.Argument(help="The first ONNX model.")],
+    after: Annotated[Path, typer.Argument(help="The second ONNX model.")],
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Write .html, .json or .md instead.")
+    ] = None,
+) -> None:
+    """Compare two ONNX models: ops, I/O, rewrites with provenance, structural changes."""
+    from kvfuse import report as reports
+    from kvfuse.report.diff import build_report
+
+    built = build_report(before, after)
+    if output is None:
+        from rich.markdown import Markdown
+
+        console.print(Markdown(reports.render(built, ".md")))
+        return
+    reports.write(built, output)
+    console.print(f"report: {output}")
 
 
 def _print_optimize_summary(result, explain: bool) -> None:

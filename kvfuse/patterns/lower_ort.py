@@ -16,6 +16,7 @@ import json
 import numpy as np
 import onnx_ir as ir
 
+from kvfuse.rewriter.pipeline import layer_of
 from kvfuse.rewriter.rules import KVFUSE_DOMAIN, REPLACED_TAG, RULE_TAG, Rule, like, replaced_by
 
 MS_DOMAIN = "com.microsoft"
@@ -103,7 +104,7 @@ def lower_cached_attention(
             "do_rotary": int(rotary_caches is not None),
             "rotary_interleaved": attributes.get_int("rotary_interleaved", 0),
         },
-        name=f"{node.name}/GroupQueryAttention",
+        name=f"/model/layers.{layer_of(past_k.name) or node.name}/attn/GroupQueryAttention",
     )
     gqa.metadata_props[RULE_TAG] = node.metadata_props.get(RULE_TAG, "attention/cached")
     concats = [entry for present in presents for entry in replaced_by(present.producer())]
@@ -165,8 +166,11 @@ def pack_qkv_projections(model: ir.Model) -> dict[str, int]:
             add = ir.node("Add", [output, bias], name=f"{name}/Add")
             nodes.append(add)
             output = add.outputs[0]
+        originals = [node for p in projections for node in p[3]]
+        replaced = [entry for node in originals for entry in replaced_by(node)]
         for node in nodes:
             node.metadata_props[RULE_TAG] = "lower/packed_qkv"
+            node.metadata_props[REPLACED_TAG] = json.dumps(replaced)
             graph.insert_before(gqa, node)
         gqa.replace_input_with(0, output)
         gqa.replace_input_with(1, None)
@@ -176,22 +180,24 @@ def pack_qkv_projections(model: ir.Model) -> dict[str, int]:
 
 
 def _projection(value: ir.Value | None, consumer: ir.Node):
-    """(hidden, weight, bias) if `value` = MatMul(hidden, W) [+ b] with constant W (and b)
-    read only by `consumer`; else None."""
+    """(hidden, weight, bias, nodes) if `value` = MatMul(hidden, W) [+ b] with constant W
+    (and b) read only by `consumer`; else None."""
     if value is None or len(value.uses()) != 1 or value.is_graph_output():
         return None
     node, bias = value.producer(), None
+    nodes = [node]
     if node is not None and node.op_type == "Add":
         bias = next((v for v in node.inputs if v.const_value is not None), None)
         rest = [v for v in node.inputs if v is not bias]
         if bias is None or len(rest) != 1 or len(rest[0].uses()) != 1:
             return None
         node = rest[0].producer()
+        nodes.append(node)
     if node is None or node.op_type != "MatMul" or node.inputs[1].const_value is None:
         return None
     if node.inputs[1].const_value.numpy().ndim != 2:
         return None
-    return node.inputs[0], node.inputs[1], bias
+    return node.inputs[0], node.inputs[1], bias, nodes
 
 
 def _constant_value(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:

@@ -126,6 +126,8 @@ def _remove_dead(model: ir.Model) -> None:
 
     optimizer.remove_unused_nodes(model)
     graph = model.graph
+    if not any(node.domain == KVFUSE_DOMAIN for node in graph.all_nodes()):
+        model.opset_imports.pop(KVFUSE_DOMAIN, None)  # every kvfuse op was lowered
     for value in list(graph.inputs):
         if not value.uses():
             graph.inputs.remove(value)

@@ -1,0 +1,223 @@
+"""Graph diff of two ONNX models: what changed, which rule did it, what did not fuse, and
+whether the numbers held. Each model is parsed once (external weights are never loaded).
+
+The report is a plain dict following `schema.json` (`SCHEMA`), rendered by `render`.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from kvfuse.report.summary import load_structure
+from kvfuse.rewriter.pipeline import layer_of
+from kvfuse.rewriter.rules import REPLACED_TAG, RULE_TAG
+
+SCHEMA = "kvfuse.report/1"
+_BYTES = {
+    onnx.TensorProto.FLOAT: 4,
+    onnx.TensorProto.FLOAT16: 2,
+    onnx.TensorProto.BFLOAT16: 2,
+    onnx.TensorProto.INT64: 8,
+    onnx.TensorProto.INT32: 4,
+    onnx.TensorProto.INT8: 1,
+    onnx.TensorProto.UINT8: 1,
+    onnx.TensorProto.BOOL: 1,
+    onnx.TensorProto.DOUBLE: 8,
+}
+
+
+def diff(a: str | Path, b: str | Path) -> dict:
+    """`kvfuse.diff(a, b)`: the graph diff report of two ONNX models (see `schema.json`)."""
+    return build_report(Path(a), Path(b))
+
+
+def build_report(a: Path, b: Path, optimize_result: Any = None) -> dict:
+    """Compare model `a` (before) with `b` (after); `optimize_result` adds layers, near misses
+    and the verification figures when `b` came from `kvfuse.optimize`."""
+    model_a, model_b = load_structure(Path(a)), load_structure(Path(b))
+    report = {
+        "schema": SCHEMA,
+        "models": {"a": _model_facts(Path(a), model_a), "b": _model_facts(Path(b), model_b)},
+        "ops": _op_delta(model_a, model_b),
+        "io": _io_diff(model_a, model_b),
+        "rewrites": _rewrites(model_b),
+        "structural": _structural(model_a, model_b),
+        "layers": [],
+        "near_misses": [],
+        "numerics": None,
+    }
+    report["rewrites_by_rule"] = dict(collections.Counter(r["rule"] for r in report["rewrites"]))
+    report["picture"] = _picture(model_a, model_b, report["rewrites"])
+    if optimize_result is not None:
+        _add_optimize_result(report, optimize_result)
+    return report
+
+
+def _model_facts(path: Path, model: onnx.ModelProto) -> dict:
+    graph = model.graph
+    files = {path.resolve()}
+    for tensor in graph.initializer:
+        files.update(
+            (path.parent / e.value).resolve() for e in tensor.external_data if e.key == "location"
+        )
+    return {
+        "path": str(path),
+        "file_bytes": sum(f.stat().st_size for f in files if f.is_file()),
+        "nodes": len(graph.node),
+        "initializers": len(graph.initializer),
+        "initializer_bytes": sum(_tensor_bytes(t) for t in graph.initializer),
+        "opsets": {o.domain or "ai.onnx": o.version for o in model.opset_import},
+        "op_histogram": dict(collections.Counter(n.op_type for n in graph.node).most_common()),
+    }
+
+
+def _tensor_bytes(tensor: onnx.TensorProto) -> int:
+    count = 1
+    for dim in tensor.dims:
+        count *= dim
+    return count * _BYTES.get(tensor.data_type, 4)
+
+
+def _op_delta(a: onnx.ModelProto, b: onnx.ModelProto) -> list[dict]:
+    before = collections.Counter(n.op_type for n in a.graph.node)
+    after = collections.Counter(n.op_type for n in b.graph.node)
+    ops = sorted(set(before) | set(after), key=lambda op: (-(before[op] + after[op]), op))
+    return [
+        {"op": op, "a": before[op], "b": after[op], "delta": after[op] - before[op]} for op in ops
+    ]
+
+
+def _dims(value: onnx.ValueInfoProto) -> list:
+    return [
+        d.dim_param if d.HasField("dim_param") else d.dim_value
+        for d in value.type.tensor_type.shape.dim
+    ]
+
+
+def _io_diff(a: onnx.ModelProto, b: onnx.ModelProto) -> dict:
+    io = {}
+    for kind in ("input", "output"):
+        before = {v.name: _dims(v) for v in getattr(a.graph, kind)}
+        after = {v.name: _dims(v) for v in getattr(b.graph, kind)}
+        rows = []
+        for name in list(before) + [n for n in after if n not in before]:
+            old, new = before.get(name), after.get(name)
+            change = (
+                "added"
+                if old is None
+                else "removed"
+                if new is None
+                else "reshaped"
+                if old != new
+                else "same"
+            )
+            static = [
+                i
+                for i, (x, y) in enumerate(zip(old or [], new or [], strict=False))
+                if isinstance(x, str) and isinstance(y, int)
+            ]
+            rows.append(
+                {"name": name, "change": change, "a": old, "b": new, "became_static": static}
+            )
+        io[f"{kind}s"] = rows
+    metadata = {p.key: p.value for p in b.metadata_props}
+    pairs = json.loads(metadata["kvfuse"])["kv_pairs"] if "kvfuse" in metadata else []
+    io["aliases"] = [{"input": p["past"], "output": p["present"]} for p in pairs]
+    return io
+
+
+def _rewrites(model: onnx.ModelProto) -> list[dict]:
+    rewrites = []
+    for node in model.graph.node:
+        props = {p.key: p.value for p in node.metadata_props}
+        if RULE_TAG not in props:
+            continue
+        replaced = json.loads(props.get(REPLACED_TAG, "[]"))
+        layer = next((layer_of(name) for name, _ in replaced if layer_of(name)), None)
+        rewrites.append(
+            {
+                "rule": props[RULE_TAG],
+                "node": node.name,
+                "op_type": node.op_type,
+                "layer": layer or layer_of(node.name),
+                "replaced": [{"name": name, "op_type": op} for name, op in replaced],
+            }
+        )
+    return rewrites
+
+
+def _structural(a: onnx.ModelProto, b: onnx.ModelProto) -> dict:
+    """Fallback for models kvfuse did not write: nodes present in only one of them, by name
+    (or by op type and inputs when unnamed)."""
+
+    def keys(model):
+        return {n.name or f"{n.op_type}({','.join(n.input)})": n.op_type for n in model.graph.node}
+
+    before, after = keys(a), keys(b)
+    removed = [k for k in before if k not in after]
+    added = [k for k in after if k not in before]
+    return {
+        "removed": len(removed),
+        "added": len(added),
+        "kept": len(before) - len(removed),
+        "removed_by_op": dict(collections.Counter(before[k] for k in removed).most_common()),
+        "added_by_op": dict(collections.Counter(after[k] for k in added).most_common()),
+        "removed_by_layer": dict(collections.Counter(layer_of(k) or "-" for k in removed)),
+    }
+
+
+def _add_optimize_result(report: dict, result: Any) -> None:
+    report["layers"] = [{"layer": layer.layer, "fused": layer.fused} for layer in result.layers]
+    report["near_misses"] = [
+        {"layer": layer.layer, **dataclasses.asdict(miss)}
+        for layer in result.layers
+        if not layer.fused
+        for miss in layer.near_misses
+    ]
+    if result.verification is not None:
+        verification = result.verification
+        report["numerics"] = {
+            "passed": verification.passed,
+            "atol": verification.atol,
+            "rtol": verification.rtol,
+            "max_abs_diff": verification.max_abs_diff,
+            "tokens_equal": verification.tokens_equal,
+            "prompt_tokens": verification.prompt_tokens,
+            "steps": [dataclasses.asdict(step) for step in verification.steps],
+            "first_divergence": None,
+        }
+
+
+def _picture(a: onnx.ModelProto, b: onnx.ModelProto, rewrites: list[dict]) -> dict | None:
+    """One layer's attention before (the input nodes its GQA replaced) and after (the GQA
+    node and its neighbours), as small node/edge lists for drawing."""
+    first = next((r for r in rewrites if r["op_type"] == "GroupQueryAttention"), None)
+    if first is None:
+        return None
+    names = {entry["name"] for entry in first["replaced"]}
+    before = [n for n in a.graph.node if n.name in names][:80]
+    gqa = next(n for n in b.graph.node if n.name == first["node"])
+    producers = {out: n for n in b.graph.node for out in n.output}
+    after = [producers[i] for i in gqa.input if i in producers] + [gqa]
+    after += [n for n in b.graph.node if set(n.input) & set(gqa.output) and n not in after]
+    return {
+        "layer": first["layer"],
+        "rule": first["rule"],
+        "before": _drawing(before),
+        "after": _drawing(after),
+    }
+
+
+def _drawing(nodes: list[onnx.NodeProto]) -> dict:
+    index = {out: i for i, n in enumerate(nodes) for out in n.output}
+    edges = sorted({(index[i], j) for j, n in enumerate(nodes) for i in n.input if i in index})
+    return {
+        "nodes": [{"name": n.name, "op": n.op_type} for n in nodes],
+        "edges": [list(edge) for edge in edges],
+    }
