@@ -9,64 +9,40 @@ real run, never typed by hand).
 
 from __future__ import annotations
 
+_ROPE_LLAMA = {
+    "cache_layout": "BHSD",
+    "rope": "half",
+    "attention_per_layer": 1,
+    "rms_norms_per_layer": 2,
+    "final_norm": True,
+}
+_LAYER_NORM = {
+    "cache_layout": "BHSD",
+    "attention_per_layer": 1,
+    "rms_norms_per_layer": 0,
+    "final_norm": False,
+}
+
 ARCHITECTURES: dict[str, dict] = {
-    "llama": {
-        "cache_layout": "BHSD",
-        "rope": "half",
-        "attention_per_layer": 1,
-        "rms_norms_per_layer": 2,
-        "final_norm": True,
-        "fuses": True,
-    },
-    "mistral": {
-        "cache_layout": "BHSD",
-        "rope": "half",
-        "attention_per_layer": 1,
-        "rms_norms_per_layer": 2,
-        "final_norm": True,
-        "fuses": True,
-    },
-    "qwen2": {
-        "cache_layout": "BHSD",
-        "rope": "half",
-        "attention_per_layer": 1,
-        "rms_norms_per_layer": 2,
-        "final_norm": True,
-        "fuses": True,
-    },
-    "phi3": {
-        "cache_layout": "BHSD",
-        "rope": "half",
-        "attention_per_layer": 1,
-        "rms_norms_per_layer": 2,
-        "final_norm": True,
-        "fuses": False,
-        "gap": "packed QKV split by Slice",
-    },
+    "llama": {**_ROPE_LLAMA, "fuses": True},
+    "mistral": {**_ROPE_LLAMA, "fuses": True},
+    "qwen2": {**_ROPE_LLAMA, "fuses": True},
+    "phi3": {**_ROPE_LLAMA, "fuses": False, "gap": "packed QKV split by Slice"},
     "gpt2": {
-        "cache_layout": "BHSD",
+        **_LAYER_NORM,
         "rope": None,
-        "attention_per_layer": 1,
-        "rms_norms_per_layer": 0,
-        "final_norm": False,
         "fuses": False,
         "gap": "LayerNorm, learned positions, scale as a computed tensor",
     },
     "gpt_neox": {
-        "cache_layout": "BHSD",
+        **_LAYER_NORM,
         "rope": "half-partial",
-        "attention_per_layer": 1,
-        "rms_norms_per_layer": 0,
-        "final_norm": False,
         "fuses": False,
         "gap": "partial rotary, per-head interleaved packed QKV",
     },
     "falcon": {
-        "cache_layout": "BHSD",
+        **_LAYER_NORM,
         "rope": "half",
-        "attention_per_layer": 1,
-        "rms_norms_per_layer": 0,
-        "final_norm": False,
         "fuses": False,
         "gap": "multi-query packed QKV, scale as a computed tensor",
     },

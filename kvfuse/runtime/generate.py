@@ -123,8 +123,7 @@ class _Run:
         self.prefill_ms = (time.perf_counter() - start) * 1e3
         decode_start, decoded = time.perf_counter(), 0
         while True:
-            seen = [p + n for p, n in zip(self.prompts, self.new, strict=True)]
-            tokens = self.sampler.pick(logits, seen)
+            tokens = self.sampler.pick(logits, self._seen())
             delta = self._accept(tokens)
             if delta:
                 yield delta
@@ -140,6 +139,12 @@ class _Run:
                 self.session.check_in_place()  # the cache must not have moved
         seconds = time.perf_counter() - decode_start
         self.decode_rate = decoded / seconds if decoded and seconds > 0 else 0.0
+
+    def _seen(self) -> list[list[int]] | None:
+        """Each row's tokens so far — only the repetition penalty needs them."""
+        if self.config.sampling.repetition_penalty == 1.0:
+            return None
+        return [p + n for p, n in zip(self.prompts, self.new, strict=True)]
 
     def _prefill(self) -> tuple[np.ndarray, np.ndarray]:
         """Fill the buffers with the prompts; returns each row's last logits and lengths."""

@@ -24,8 +24,11 @@ class Sampler:
         self.config = config
         self.rng = np.random.default_rng(config.seed)
 
-    def pick(self, logits: np.ndarray, seen: list[list[int]]) -> np.ndarray:
-        """One token per row of `logits` [B, vocab], given each row's tokens so far."""
+    def pick(self, logits: np.ndarray, seen: list[list[int]] | None) -> np.ndarray:
+        """One token per row of `logits` [B, vocab], given each row's tokens so far (needed
+        only with a repetition penalty)."""
+        if self.config.temperature <= 0.0 and self.config.repetition_penalty == 1.0:
+            return logits.argmax(-1)  # greedy: no copy of the logits on the hot path
         logits = np.array(logits, dtype=np.float32)  # a copy: the caller's buffer is reused
         if self.config.repetition_penalty != 1.0:
             for row, tokens in enumerate(seen):

@@ -51,18 +51,23 @@ class Text:
 
 class StreamDecoder:
     """Turns a growing token list into text deltas, holding back incomplete UTF-8 sequences
-    (a multi-byte character split over tokens decodes to U+FFFD until it is whole)."""
+    (a multi-byte character split over tokens decodes to U+FFFD until it is whole).
+
+    Only a short window is decoded per token: the tokens since the last emitted boundary,
+    with the one before as context (so a leading-space merge decodes as it would in full)."""
 
     def __init__(self, text: Text) -> None:
-        self.text, self.tokens, self.emitted = text, [], ""
+        self.text, self.tokens = text, []
+        self.prefix = self.read = 0  # window start; end of what was already emitted
 
     def push(self, token: int) -> str:
         self.tokens.append(token)
-        decoded = self.text.decode(self.tokens)
-        if decoded.endswith("\ufffd"):
+        before = self.text.decode(self.tokens[self.prefix : self.read])
+        after = self.text.decode(self.tokens[self.prefix :])
+        if after.endswith("\ufffd") or len(after) <= len(before):
             return ""
-        delta, self.emitted = decoded[len(self.emitted) :], decoded
-        return delta
+        self.prefix, self.read = self.read, len(self.tokens)
+        return after[len(before) :]
 
 
 def _json(path: Path) -> dict:
