@@ -27,7 +27,7 @@ ARCHITECTURES: dict[str, dict] = {
     "llama": {**_ROPE_LLAMA, "fuses": True},
     "mistral": {**_ROPE_LLAMA, "fuses": True},
     "qwen2": {**_ROPE_LLAMA, "fuses": True},
-    "phi3": {**_ROPE_LLAMA, "fuses": False, "gap": "packed QKV split by Slice"},
+    "phi3": {**_ROPE_LLAMA, "fuses": True},
     "gpt2": {
         **_LAYER_NORM,
         "rope": None,

@@ -18,6 +18,7 @@ import onnx_ir as ir
 
 from kvfuse.rewriter.pipeline import layer_of
 from kvfuse.rewriter.rules import KVFUSE_DOMAIN, REPLACED_TAG, RULE_TAG, Rule, like, replaced_by
+from kvfuse.rewriter.shapes import symbolic_ints
 
 MS_DOMAIN = "com.microsoft"
 
@@ -35,7 +36,7 @@ def lower_skip_rms_norms(model: ir.Model) -> dict[str, int]:
         if add is None or add.op_type != "Add" or add.domain not in ("", "ai.onnx"):
             continue
         a, b = add.inputs
-        if a.shape is None or b.shape is None or a.shape != b.shape:
+        if not _same_shape(a, b):
             continue  # a broadcasting add is not a residual connection
         skip = ir.node(
             "SkipSimplifiedLayerNormalization",
@@ -55,6 +56,20 @@ def lower_skip_rms_norms(model: ir.Model) -> dict[str, int]:
         graph.remove([norm, add], safe=True)
         fused += 1
     return {"lower/skip_rms": fused}
+
+
+def _same_shape(a: ir.Value, b: ir.Value) -> bool:
+    """Whether two tensors have one shape as far as is known: same rank, equal static dims,
+    and no size-1 dim against an unknown one (which could broadcast)."""
+    if a.shape is None or b.shape is None or len(a.shape) != len(b.shape):
+        return False
+    for x, y in zip(a.shape, b.shape, strict=True):
+        static = isinstance(x, int), isinstance(y, int)
+        if all(static) and x != y:
+            return False
+        if any(static) and not all(static) and 1 in (x, y):
+            return False
+    return isinstance(a.shape[-1], int) and a.shape[-1] == b.shape[-1]
 
 
 class RMSNormRule(Rule):
@@ -149,6 +164,13 @@ def pack_qkv_projections(model: ir.Model) -> dict[str, int]:
     """
     graph, packed = model.graph, 0
     for gqa in [n for n in graph if n.domain == MS_DOMAIN and n.op_type == "GroupQueryAttention"]:
+        source = _already_packed(gqa)
+        if source is not None:  # Phi-3: one qkv_proj sliced three ways; hand GQA the whole
+            gqa.replace_input_with(0, source)
+            gqa.replace_input_with(1, None)
+            gqa.replace_input_with(2, None)
+            packed += 1
+            continue
         projections = [_projection(value, gqa) for value in gqa.inputs[:3]]
         if None in projections or len({p[0] for p in projections}) != 1:
             continue
@@ -177,6 +199,26 @@ def pack_qkv_projections(model: ir.Model) -> dict[str, int]:
         gqa.replace_input_with(2, None)
         packed += 1
     return {"lower/packed_qkv": packed}
+
+
+def _already_packed(gqa: ir.Node) -> ir.Value | None:
+    """The tensor whose last axis Q, K and V are three consecutive Slices of, if they are."""
+    slices = [value.producer() if value is not None else None for value in gqa.inputs[:3]]
+    if any(s is None or s.op_type != "Slice" or len(s.outputs[0].uses()) != 1 for s in slices):
+        return None
+    source = slices[0].inputs[0]
+    bounds = []
+    for node in slices:
+        starts, ends, axes = (symbolic_ints(v) for v in node.inputs[1:4])
+        steps = symbolic_ints(node.inputs[4]) if len(node.inputs) > 4 else [1]
+        if node.inputs[0] is not source or steps != [1] or axes not in ([-1], [2]):
+            return None
+        bounds.append((starts, ends))
+    width = source.shape[-1] if source.shape is not None else None
+    (q0, q1), (k0, k1), (v0, v1) = ((s[0], e[0]) for s, e in bounds)
+    if q0 != 0 or k0 != q1 or v0 != k1 or not isinstance(width, int) or v1 < width:
+        return None
+    return source
 
 
 def _projection(value: ir.Value | None, consumer: ir.Node):

@@ -227,8 +227,9 @@ def _clean_up(model: ir.Model) -> dict[str, int]:
     optimizer.remove_unused_nodes(model)
     folded = shapes.resolve_shapes(model)
     axes = shapes.canonicalize_concat_axes(model.graph)
+    slices = shapes.remove_full_slices(model.graph)
     optimizer.remove_unused_nodes(model)
-    return {"shape/static_dims": folded, "shape/concat_axes": axes}
+    return {"shape/static_dims": folded, "shape/concat_axes": axes, "shape/full_slices": slices}
 
 
 def _stamp_metadata(model, signature, target, source) -> None:

@@ -141,9 +141,11 @@ def fold_static_dims(graph: ir.Graph) -> int:
             continue
         if node.op_type == "Gather":
             scalar = symbolic_scalar(output)
-            if not isinstance(scalar, int) or output.shape is None or len(output.shape) > 1:
+            index = node.inputs[1].const_value
+            if not isinstance(scalar, int) or index is None or index.numpy().size != 1:
                 continue
-            array = np.array(scalar if len(output.shape) == 0 else [scalar], dtype=np.int64)
+            # the output has the index's rank (a scalar index gathers a scalar)
+            array = np.array(scalar, dtype=np.int64).reshape(index.numpy().shape)
         else:
             dims = symbolic_ints(output)
             if dims is None or not all(isinstance(d, int) for d in dims):
@@ -218,3 +220,28 @@ def specialize_batch(model: ir.Model, batch_size: int | None) -> dict[str, int]:
             value.shape = ir.Shape(dims)
             changed += 1
     return {"shape/static_batch": changed}
+
+
+def remove_full_slices(graph: ir.Graph) -> int:
+    """Drop Slices that keep a whole axis (start 0, end ≥ its static size, step 1): Phi-3's
+    "partial" RoPE over the full head dim leaves `x[..., :D]`, which hides the rotary input."""
+    removed = 0
+    for node in list(graph):
+        if node.op_type != "Slice" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 4:
+            continue
+        source, starts, ends, axes = node.inputs[:4]
+        steps = node.inputs[4] if len(node.inputs) > 4 else None
+        values = [symbolic_ints(v) for v in (starts, ends, axes)]
+        step = symbolic_ints(steps) if steps is not None else [1]
+        if None in values or step != [1] or source.shape is None:
+            continue
+        (start,), (end,), (axis,) = (v if len(v) == 1 else (None,) for v in values)
+        size = source.shape[axis] if axis is not None else None
+        if start == 0 and isinstance(size, int) and isinstance(end, int) and end >= size:
+            output = node.outputs[0]
+            if output.is_graph_output():
+                continue
+            ir.convenience.replace_all_uses_with(output, source)
+            graph.remove(node, safe=True)
+            removed += 1
+    return removed
