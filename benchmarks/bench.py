@@ -90,7 +90,9 @@ def optimum_runner(work: Path, threads: int):
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     model = ORTModelForCausalLM.from_pretrained(
-        work / "export", use_io_binding=True, session_options=options,
+        work / "export",
+        use_io_binding=True,
+        session_options=options,
         provider="CPUExecutionProvider",
     )
     return _hf_generate(model, torch)
@@ -115,9 +117,15 @@ def _hf_generate(model, torch):
         clock = Clock()
         start = time.perf_counter()
         with torch.no_grad():
-            out = model.generate(torch.tensor([ids]), max_new_tokens=new, min_new_tokens=new,
-                                 do_sample=False, streamer=clock, pad_token_id=0)
-        tokens = out[0, len(ids):].tolist()
+            out = model.generate(
+                torch.tensor([ids]),
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=False,
+                streamer=clock,
+                pad_token_id=0,
+            )
+        tokens = out[0, len(ids) :].tolist()
         return tokens, clock.stamps[0] - start, _decode_rate(clock.stamps)
 
     return run
@@ -131,8 +139,9 @@ def plain_runner(work: Path, threads: int):
     runner = ConcatCacheRunner(work / "export" / "model.onnx", threads=threads)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    runner.session = ort.InferenceSession(str(work / "export" / "model.onnx"), options,
-                                          providers=["CPUExecutionProvider"])
+    runner.session = ort.InferenceSession(
+        str(work / "export" / "model.onnx"), options, providers=["CPUExecutionProvider"]
+    )
 
     def run(ids, new, decode=False):
         start = time.perf_counter()
@@ -154,8 +163,9 @@ def genai_runner(work: Path, threads: int):
 
     def run(ids, new, decode=False):
         params = og.GeneratorParams(model)
-        params.set_search_options(do_sample=False, max_length=len(ids) + new,
-                                  min_length=len(ids) + new)
+        params.set_search_options(
+            do_sample=False, max_length=len(ids) + new, min_length=len(ids) + new
+        )
         generator = og.Generator(model, params)
         start = time.perf_counter()
         generator.append_tokens(ids)
@@ -175,8 +185,9 @@ def kvfuse_runner(work: Path, threads: int):
     generator = load(work / "export" / "model-kvfuse.onnx", threads=threads)
 
     def run(ids, new, decode=False):
-        config = GenerationConfig(max_new_tokens=new, ignore_eos=True, chat=False,
-                                  prefill_chunk=2048)
+        config = GenerationConfig(
+            max_new_tokens=new, ignore_eos=True, chat=False, prefill_chunk=2048
+        )
         completion = generator.generate(ids, config)
         stats = completion.stats
         return completion.tokens[0], stats.prefill_ms / 1e3, stats.decode_tokens_per_s
@@ -184,8 +195,13 @@ def kvfuse_runner(work: Path, threads: int):
     return run
 
 
-RUNNERS = {"pytorch": torch_runner, "optimum": optimum_runner, "plain-ort": plain_runner,
-           "genai": genai_runner, "kvfuse": kvfuse_runner}
+RUNNERS = {
+    "pytorch": torch_runner,
+    "optimum": optimum_runner,
+    "plain-ort": plain_runner,
+    "genai": genai_runner,
+    "kvfuse": kvfuse_runner,
+}
 
 
 # ── orchestration ─────────────────────────────────────────────────────────────────────────
@@ -204,9 +220,24 @@ def prepare(work: Path, genai_python: str | None) -> list[str]:
         optimize(work / "export", work / "export" / "model-kvfuse.onnx", max_context=2048)
     systems = [s for s in SYSTEMS if s != "genai"]
     if genai_python and not (work / "genai" / "genai_config.json").exists():
-        subprocess.run([genai_python, "-m", "onnxruntime_genai.models.builder", "-i",
-                        str(hf_dir), "-o", str(work / "genai"), "-p", "fp32", "-e", "cpu",
-                        "-c", str(work / "genai-cache")], check=True)
+        subprocess.run(
+            [
+                genai_python,
+                "-m",
+                "onnxruntime_genai.models.builder",
+                "-i",
+                str(hf_dir),
+                "-o",
+                str(work / "genai"),
+                "-p",
+                "fp32",
+                "-e",
+                "cpu",
+                "-c",
+                str(work / "genai-cache"),
+            ],
+            check=True,
+        )
     if (work / "genai" / "genai_config.json").exists():
         systems.insert(3, "genai")
     return systems
@@ -229,16 +260,20 @@ def read_bandwidth(threads: int) -> float:
 
     rows, cols = 8192, 16384
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])], "gemv",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, rows]),
-         helper.make_tensor_value_info("w", TensorProto.FLOAT, [rows, cols])],
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "gemv",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, rows]),
+            helper.make_tensor_value_info("w", TensorProto.FLOAT, [rows, cols]),
+        ],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, cols])],
     )
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 18)])
-    session = ort.InferenceSession(model.SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
     x = np.ones((1, rows), np.float32)
     w = np.random.default_rng(0).random((rows, cols), dtype=np.float32)
     times = []
@@ -254,8 +289,11 @@ def weight_bytes(work: Path) -> int:
     import onnx
 
     model = onnx.load(str(work / "export" / "model-kvfuse.onnx"))
-    return sum(onnx.numpy_helper.to_array(t).nbytes for t in model.graph.initializer
-               if not t.name.startswith("kvfuse.rotary"))
+    return sum(
+        onnx.numpy_helper.to_array(t).nbytes
+        for t in model.graph.initializer
+        if not t.name.startswith("kvfuse.rotary")
+    )
 
 
 def main() -> None:
@@ -263,8 +301,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", type=Path, default=Path("/tmp/kvfuse-bench"))
-    parser.add_argument("--genai-python", help="python of a venv with transformers 5.x and "
-                        "onnxruntime-genai, to run genai's model builder")
+    parser.add_argument(
+        "--genai-python",
+        help="python of a venv with transformers 5.x and "
+        "onnxruntime-genai, to run genai's model builder",
+    )
     parser.add_argument("--worker")
     parser.add_argument("--systems", help="comma-separated subset")
     args = parser.parse_args()
@@ -282,8 +323,18 @@ def main() -> None:
     for round_index in range(args.rounds):
         for system in systems if round_index % 2 == 0 else systems[::-1]:  # interleave
             done = subprocess.run(
-                [sys.executable, __file__, "--worker", system, "--work", str(args.work),
-                 "--threads", str(args.threads)], capture_output=True, text=True,
+                [
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    system,
+                    "--work",
+                    str(args.work),
+                    "--threads",
+                    str(args.threads),
+                ],
+                capture_output=True,
+                text=True,
             )
             if done.returncode != 0:
                 print(done.stderr[-2000:], file=sys.stderr)
@@ -300,20 +351,28 @@ def write_report(results, bandwidth, weights, args) -> None:
     for system, runs in results.items():
         if not runs:
             continue
-        median = {k: statistics.median(r[k] for r in runs) for k in runs[0]
-                  if isinstance(runs[0][k], float)}
-        same = "yes" if runs[0]["tokens"] == reference else _first_mismatch(runs[0]["tokens"],
-                                                                              reference)
+        median = {
+            k: statistics.median(r[k] for r in runs)
+            for k in runs[0]
+            if isinstance(runs[0][k], float)
+        }
+        same = (
+            "yes"
+            if runs[0]["tokens"] == reference
+            else _first_mismatch(runs[0]["tokens"], reference)
+        )
         rows.append((system, median, same))
     plain = next((m for s, m, _ in rows if s == "plain-ort"), None)
     lines = [
-        "# Benchmark results", "",
+        "# Benchmark results",
+        "",
         f"SmolLM2-135M-Instruct fp32, batch 1, {args.threads} threads, greedy; medians of "
         f"{args.rounds} interleaved rounds, one process per system. Machine: "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"Python {platform.python_version()}. Measured read bandwidth (onnxruntime fp32 GEMV "
         f"over 512 MiB): {bandwidth:.1f} GB/s; weights read per decoded token "
-        f"{weights / 1e6:.0f} MB → roofline {roofline:.1f} tokens/s.", "",
+        f"{weights / 1e6:.0f} MB → roofline {roofline:.1f} tokens/s.",
+        "",
         f"Prompts of {SHORT} and 512 tokens for prefill; decode of {NEW_SHORT} tokens after a "
         f"{SHORT}-token prompt (short) and {NEW_LONG} tokens after a {LONG}-token prompt (long).",
         "",

@@ -33,8 +33,9 @@ def main() -> None:
     options.enable_profiling = True
     options.profile_file_prefix = "/tmp/kvfuse-profile"
     session = ort.InferenceSession(str(spec.path), options, providers=["CPUExecutionProvider"])
-    arena = np.zeros((len(spec.pairs), 1, spec.kv_heads, spec.max_context, spec.head_dim),
-                     np.float32)
+    arena = np.zeros(
+        (len(spec.pairs), 1, spec.kv_heads, spec.max_context, spec.head_dim), np.float32
+    )
     binding = session.io_binding()
     for index, (past, present) in enumerate(spec.pairs):
         value = ort.OrtValue.ortvalue_from_numpy(arena[index])
@@ -63,13 +64,18 @@ def summarise(trace: list[dict], steps: int, wall: float) -> None:
     first = decode_runs[0]["ts"]
     by_op: dict[str, float] = collections.Counter()
     for event in trace:
-        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time") and \
-                event["ts"] >= first:
+        if (
+            event.get("cat") == "Node"
+            and event["name"].endswith("_kernel_time")
+            and event["ts"] >= first
+        ):
             by_op[event["args"]["op_name"]] += event["dur"]
     total_nodes = sum(by_op.values()) / steps / 1e3
     run_time = sum(e["dur"] for e in decode_runs) / steps / 1e3
-    print(f"decode step: {wall * 1e3:.2f} ms wall, {run_time:.2f} ms in model_run, "
-          f"{total_nodes:.2f} ms in kernels ({1 / wall:.1f} tokens/s)")
+    print(
+        f"decode step: {wall * 1e3:.2f} ms wall, {run_time:.2f} ms in model_run, "
+        f"{total_nodes:.2f} ms in kernels ({1 / wall:.1f} tokens/s)"
+    )
     for op, micros in sorted(by_op.items(), key=lambda kv: -kv[1]):
         share = micros / steps / 1e3
         print(f"  {op:36s} {share:7.3f} ms/step  {share / total_nodes:6.1%}")

@@ -21,7 +21,8 @@ _LLAMA_LIKE = {
 
 TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "llama": {"model_type": "llama", **_LLAMA_LIKE},
-    "mistral": {"model_type": "mistral", **_LLAMA_LIKE, "sliding_window": 4096},
+    # a window shorter than the verification's 12 + 8 tokens, so it is exercised
+    "mistral": {"model_type": "mistral", **_LLAMA_LIKE, "sliding_window": 8},
     "qwen2": {"model_type": "qwen2", **_LLAMA_LIKE, "use_sliding_window": False},
     "phi3": {"model_type": "phi3", **_LLAMA_LIKE, "pad_token_id": 0},
     "gpt2": {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 512},

@@ -96,6 +96,7 @@ def lower_cached_attention(
     seqlens_k: ir.Value,
     total_length: ir.Value,
     rotary_caches: tuple[ir.Value, ir.Value] | None,
+    local_window: int | None = None,
 ) -> ir.Node:
     """Replace one CachedAttention node by GroupQueryAttention, which also takes over the
     layer's `present` graph outputs (so far the old Concats'); returns the new node."""
@@ -118,6 +119,7 @@ def lower_cached_attention(
             "scale": attributes.get_float("scale"),
             "do_rotary": int(rotary_caches is not None),
             "rotary_interleaved": attributes.get_int("rotary_interleaved", 0),
+            "local_window_size": local_window if local_window is not None else -1,
         },
         name=f"/model/layers.{layer_of(past_k.name) or node.name}/attn/GroupQueryAttention",
     )

@@ -135,7 +135,10 @@ def optimize(
         raise PartialFusion(result)
     with steps.step(f"Lowering to {target} with fixed {max_context}-position KV buffers"):
         records += pipeline.run_stages(model, targets.ORT_LOWERING)
-        signature = retained_state.convert_to_retained_state(model, max_context, batch_size)
+        window = (export_info or {}).get("model", {}).get("sliding_window")
+        signature = retained_state.convert_to_retained_state(
+            model, max_context, batch_size, sliding_window=window
+        )
         records += pipeline.run_stages(model, targets.ORT_FINISHING)
         if logits == "last":
             records += pipeline.run_stages(

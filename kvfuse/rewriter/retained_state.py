@@ -42,9 +42,12 @@ class KVSignature:
 
 
 def convert_to_retained_state(
-    model: ir.Model, max_context: int, batch_size: int | None
+    model: ir.Model, max_context: int, batch_size: int | None, sliding_window: int | None = None
 ) -> KVSignature:
-    """Lower every CachedAttention to GQA over fixed buffers and rewrite the graph signature."""
+    """Lower every CachedAttention to GQA over fixed buffers and rewrite the graph signature.
+
+    `sliding_window` (from the export's facts, e.g. Mistral's) becomes GQA's
+    local_window_size when it is shorter than the buffers; the dropped mask encoded it."""
     graph = model.graph
     nodes = [n for n in graph if n.domain == KVFUSE_DOMAIN and n.op_type == "CachedAttention"]
     if not nodes:
@@ -63,7 +66,8 @@ def convert_to_retained_state(
         head_dim = past_k.shape[-1] if node.attributes.get_string("layout") != "SBHD" else None
         head_dim = head_dim or past_k.shape[3]
         presents = (_present_of(past_k), _present_of(past_v))
-        gqa = lower_cached_attention(graph, node, presents, seqlens, total, rotary)
+        window = sliding_window if sliding_window and sliding_window < max_context else None
+        gqa = lower_cached_attention(graph, node, presents, seqlens, total, rotary, window)
         for past, present in ((past_k, gqa.outputs[1]), (past_v, gqa.outputs[2])):
             fixed = ir.Shape([batch, kv_heads, max_context, head_dim])
             past.shape, present.shape = fixed, ir.Shape(fixed)

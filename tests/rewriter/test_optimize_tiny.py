@@ -156,3 +156,26 @@ def test_last_position_logits(tiny_export, tmp_path):
     assert only_last.shape == (2, 1, 256)
     np.testing.assert_allclose(only_last[0, 0], every[0, 3], atol=1e-5)
     np.testing.assert_allclose(only_last[1, 0], every[1, 5], atol=1e-5)
+
+
+def test_mistral_sliding_window_becomes_gqa_local_window(
+    optimized, tiny_export, tmp_path, monkeypatch
+):
+    """Mistral's window (8, shorter than the 12 + 8 verified tokens) is lowered to GQA's
+    local_window_size; without it the same rewrite fails verification."""
+    from kvfuse.errors import KvfuseError
+    from kvfuse.rewriter import retained_state
+
+    model = onnx.load(optimized("mistral").output)
+    for node in (n for n in model.graph.node if n.op_type == "GroupQueryAttention"):
+        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert attributes["local_window_size"] == 8
+    convert = retained_state.convert_to_retained_state
+    monkeypatch.setattr(
+        retained_state,
+        "convert_to_retained_state",
+        lambda m, c, b, sliding_window=None: convert(m, c, b, None),
+    )
+    _, export_dir = tiny_export("mistral")
+    with pytest.raises(KvfuseError, match="verification FAILED"):
+        optimize(export_dir, tmp_path / "no-window.onnx", max_context=64, quiet=True)
