@@ -28,12 +28,7 @@ ARCHITECTURES: dict[str, dict] = {
     "mistral": {**_ROPE_LLAMA, "fuses": True},
     "qwen2": {**_ROPE_LLAMA, "fuses": True},
     "phi3": {**_ROPE_LLAMA, "fuses": True},
-    "gpt2": {
-        **_LAYER_NORM,
-        "rope": None,
-        "fuses": False,
-        "gap": "LayerNorm, learned positions, scale as a computed tensor",
-    },
+    "gpt2": {**_LAYER_NORM, "rope": None, "fuses": True},
     "gpt_neox": {
         **_LAYER_NORM,
         "rope": "half-partial",

@@ -204,8 +204,16 @@ def pack_qkv_projections(model: ir.Model) -> dict[str, int]:
 
 
 def _already_packed(gqa: ir.Node) -> ir.Value | None:
-    """The tensor whose last axis Q, K and V are three consecutive Slices of, if they are."""
-    slices = [value.producer() if value is not None else None for value in gqa.inputs[:3]]
+    """The tensor whose last axis Q, K and V are three consecutive Slices (Phi-3) or the three
+    outputs of one Split (GPT-2, in order) of, if they are."""
+    values = gqa.inputs[:3]
+    split = values[0].producer() if values[0] is not None else None
+    if split is not None and split.op_type == "Split" and list(values) == list(split.outputs):
+        axis = split.attributes.get_int("axis", 0)
+        rank = len(split.inputs[0].shape) if split.inputs[0].shape is not None else None
+        if rank is not None and axis % rank == rank - 1:
+            return split.inputs[0]
+    slices = [value.producer() if value is not None else None for value in values]
     if any(s is None or s.op_type != "Slice" or len(s.outputs[0].uses()) != 1 for s in slices):
         return None
     source = slices[0].inputs[0]

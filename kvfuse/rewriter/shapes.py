@@ -37,6 +37,18 @@ def symbolic_ints(value: ir.Value | None) -> list[Dim] | None:
         return inner
     if node.op_type == "Shape":
         return _shape_slice(node)
+    if node.op_type == "Slice" and len(node.inputs) >= 3:  # GPT-2: Shape(v)[-1:] for the scale
+        dims = symbolic_ints(node.inputs[0])
+        bounds = [symbolic_scalar(v) for v in node.inputs[1:3]]
+        axes = symbolic_ints(node.inputs[3]) if len(node.inputs) > 3 else [0]
+        steps = symbolic_ints(node.inputs[4]) if len(node.inputs) > 4 else [1]
+        if (
+            dims is not None
+            and all(isinstance(b, int) for b in bounds)
+            and axes in ([0], [-1])
+            and steps == [1]
+        ):
+            return dims[bounds[0] : bounds[1]]
     return None
 
 
@@ -134,7 +146,10 @@ def fold_static_dims(graph: ir.Graph) -> int:
     """
     replaced = 0
     for node in list(graph):
-        if node.op_type not in ("Shape", "Gather", "Concat") or node.domain not in ("", "ai.onnx"):
+        if node.op_type not in ("Shape", "Gather", "Concat", "Slice") or node.domain not in (
+            "",
+            "ai.onnx",
+        ):
             continue
         output = node.outputs[0]
         if output.dtype != ir.DataType.INT64 or not output.uses() and not output.is_graph_output():
