@@ -35,12 +35,7 @@ ARCHITECTURES: dict[str, dict] = {
         "fuses": False,
         "gap": "partial rotary, per-head interleaved packed QKV",
     },
-    "falcon": {
-        **_LAYER_NORM,
-        "rope": "half",
-        "fuses": False,
-        "gap": "multi-query packed QKV, scale as a computed tensor",
-    },
+    "falcon": {**_LAYER_NORM, "rope": "half", "fuses": True},
 }
 
 

@@ -231,8 +231,16 @@ def _clean_up(model: ir.Model) -> dict[str, int]:
     folded = shapes.resolve_shapes(model)
     axes = shapes.canonicalize_concat_axes(model.graph)
     slices = shapes.remove_full_slices(model.graph)
+    reshapes = shapes.remove_identity_reshapes(model.graph)
+    heads = shapes.split_heads_after_projection(model.graph)
     optimizer.remove_unused_nodes(model)
-    return {"shape/static_dims": folded, "shape/concat_axes": axes, "shape/full_slices": slices}
+    return {
+        "shape/static_dims": folded,
+        "shape/concat_axes": axes,
+        "shape/full_slices": slices,
+        "shape/identity_reshapes": reshapes,
+        "shape/heads_after_projection": heads,
+    }
 
 
 def _stamp_metadata(model, signature, target, source) -> None:

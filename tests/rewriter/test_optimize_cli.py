@@ -79,12 +79,13 @@ def test_existing_output_needs_overwrite(tmp_path):
 
 
 def test_partial_fusion_names_layers_and_reason(tiny_export, tmp_path):
-    """Falcon (multi-query) does not fuse yet: the error lists the layers and the reason."""
-    _, export_dir = tiny_export("falcon")
-    done = run_cli("optimize", str(export_dir), str(tmp_path / "falcon.onnx"), "--explain")
+    """GPT-NeoX (per-head interleaved QKV) does not fuse yet: the error lists the layers and
+    the reason."""
+    _, export_dir = tiny_export("gpt_neox")
+    done = run_cli("optimize", str(export_dir), str(tmp_path / "neox.onnx"), "--explain")
     assert_one_line_error(done, "0 of 2 attention layers fused", "not fused: 0, 1")
     assert "Attention layers" in done.stderr  # the --explain table
-    assert not (tmp_path / "falcon.onnx").exists()
+    assert not (tmp_path / "neox.onnx").exists()
 
 
 def test_external_data_outside_the_model_directory_is_refused(tmp_path):

@@ -83,12 +83,18 @@ class CachedAttentionRule(Rule):
             _allow_other_inputs=True,
             _outputs=["attended"],
         )
+        # Falcon re-reshapes the output to the [B, H, S, D] it already has
+        attended = pattern.OrValue(
+            [op.Reshape(attended, pattern.ANY_VALUE, _outputs=["reshaped"]), attended],
+            tag_var="output_reshape",
+            tag_values=[1, 0],
+        )
         merged = maybe_transpose(op, attended, self.layout.bhsd_to_projection)
         # single output: the present concats stay graph outputs until the retained-state
         # conversion rewires them (matching them as outputs costs a search over all Concats)
         return op.Reshape(merged, out_shape, _outputs=["y_flat"])
 
-    def check(self, context, q_flat, past_k, past_v, present_k, present_v, attended, **_):
+    def check(self, context, q_flat, past_k, past_v, present_k, present_v, attended, **bound):
         if self.rotary:
             query_rotary = _rotary_above(attended.producer().inputs[0])
             key_rotary = _rotary_above(present_k.producer().inputs[1])
@@ -114,6 +120,10 @@ class CachedAttentionRule(Rule):
             return fail(f"query width {width} is not a multiple of Hkv·D = {kv_heads}·{head_dim}")
         if static_dim(past_v, self.layout.name.index("D")) != head_dim:
             return fail(f"value head dim {past_v.shape} differs from key head dim {head_dim}")
+        if bound.get("output_reshape"):  # must keep [B, H, S, D]
+            dims = bound["reshaped"].shape
+            if dims is None or len(dims) != 4 or dims[1] != width // head_dim:
+                return fail(f"attention output reshaped to {dims}, not [B, H, S, D]", attended)
         return ok()
 
     def rewrite(
