@@ -33,17 +33,9 @@ def check_not_input(out: Path, inputs: Sequence[Path]) -> None:
 def staged_directory(out: Path, *, overwrite: bool, inputs: Sequence[Path] = ()) -> Iterator[Path]:
     """Yield an empty staging directory that becomes `out` when the block succeeds."""
     out = Path(out)
-    check_not_input(out, inputs)
     if out.exists() and not out.is_dir():
         raise KvfuseError(f"{out} exists and is not a directory; choose another output path")
-    if out.exists() and not overwrite:
-        raise KvfuseError(
-            f"{out} already exists; pass --overwrite to replace it, or choose another"
-        )
-    with _write_errors(out):
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-        staging.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; the output gets normal modes
+    staging = _new_staging(out, overwrite, inputs)
     try:
         with _write_errors(out):
             yield staging
@@ -60,14 +52,7 @@ def staged_file(out: Path, *, overwrite: bool, inputs: Sequence[Path] = ()) -> I
     `out` as well, each under its own name, refusing to replace files the user did not name.
     """
     out = Path(out)
-    check_not_input(out, inputs)
-    if out.exists() and not overwrite:
-        raise KvfuseError(
-            f"{out} already exists; pass --overwrite to replace it, or choose another"
-        )
-    with _write_errors(out):
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    staging = _new_staging(out, overwrite, inputs)
     try:
         with _write_errors(out):
             yield staging
@@ -84,6 +69,20 @@ def staged_file(out: Path, *, overwrite: bool, inputs: Sequence[Path] = ()) -> I
             os.replace(staging / out.name, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _new_staging(out: Path, overwrite: bool, inputs: Sequence[Path]) -> Path:
+    """An empty directory beside `out` to build the output in, after the refusal checks."""
+    check_not_input(out, inputs)
+    if out.exists() and not overwrite:
+        raise KvfuseError(
+            f"{out} already exists; pass --overwrite to replace it, or choose another"
+        )
+    with _write_errors(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        staging.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; the output gets normal modes
+    return staging
 
 
 def _umask() -> int:

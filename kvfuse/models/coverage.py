@@ -25,8 +25,9 @@ def coverage_row(name: str, work: Path) -> str:
     exported = export(hf_dir, work / f"{name}-onnx", quiet=True, overwrite=True)
     facts = ARCHITECTURES[name]
     try:
-        result = optimize(exported.out_dir, work / f"{name}.onnx", max_context=64, quiet=True,
-                          overwrite=True)
+        result = optimize(
+            exported.out_dir, work / f"{name}.onnx", max_context=64, quiet=True, overwrite=True
+        )
     except PartialFusion as failure:
         first = next(layer for layer in failure.result.layers if not layer.fused)
         reason = first.near_misses[0].reason if first.near_misses else "no rule came close"
@@ -35,10 +36,12 @@ def coverage_row(name: str, work: Path) -> str:
     except KvfuseError as error:
         return f"| {name} | {facts.get('rope') or 'learned'} | ? | no | — | {error} |"
     verification = result.verification
-    return (f"| {name} | {facts.get('rope') or 'learned'} | {result.fused_layers}/"
-            f"{len(result.layers)} | {'yes' if verification.passed else 'no'} "
-            f"(max Δ {verification.max_abs_diff:.0e}) | {result.nodes_before} → "
-            f"{result.nodes_after} | |")
+    return (
+        f"| {name} | {facts.get('rope') or 'learned'} | {result.fused_layers}/"
+        f"{len(result.layers)} | {'yes' if verification.passed else 'no'} "
+        f"(max Δ {verification.max_abs_diff:.0e}) | {result.nodes_before} → "
+        f"{result.nodes_after} | |"
+    )
 
 
 def main() -> None:
@@ -48,8 +51,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         rows = [coverage_row(name, work) for name in ARCHITECTURES]
-    print("| architecture (tiny, Optimum export) | positions | layers fused | verified | "
-          "nodes | why not |")
+    print(
+        "| architecture (tiny, Optimum export) | positions | layers fused | verified | "
+        "nodes | why not |"
+    )
     print("|---|---|---|---|---|---|")
     print("\n".join(rows))
 
