@@ -77,7 +77,7 @@ def test_console_error_detection_works(chromium, tmp_path):
     assert "boom" in errors
 
 
-def test_html_report_renders_in_chromium(chromium, tiny_export, tmp_path):
+def test_html_report_renders_in_chromium(chromium, tiny_export, tmp_path, capsys):
     _, export_dir = tiny_export("llama")
     result = optimize(export_dir, tmp_path / "m.onnx", max_context=64, quiet=True)
     report = build_report(export_dir / "model.onnx", tmp_path / "m.onnx", result)
@@ -89,4 +89,5 @@ def test_html_report_renders_in_chromium(chromium, tiny_export, tmp_path):
     assert "GroupQueryAttention" in dom and "<details" in dom
     screenshot = tmp_path / "report.png"
     assert screenshot.stat().st_size > 10_000
-    print(f"screenshot: {screenshot}")
+    with capsys.disabled():  # the screenshot's path belongs in the test output
+        print(f"\nHTML report screenshot: {screenshot} ({screenshot.stat().st_size} bytes)")
