@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from kvfuse.errors import KvfuseError
@@ -188,7 +189,7 @@ def _print_optimize_summary(result, explain: bool) -> None:
     console.print(
         f"[bold]{result.output}[/bold]: {result.fused_layers}/{len(result.layers)} attention "
         f"layers fused, {result.nodes_before:,} → {result.nodes_after:,} nodes, KV buffers "
-        f"[batch, {result.signature.kv_heads}, {result.signature.max_context}, "
+        f"\\[batch, {result.signature.kv_heads}, {result.signature.max_context}, "
         f"{result.signature.head_dim}] shared past/present"
     )
     table = Table("rule", "fired", title="Rules")
@@ -212,7 +213,7 @@ def _print_layers(result) -> None:
             layer.layer,
             "yes" if layer.fused else "[red]no[/red]",
             miss.rule if miss and not layer.fused else "",
-            (miss.reason if miss else "no rule came close") if not layer.fused else "",
+            escape(miss.reason if miss else "no rule came close") if not layer.fused else "",
         )
     Console(stderr=True).print(table)
 
@@ -246,7 +247,9 @@ def main() -> None:
     try:
         app()
     except KvfuseError as error:
-        Console(stderr=True).print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+        Console(stderr=True).print(
+            f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True
+        )
         sys.exit(1)
     except KeyboardInterrupt:
         Console(stderr=True).print("interrupted; nothing was written")
