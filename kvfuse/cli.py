@@ -138,10 +138,15 @@ def run(
         sampling=Sampling(temperature, top_k, top_p, repetition_penalty, seed),
         on_full_context="stop",
     )
-    prompts = [prompt] if prompt is not None else _chat_turns()
-    for text in prompts:
-        for delta in generator.stream(text, config):
+    history: list[dict] = []  # --chat: the conversation so far, re-rendered each turn
+    for text in [prompt] if prompt is not None else _chat_turns():
+        turn = text
+        if chat and generator.text.chat_template is not None:
+            history.append({"role": "user", "content": text})
+            turn = generator.text.encode_conversation(history)
+        for delta in generator.stream(turn, config):
             console.out(delta, end="", highlight=False)
+        history.append({"role": "assistant", "content": generator.last.texts[0]})
         stats = generator.last.stats
         console.print()
         Console(stderr=True).print(

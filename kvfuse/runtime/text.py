@@ -33,9 +33,12 @@ class Text:
     def encode(self, prompt: str, chat: bool) -> list[int]:
         """Token ids of `prompt`; with `chat`, wrapped as one user turn by the chat template."""
         if chat and self.chat_template is not None:
-            rendered = self.render([{"role": "user", "content": prompt}])
-            return self.tokenizer.encode(rendered, add_special_tokens=False).ids
+            return self.encode_conversation([{"role": "user", "content": prompt}])
         return self.tokenizer.encode(prompt).ids
+
+    def encode_conversation(self, messages: list[dict]) -> list[int]:
+        """Token ids of a whole conversation, ending with the assistant's turn to speak."""
+        return self.tokenizer.encode(self.render(messages), add_special_tokens=False).ids
 
     def render(self, messages: list[dict]) -> str:
         import jinja2

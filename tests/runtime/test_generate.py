@@ -163,3 +163,37 @@ def test_broken_aliasing_is_caught(tiny, monkeypatch):
     fresh = load(generator.spec.path)
     with pytest.raises(KvfuseError, match="instead of updating the KV buffer in place"):
         fresh.generate("hello", greedy(4))
+
+
+def test_kvfuse_run_cli_prompt_and_chat(tiny):
+    """`kvfuse run` answers a prompt, and `--chat` answers each typed line until EOF."""
+    import subprocess
+    import sys
+
+    generator, _ = tiny
+    command = [
+        sys.executable,
+        "-m",
+        "kvfuse",
+        "run",
+        str(generator.spec.path),
+        "--max-new-tokens",
+        "5",
+    ]
+    done = subprocess.run(
+        [*command, "--prompt", "hello"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert "tokens/s" in done.stderr and "KV 0.0 MiB" in done.stderr
+    chat = subprocess.run(
+        [*command, "--chat"], input="first\nsecond\n", capture_output=True, text=True, timeout=120
+    )
+    assert chat.returncode == 0, chat.stderr
+    assert chat.stdout.count("you>") == 3  # two answered lines, then end of input
+    assert chat.stderr.count("tokens/s") == 2
+    prompts = [
+        int(line.split("(")[1].split()[0])
+        for line in chat.stderr.splitlines()
+        if line.startswith("prefill")
+    ]
+    assert prompts[1] > prompts[0] + 5  # the second turn carries the first as history
