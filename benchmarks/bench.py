@@ -254,7 +254,6 @@ def set_genai_threads(work: Path, threads: int) -> None:
 
 def read_bandwidth(threads: int) -> float:
     """GB/s of an fp32 GEMV over a 512 MiB weight in onnxruntime: what decode is bound by."""
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
@@ -281,7 +280,6 @@ def read_bandwidth(threads: int) -> float:
         start = time.perf_counter()
         session.run(None, {"x": x, "w": w})
         times.append(time.perf_counter() - start)
-    del onnx
     return w.nbytes / statistics.median(times[3:]) / 1e9
 
 

@@ -34,7 +34,7 @@ def gather_last_logits(model: ir.Model) -> dict[str, int]:
     if len(hidden.shape) != 3 or not isinstance(width, int):
         return {"logits/last_position": 0}
     inputs = {v.name: v for v in graph.inputs}
-    nodes, index = _index_nodes(inputs, hidden)
+    nodes, index = _index_nodes(inputs)
     shape = _const(nodes, np.array([1, 1, width], np.int64))
     index3 = _add(nodes, "Unsqueeze", [index, _const(nodes, np.array([1, 2], np.int64))])
     expanded = _add(nodes, "Expand", [index3, shape])
@@ -49,7 +49,7 @@ def gather_last_logits(model: ir.Model) -> dict[str, int]:
     return {"logits/last_position": 1}
 
 
-def _index_nodes(inputs: dict[str, ir.Value], hidden: ir.Value):
+def _index_nodes(inputs: dict[str, ir.Value]):
     """index = max(0, seqlens_k − total + S), int64 [B]."""
     nodes: list[ir.Node] = []
     seqlens = _add(nodes, "Cast", [inputs[SEQLENS]], to=ir.DataType.INT64)
@@ -61,7 +61,6 @@ def _index_nodes(inputs: dict[str, ir.Value], hidden: ir.Value):
         "Max",
         [_add(nodes, "Add", [seqlens, offset]), _const(nodes, np.array([0], np.int64))],
     )
-    del hidden
     return nodes, index
 
 

@@ -76,7 +76,7 @@ class SDPARule(Rule):
         key_dim = static_dim(key, self.layout.name.index("D"))
         if key_dim is not None and key_dim != head_dim:
             return fail(f"key head dim {key_dim} differs from query head dim {head_dim}", key)
-        if attention_scale(bound, head_dim) is None:
+        if attention_scale(bound) is None:
             return fail("attention scale factors are not constant scalars", query)
         if bound["nan_guard"] and not is_constant(bound["zero"], 0.0):
             return fail("softmax guard replaces NaN by a non-zero value", bound["zero"])
@@ -88,12 +88,11 @@ class SDPARule(Rule):
         return ok()
 
     def rewrite(self, op, query, key, value, mask, **bound):
-        head_dim = static_dim(query, -1)
         inputs = [query, key, value] + ([mask] if bound["mask_how"] != "none" else [])
         return like(
             op.Attention(
                 *inputs,
-                scale=attention_scale(bound, head_dim),
+                scale=attention_scale(bound),
                 layout=self.layout.name,
                 mask_kind=bound["mask_how"],
                 _domain=KVFUSE_DOMAIN,
@@ -102,8 +101,9 @@ class SDPARule(Rule):
         )
 
 
-def attention_scale(bound: dict, head_dim: int) -> float | None:
-    """Product of the scale factors the match bound (q, kᵀ and q·kᵀ), or None if not constant."""
+def attention_scale(bound: dict) -> float | None:
+    """Product of the scale factors the match bound (q, kᵀ and q·kᵀ), or None if not constant.
+    Taken as found: 1/sqrt(D) is the usual value, not a requirement."""
     scale = 1.0
     for how, factor in (("q_how", "q_scale"), ("k_how", "k_scale"), ("qk_how", "qk_scale")):
         if bound[how] == "none":
@@ -113,7 +113,6 @@ def attention_scale(bound: dict, head_dim: int) -> float | None:
             return None
         number = float(value.const_value.numpy().reshape(-1)[0])
         scale *= number if bound[how] == "mul" else 1.0 / number
-    del head_dim  # scale is taken as found; 1/sqrt(D) is the usual value, not a requirement
     return scale
 
 
