@@ -67,7 +67,7 @@ def export(
         hf_dir, origin = _resolve_source(source, staging, steps)
         config = _load_causal_lm_config(hf_dir, trust_remote_code)
         with steps.step(f"Exporting {config.model_type} with Optimum ({TASK})"):
-            _optimum_export(hf_dir, staging, trust_remote_code)
+            _optimum_export(hf_dir, staging, trust_remote_code, _onnx_config_overrides(config))
         shutil.rmtree(staging / ".source-hf", ignore_errors=True)  # a GGUF's temporary HF copy
         facts = ModelFacts.from_config(config, eos_token_ids=_eos_ids(staging))
         extra = _provenance(origin) | {"tokenizer": _tokenizer_facts(staging)}
@@ -157,7 +157,39 @@ def _check_optimum_supports(model_type: str) -> None:
         )
 
 
-def _optimum_export(hf_dir: Path, staging: Path, trust_remote_code: bool) -> None:
+def _onnx_config_overrides(config: Any) -> dict | None:
+    """Workarounds for Optimum ONNX configs that do not match the model they export.
+
+    Falcon with `new_decoder_architecture` and fewer KV heads than heads: Optimum's dummy past
+    has `num_kv_heads` heads, but transformers' Falcon broadcasts K and V to every query head
+    before caching them, so tracing fails ("Sizes of tensors must match"). The dummy past here
+    has the head count the model really caches."""
+    if config.model_type != "falcon" or not getattr(config, "new_decoder_architecture", False):
+        return None
+    from optimum.exporters.onnx.model_configs import FalconOnnxConfig
+    from optimum.utils.input_generators import FalconDummyPastKeyValuesGenerator
+
+    class CachedHeadsPast(FalconDummyPastKeyValuesGenerator):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.num_kv_heads = self.num_attention_heads
+
+    class FalconCachedHeadsConfig(FalconOnnxConfig):
+        DUMMY_INPUT_GENERATOR_CLASSES = (
+            *FalconOnnxConfig.DUMMY_INPUT_GENERATOR_CLASSES[:-1],
+            CachedHeadsPast,
+        )
+        DUMMY_PKV_GENERATOR_CLASS = CachedHeadsPast
+
+    onnx_config = FalconCachedHeadsConfig(
+        config, task="text-generation", use_past=True, use_past_in_inputs=True
+    )
+    return {"model": onnx_config}
+
+
+def _optimum_export(
+    hf_dir: Path, staging: Path, trust_remote_code: bool, custom_configs: dict | None = None
+) -> None:
     from optimum.exporters.onnx import main_export
 
     with quiet_libraries():
@@ -170,6 +202,7 @@ def _optimum_export(hf_dir: Path, staging: Path, trust_remote_code: bool) -> Non
                 do_validation=False,
                 trust_remote_code=trust_remote_code,
                 local_files_only=True,
+                custom_onnx_configs=custom_configs,
             )
         except (ValueError, RuntimeError, KeyError) as error:
             reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""

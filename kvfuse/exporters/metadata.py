@@ -24,6 +24,7 @@ class ModelFacts:
     num_layers: int
     num_heads: int
     num_kv_heads: int
+    cache_kv_heads: int  # heads the exported KV cache holds (Falcon's new arch: all of them)
     head_dim: int
     hidden_size: int
     vocab_size: int
@@ -47,6 +48,9 @@ class ModelFacts:
             num_layers=config.num_hidden_layers,
             num_heads=heads,
             num_kv_heads=_kv_heads(config),
+            cache_kv_heads=heads
+            if getattr(config, "new_decoder_architecture", False)
+            else _kv_heads(config),
             head_dim=head_dim,
             hidden_size=config.hidden_size,
             vocab_size=config.vocab_size,

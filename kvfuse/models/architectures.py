@@ -36,6 +36,12 @@ ARCHITECTURES: dict[str, dict] = {
         "gap": "partial rotary, per-head interleaved packed QKV",
     },
     "falcon": {**_LAYER_NORM, "rope": "half", "fuses": True},
+    "falcon_gqa": {
+        **_LAYER_NORM,
+        "rope": "half",
+        "fuses": False,
+        "gap": "K/V broadcast to every head inside a 5-D view of the fused projection",
+    },
 }
 
 

@@ -45,6 +45,18 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         "parallel_attn": True,
         "bias": False,
     },
+    # grouped KV heads: Optimum's own config cannot export this; kvfuse's exporter can
+    "falcon_gqa": {
+        "model_type": "falcon",
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_kv_heads": 2,
+        "new_decoder_architecture": True,
+        "alibi": False,
+        "parallel_attn": True,
+        "bias": False,
+    },
 }
 
 

@@ -55,7 +55,7 @@ def test_export_metadata_records_architecture_facts(tiny_export, name):
     runner = ConcatCacheRunner(out / "model.onnx")
     assert len(runner.past_names) == 2 * facts["num_layers"]
     kv_heads_in_graph = runner.inputs["past_key_values.0.key"].shape[1]
-    assert kv_heads_in_graph == facts["num_kv_heads"]
+    assert kv_heads_in_graph == facts["cache_kv_heads"]
     assert facts["positions"] == ("learned" if name == "gpt2" else "rope")
     if name == "gpt_neox":
         assert facts["rotary_dim"] == 4  # rotary_pct 0.25 of head_dim 16
@@ -65,7 +65,15 @@ def test_export_metadata_records_architecture_facts(tiny_export, name):
 
 def test_grouped_kv_heads_where_architecture_allows(tiny_export):
     """The tiny Llama-family models really are GQA, Falcon really is multi-query."""
-    for name, kv_heads in [("llama", 2), ("mistral", 2), ("qwen2", 2), ("phi3", 2), ("falcon", 1)]:
+    pairs = [
+        ("llama", 2),
+        ("mistral", 2),
+        ("qwen2", 2),
+        ("phi3", 2),
+        ("falcon", 1),
+        ("falcon_gqa", 2),
+    ]
+    for name, kv_heads in pairs:
         _, out = tiny_export(name)
         assert json.loads((out / "kvfuse-export.json").read_text())["model"]["num_kv_heads"] == (
             kv_heads
