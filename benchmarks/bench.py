@@ -132,16 +132,10 @@ def _hf_generate(model, torch):
 
 
 def plain_runner(work: Path, threads: int):
-    import onnxruntime as ort
 
     from kvfuse.exporters.reference import ConcatCacheRunner
 
     runner = ConcatCacheRunner(work / "export" / "model.onnx", threads=threads)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    runner.session = ort.InferenceSession(
-        str(work / "export" / "model.onnx"), options, providers=["CPUExecutionProvider"]
-    )
 
     def run(ids, new, decode=False):
         start = time.perf_counter()

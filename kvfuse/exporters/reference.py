@@ -19,13 +19,18 @@ PAST_PREFIX = "past_key_values."
 class ConcatCacheRunner:
     """Drive an ONNX causal LM with past KV: `prefill(ids)`, then `step(ids)` repeatedly."""
 
-    def __init__(self, model_path: Path, threads: int = 2) -> None:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.log_severity_level = 3
-        self.session = ort.InferenceSession(
-            str(model_path), options, providers=["CPUExecutionProvider"]
-        )
+    def __init__(
+        self, model_path: Path | None, threads: int = 2, session: ort.InferenceSession | None = None
+    ) -> None:
+        """Open `model_path` in onnxruntime (default optimisations), or drive `session`."""
+        if session is None:
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = threads
+            options.log_severity_level = 3
+            session = ort.InferenceSession(
+                str(model_path), options, providers=["CPUExecutionProvider"]
+            )
+        self.session = session
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.past_names = [n for n in self.inputs if n.startswith(PAST_PREFIX)]
         self.output_names = [o.name for o in self.session.get_outputs()]

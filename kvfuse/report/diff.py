@@ -14,7 +14,7 @@ from typing import Any
 
 import onnx
 
-from kvfuse.report.summary import load_structure
+from kvfuse.report.summary import bytes_on_disk, load_structure
 from kvfuse.rewriter.pipeline import layer_of
 from kvfuse.rewriter.rules import REPLACED_TAG, RULE_TAG
 
@@ -61,14 +61,9 @@ def build_report(a: Path, b: Path, optimize_result: Any = None) -> dict:
 
 def _model_facts(path: Path, model: onnx.ModelProto) -> dict:
     graph = model.graph
-    files = {path.resolve()}
-    for tensor in graph.initializer:
-        files.update(
-            (path.parent / e.value).resolve() for e in tensor.external_data if e.key == "location"
-        )
     return {
         "path": str(path),
-        "file_bytes": sum(f.stat().st_size for f in files if f.is_file()),
+        "file_bytes": bytes_on_disk(path, model),
         "nodes": len(graph.node),
         "initializers": len(graph.initializer),
         "initializer_bytes": sum(_tensor_bytes(t) for t in graph.initializer),

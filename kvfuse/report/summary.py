@@ -45,7 +45,7 @@ def summarize(path: Path) -> GraphSummary:
     histogram = collections.Counter(node.op_type for node in graph.node)
     return GraphSummary(
         path=str(path),
-        file_bytes=_bytes_on_disk(path, model),
+        file_bytes=bytes_on_disk(path, model),
         nodes=len(graph.node),
         op_histogram=dict(histogram.most_common()),
         opsets={entry.domain or "ai.onnx": entry.version for entry in model.opset_import},
@@ -60,7 +60,7 @@ def _dims(value: onnx.ValueInfoProto) -> list[int | str]:
     return [d.dim_param if d.HasField("dim_param") else d.dim_value for d in shape.dim]
 
 
-def _bytes_on_disk(path: Path, model: onnx.ModelProto) -> int:
+def bytes_on_disk(path: Path, model: onnx.ModelProto) -> int:
     """The model file plus every external-data file it references (each counted once)."""
     files = {path.resolve()}
     for tensor in model.graph.initializer:

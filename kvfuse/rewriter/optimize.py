@@ -201,14 +201,14 @@ def _default_context(export_info: dict | None) -> int:
 
 
 def _load(model_path: Path) -> ir.Model:
-    load_structure(model_path)  # one-line error for a missing, corrupt or non-ONNX file
-    _check_external_data(model_path)
+    proto = load_structure(model_path)  # one-line error for a missing or corrupt file
+    _check_external_data(model_path, proto)
+    del proto  # ir.load reads it again, with its weights; keep one copy in memory at a time
     return ir.load(model_path)
 
 
-def _check_external_data(model_path: Path) -> None:
+def _check_external_data(model_path: Path, proto) -> None:
     """Refuse external-data locations outside the model's directory (untrusted input)."""
-    proto = load_structure(model_path)
     root = model_path.parent.resolve()
     for tensor in proto.graph.initializer:
         for entry in tensor.external_data:

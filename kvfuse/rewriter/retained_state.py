@@ -63,8 +63,7 @@ def convert_to_retained_state(
         rotary = _rotary_caches(graph, node, max_context, caches)
         past_k, past_v = node.inputs[3], node.inputs[4]
         kv_heads = node.attributes.get_int("kv_num_heads")
-        head_dim = past_k.shape[-1] if node.attributes.get_string("layout") != "SBHD" else None
-        head_dim = head_dim or past_k.shape[3]
+        head_dim = past_k.shape[-1]  # D is last in every cache layout
         presents = (_present_of(past_k), _present_of(past_v))
         window = sliding_window if sliding_window and sliding_window < max_context else None
         gqa = lower_cached_attention(graph, node, presents, seqlens, total, rotary, window)

@@ -106,8 +106,7 @@ def verify(
     seed: int = 0,
 ) -> Verification:
     """Compare logits and greedy tokens of `rewritten` against `original` step by step."""
-    reference = ConcatCacheRunner(original)
-    reference.session = _session(Path(original))
+    reference = ConcatCacheRunner(None, session=_session(Path(original)))
     candidate = FixedCacheRunner(rewritten, pairs, kv_shape)
     vocab = _vocab_size(reference.session)
     ids = np.random.default_rng(seed).integers(3, min(vocab, 1000), size=(batch, prompt_tokens))
@@ -176,9 +175,7 @@ def locate_divergence(
         return None
     for proto in (original_proto, candidate_proto):
         proto.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in shared)
-    reference = ConcatCacheRunner(original)
-    reference.session = _session(original_proto.SerializeToString())
-    reference.output_names = [o.name for o in reference.session.get_outputs()]
+    reference = ConcatCacheRunner(None, session=_session(original_proto.SerializeToString()))
     candidate = FixedCacheRunner(candidate_proto.SerializeToString(), pairs, kv_shape)
     vocab = _vocab_size(reference.session)
     ids = np.random.default_rng(seed).integers(3, min(vocab, 1000), size=(1, prompt_tokens))
