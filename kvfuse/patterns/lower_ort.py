@@ -17,7 +17,15 @@ import numpy as np
 import onnx_ir as ir
 
 from kvfuse.rewriter.pipeline import layer_of
-from kvfuse.rewriter.rules import KVFUSE_DOMAIN, REPLACED_TAG, RULE_TAG, Rule, like, replaced_by
+from kvfuse.rewriter.rules import (
+    KVFUSE_DOMAIN,
+    REPLACED_TAG,
+    RULE_TAG,
+    Rule,
+    like,
+    replaced_by,
+    take_over,
+)
 from kvfuse.rewriter.shapes import symbolic_ints
 
 MS_DOMAIN = "com.microsoft"
@@ -51,8 +59,8 @@ def lower_skip_rms_norms(model: ir.Model) -> dict[str, int]:
         graph.insert_before(norm, skip)
         like(skip.outputs[0], norm.outputs[0])
         like(skip.outputs[3], add.outputs[0])
-        _replace_value(graph, norm.outputs[0], skip.outputs[0])
-        _replace_value(graph, add.outputs[0], skip.outputs[3])
+        take_over(graph, norm.outputs[0], skip.outputs[0])
+        take_over(graph, add.outputs[0], skip.outputs[3])
         graph.remove([norm, add], safe=True)
         fused += 1
     return {"lower/skip_rms": fused}
@@ -97,9 +105,10 @@ def lower_cached_attention(
     total_length: ir.Value,
     rotary_caches: tuple[ir.Value, ir.Value] | None,
     local_window: int | None = None,
-) -> ir.Node:
+) -> tuple[ir.Value, ir.Value]:
     """Replace one CachedAttention node by GroupQueryAttention, which also takes over the
-    layer's `present` graph outputs (so far the old Concats'); returns the new node."""
+    layer's `present` graph outputs (so far the old Concats'); returns the new presents."""
+    graph.opset_imports.setdefault(MS_DOMAIN, 1)
     attributes = node.attributes
     q, k, v, past_k, past_v = node.inputs[:5]
     seq_first = attributes.get_string("layout") == "SBHD"
@@ -131,28 +140,17 @@ def lower_cached_attention(
     output = gqa.outputs[0]
     if seq_first:
         output = _transpose(graph, node, output, [1, 0, 2])
-    _replace_value(graph, node.outputs[0], output)
+    take_over(graph, node.outputs[0], output)
     for old, new in zip(presents, gqa.outputs[1:], strict=True):
-        _replace_value(graph, old, new)
+        take_over(graph, old, new)
     graph.remove(node, safe=True)
-    return gqa
+    return gqa.outputs[1], gqa.outputs[2]
 
 
 def _transpose(graph: ir.Graph, anchor: ir.Node, value: ir.Value, perm: list[int]) -> ir.Value:
     node = ir.node("Transpose", [value], attributes={"perm": perm})
     graph.insert_before(anchor, node)
     return node.outputs[0]
-
-
-def _replace_value(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
-    """Point every use and graph-output slot of `old` at `new`, keeping an output's name."""
-    name = old.name
-    for index, output in enumerate(graph.outputs):
-        if output is old:
-            old.name = f"{name}__replaced"
-            new.name = name
-            graph.outputs[index] = new
-    ir.convenience.replace_all_uses_with(old, new)
 
 
 def pack_qkv_projections(model: ir.Model) -> dict[str, int]:

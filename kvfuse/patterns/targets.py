@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from kvfuse.patterns import lower_ort, norm, rotary
+import dataclasses
+from collections.abc import Callable
+
+from kvfuse.patterns import lower_onnx, lower_ort, norm, rotary
 from kvfuse.patterns.attention import cached, diagnose, repeat_kv, sdpa
 from kvfuse.rewriter import shapes
 from kvfuse.rewriter.pipeline import Stage
@@ -20,11 +23,38 @@ FUSION_STAGES = [
 EXPLAIN_RULES = cached.RULES + sdpa.RULES + rotary.RULES + repeat_kv.RULES
 DIAGNOSE = diagnose.diagnose_softmax
 
-ORT_LOWERING = [
-    Stage("infer shapes through the fused ops", run=shapes.infer_shapes),
-    Stage("lower residual + RMSNorm to onnxruntime ops", run=lower_ort.lower_skip_rms_norms),
-    Stage("lower RMSNorm to onnxruntime ops", rules=lower_ort.NORM_RULES),
-]
 
-# after the retained-state conversion (which creates the GroupQueryAttention nodes)
-ORT_FINISHING = [Stage("pack Q/K/V projections", run=lower_ort.pack_qkv_projections)]
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """How the fused graph becomes one runtime's ops: stages before the retained-state
+    conversion, the attention lowering it uses, and stages after it."""
+
+    name: str
+    lowering: list[Stage]
+    attention: Callable[[int], Callable]  # max_context → a per-graph CachedAttention lowering
+    finishing: list[Stage]
+
+
+ORT = Target(
+    "ort",
+    lowering=[
+        Stage("infer shapes through the fused ops", run=shapes.infer_shapes),
+        Stage("lower residual + RMSNorm to onnxruntime ops", run=lower_ort.lower_skip_rms_norms),
+        Stage("lower RMSNorm to onnxruntime ops", rules=lower_ort.NORM_RULES),
+    ],
+    attention=lambda max_context: lower_ort.lower_cached_attention,
+    finishing=[Stage("pack Q/K/V projections", run=lower_ort.pack_qkv_projections)],
+)
+
+ONNX = Target(
+    "onnx",
+    lowering=[
+        Stage("infer shapes through the fused ops", run=shapes.infer_shapes),
+        Stage("move to opset 24", run=lower_onnx.convert_opset),
+        Stage("lower RMSNorm to RMSNormalization", rules=lower_onnx.NORM_RULES),
+    ],
+    attention=lower_onnx.AttentionLowering,
+    finishing=[],
+)
+
+TARGETS = {target.name: target for target in (ORT, ONNX)}

@@ -4,11 +4,12 @@ Prefill of 512 tokens through SmolLM2's 49,152-word head is 14.5 GFLOP and 100 M
 of which generation reads one row. The position each row needs is derived from the inputs the
 retained-state graph already has:
 
-    index[b] = max(0, seqlens_k[b] − total_sequence_length + S)
+    index[b] = min(seqlens_k[b], S − 1)
 
 which is the row's last real token in a (right-padded) first prompt, the last token of a
-prefill chunk, and 0 in a decode step. The hidden state at that index is gathered before the
-output projection: `logits` becomes [B, 1, vocab].
+prefill chunk (whose end is the row's last valid position), and 0 in a decode step. The
+hidden state at that index is gathered before the output projection: `logits` becomes
+[B, 1, vocab].
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from kvfuse.rewriter.retained_state import SEQLENS, TOTAL_LENGTH
+from kvfuse.rewriter.retained_state import SEQLENS
 from kvfuse.rewriter.rules import RULE_TAG
 
 
@@ -50,18 +51,12 @@ def gather_last_logits(model: ir.Model) -> dict[str, int]:
 
 
 def _index_nodes(inputs: dict[str, ir.Value]):
-    """index = max(0, seqlens_k − total + S), int64 [B]."""
+    """index = min(seqlens_k, S − 1), int64 [B]."""
     nodes: list[ir.Node] = []
     seqlens = _add(nodes, "Cast", [inputs[SEQLENS]], to=ir.DataType.INT64)
-    total = _add(nodes, "Cast", [inputs[TOTAL_LENGTH]], to=ir.DataType.INT64)
     new_tokens = _add(nodes, "Shape", [inputs["input_ids"]], start=1, end=2)
-    offset = _add(nodes, "Sub", [new_tokens, total])
-    index = _add(
-        nodes,
-        "Max",
-        [_add(nodes, "Add", [seqlens, offset]), _const(nodes, np.array([0], np.int64))],
-    )
-    return nodes, index
+    last = _add(nodes, "Sub", [new_tokens, _const(nodes, np.array([1], np.int64))])
+    return nodes, _add(nodes, "Min", [seqlens, last])
 
 
 def _add(nodes: list[ir.Node], op_type: str, inputs: list[ir.Value], **attributes) -> ir.Value:

@@ -26,7 +26,6 @@ from kvfuse.rewriter.last_logits import gather_last_logits
 from kvfuse.rewriter.pipeline import Stage
 from kvfuse.rewriter.verify import Verification, locate_divergence, verify
 
-TARGETS = ("ort",)
 DEFAULT_MAX_CONTEXT = 2048
 COMPANION_FILES = (
     "tokenizer.json",
@@ -84,7 +83,7 @@ def optimize(
     Args:
         source: an `.onnx` file, or a directory written by `kvfuse export`.
         output: the `.onnx` file to write (refused if it exists unless `overwrite`).
-        target: "ort" (onnxruntime contrib ops).
+        target: "ort" (onnxruntime contrib ops) or "onnx" (standard opset-24 ops only).
         max_context: KV buffer length; default min(model's max positions, 2048).
         batch_size: make the batch dim static.
         logits: "last" computes logits for each row's last position only (what generation
@@ -99,8 +98,10 @@ def optimize(
     """
     if logits not in ("last", "all"):
         raise KvfuseError(f"logits must be 'last' or 'all', not {logits!r}")
-    if target not in TARGETS:
-        raise KvfuseError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    if target not in targets.TARGETS:
+        choices = ", ".join(targets.TARGETS)
+        raise KvfuseError(f"unknown target {target!r}; choose one of {choices}")
+    lowering = targets.TARGETS[target]
     steps = Steps(quiet)
     model_path, export_info = _resolve_input(Path(source))
     output = Path(output)
@@ -134,12 +135,12 @@ def optimize(
     if result.fused_layers < len(layers):
         raise PartialFusion(result)
     with steps.step(f"Lowering to {target} with fixed {max_context}-position KV buffers"):
-        records += pipeline.run_stages(model, targets.ORT_LOWERING)
+        records += pipeline.run_stages(model, lowering.lowering)
         window = (export_info or {}).get("model", {}).get("sliding_window")
         signature = retained_state.convert_to_retained_state(
-            model, max_context, batch_size, sliding_window=window
+            model, max_context, batch_size, lowering.attention(max_context), sliding_window=window
         )
-        records += pipeline.run_stages(model, targets.ORT_FINISHING)
+        records += pipeline.run_stages(model, lowering.finishing)
         if logits == "last":
             records += pipeline.run_stages(
                 model, [Stage("logits for the last position", run=gather_last_logits)]

@@ -1,7 +1,8 @@
 """Graph-level KV conversion: growing Concat caches → fixed, in-place retained-state buffers.
 
 After the attention rules, each layer is one `CachedAttention` reading `past_key_values.{i}.*`
-graph inputs and producing `present.{i}.*` graph outputs. Here the signature changes:
+graph inputs and producing `present.{i}.*` graph outputs. The target's lowering replaces each
+(GroupQueryAttention for `ort`, TensorScatter + Attention for `onnx`); the signature changes:
 
 - every past input and present output becomes `[batch, kv_heads, max_context, head_dim]`, the
   same buffer updated in place (the runtime binds both to one OrtValue);
@@ -15,12 +16,12 @@ graph inputs and producing `present.{i}.*` graph outputs. Here the signature cha
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import numpy as np
 import onnx_ir as ir
 
 from kvfuse.errors import KvfuseError
-from kvfuse.patterns.lower_ort import MS_DOMAIN, lower_cached_attention
 from kvfuse.rewriter import rotary_cache
 from kvfuse.rewriter.rules import KVFUSE_DOMAIN
 
@@ -41,18 +42,27 @@ class KVSignature:
     logits: str = "all"  # "last": one position per row
 
 
-def convert_to_retained_state(
-    model: ir.Model, max_context: int, batch_size: int | None, sliding_window: int | None = None
-) -> KVSignature:
-    """Lower every CachedAttention to GQA over fixed buffers and rewrite the graph signature.
+# (graph, CachedAttention, its old presents, seqlens_k, total_sequence_length, rotary tables
+# or None, sliding window or None) → the new (present_k, present_v); supplied by the target
+LowerAttention = Callable[..., tuple[ir.Value, ir.Value]]
 
-    `sliding_window` (from the export's facts, e.g. Mistral's) becomes GQA's
-    local_window_size when it is shorter than the buffers; the dropped mask encoded it."""
+
+def convert_to_retained_state(
+    model: ir.Model,
+    max_context: int,
+    batch_size: int | None,
+    lower: LowerAttention,
+    sliding_window: int | None = None,
+) -> KVSignature:
+    """Lower every CachedAttention (with the target's `lower`) over fixed buffers and rewrite
+    the graph signature.
+
+    `sliding_window` (from the export's facts, e.g. Mistral's) is passed to the lowering when
+    it is shorter than the buffers; the dropped mask encoded it."""
     graph = model.graph
     nodes = [n for n in graph if n.domain == KVFUSE_DOMAIN and n.op_type == "CachedAttention"]
     if not nodes:
         raise KvfuseError("no attention layer was fused; nothing to convert (see --explain)")
-    model.opset_imports.setdefault(MS_DOMAIN, 1)
     batch = batch_size if batch_size is not None else "batch_size"
     seqlens = _add_input(graph, SEQLENS, ir.DataType.INT32, [batch])
     total = _add_input(graph, TOTAL_LENGTH, ir.DataType.INT32, [])
@@ -66,8 +76,8 @@ def convert_to_retained_state(
         head_dim = past_k.shape[-1]  # D is last in every cache layout
         presents = (_present_of(past_k), _present_of(past_v))
         window = sliding_window if sliding_window and sliding_window < max_context else None
-        gqa = lower_cached_attention(graph, node, presents, seqlens, total, rotary, window)
-        for past, present in ((past_k, gqa.outputs[1]), (past_v, gqa.outputs[2])):
+        new_presents = lower(graph, node, presents, seqlens, total, rotary, window)
+        for past, present in zip((past_k, past_v), new_presents, strict=True):
             fixed = ir.Shape([batch, kv_heads, max_context, head_dim])
             past.shape, present.shape = fixed, ir.Shape(fixed)
             present.dtype = past.dtype

@@ -41,6 +41,17 @@ def like(value: ir.Value, reference: ir.Value) -> ir.Value:
     return value
 
 
+def take_over(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
+    """Point every use and graph-output slot of `old` at `new`, keeping an output's name."""
+    name = old.name
+    for index, output in enumerate(graph.outputs):
+        if output is old:
+            old.name = f"{name}__replaced"
+            new.name = name
+            graph.outputs[index] = new
+    ir.convenience.replace_all_uses_with(old, new)
+
+
 def ok() -> pattern.MatchResult:
     return pattern.MatchResult()
 

@@ -87,6 +87,7 @@ class FixedCacheRunner:
         }
         if "position_ids" in self.input_names:
             feed["position_ids"] = np.tile(np.arange(self.length, total), (batch, 1))
+        feed = {name: array for name, array in feed.items() if name in self.input_names}
         self.last_outputs = self.session.run(None, feed)
         outputs = dict(zip(self.output_names, self.last_outputs, strict=True))
         self.cache = {past: outputs[present] for past, present in self.pairs}

@@ -1,0 +1,204 @@
+"""Lowering for target `onnx`: kvfuse ops → standard ONNX (opset 24), no vendor domain.
+
+Legend: B batch, S new tokens, M max_context (the fixed buffer), H heads, Hkv kv heads, D head
+dim, R rotary dims.
+
+- RMSNorm → RMSNormalization (opset 23); a residual Add stays an Add (no standard skip-norm).
+- CachedAttention → per layer
+
+    q_flat [B,S,H·D] ─ [RotaryEmbedding] ─ Reshape [B,S,H,D] ─ Transpose ──────────── q ─┐
+    k_flat ─ [RotaryEmbedding] ─ Reshape ─ Transpose ─ TensorScatter(past_k) ═ present_k ─ Attention
+    v_flat ───────────────────── Reshape ─ Transpose ─ TensorScatter(past_v) ═ present_v ─┘   │
+                                                     y_flat ─ Reshape ─ Transpose [B,S,H,D] ─┘
+
+  TensorScatter writes the S new positions of each row at its write index into the fixed
+  [B, Hkv, M, D] buffer — in place when the runtime binds past and present to one buffer.
+  Attention (GQA by its 4-D head counts) reads the whole buffer, masked by position: key j is
+  visible to the query at position p iff j ≤ p (and j > p − window under a sliding window),
+  so stale or padded buffer slots are never read. Per graph, from `seqlens_k` and S:
+
+      write_index[b] = max(0, seqlens_k[b] + 1 − S)   (0 for a first, right-padded prompt)
+      position[b, i] = write_index[b] + i              (RoPE positions, mask rows)
+
+  The rotary tables are the same baked [M, R/2] cos/sin the `ort` target hands to GQA.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir import tape
+
+from kvfuse.rewriter.pipeline import layer_of
+from kvfuse.rewriter.rules import (
+    KVFUSE_DOMAIN,
+    REPLACED_TAG,
+    RULE_TAG,
+    Rule,
+    replaced_by,
+    take_over,
+)
+
+OPSET = 24  # TensorScatter; Attention, RotaryEmbedding and RMSNormalization since 23
+INPUT_IDS = "input_ids"
+
+
+class RMSNormRule(Rule):
+    """`lower/rms_standard`: RMSNorm → RMSNormalization (fp32 statistics)."""
+
+    def __init__(self) -> None:
+        super().__init__("lower/rms_standard")
+
+    def pattern(self, op, x, weight):
+        return op.RMSNorm(x, weight, _domain=KVFUSE_DOMAIN, _outputs=["normed"])
+
+    def rewrite(self, op, x, weight, normed, **_):
+        epsilon = normed.producer().attributes.get_float("epsilon")
+        return op.RMSNormalization(x, weight, axis=-1, epsilon=epsilon, stash_type=1)
+
+
+NORM_RULES = [RMSNormRule.rule()]
+
+
+def convert_opset(model: ir.Model) -> dict[str, int]:
+    """Move the graph to opset 24 (onnxscript's version converter adapts changed ops)."""
+    from onnxscript import version_converter
+
+    before = model.opset_imports.get("", 0)
+    if before < OPSET:
+        version_converter.convert_version(model, target_version=OPSET)
+    model.ir_version = max(model.ir_version or 0, 12)  # opset 24 needs IR 12
+    return {"lower/opset_24": int(before < OPSET)}
+
+
+class AttentionLowering:
+    """Lowers each CachedAttention of one graph; the positions and masks are built once."""
+
+    def __init__(self, max_context: int) -> None:
+        self.max_context = max_context
+        self._positions: tuple[ir.Value, ir.Value] | None = None
+        self._masks: dict[int | None, ir.Value] = {}
+
+    def __call__(self, graph, node, presents, seqlens_k, total_length, rotary, window):
+        """Replace `node` by standard ops; returns the new (present_k, present_v) values."""
+        del total_length  # the write index comes from seqlens_k and S
+        attributes = node.attributes
+        heads, kv_heads = attributes.get_int("num_heads"), attributes.get_int("kv_num_heads")
+        head_dim = node.inputs[3].shape[-1]  # D is last in every cache layout
+        builder = tape.Tape()
+        write_index, positions = self._shared_positions(graph, node, seqlens_k)
+        mask = self._mask(graph, node, positions, window)
+        q, k, v = node.inputs[:3]
+        if attributes.get_string("layout") == "SBHD":  # projections are [S, B, H·D]
+            q, k, v = (builder.op("Transpose", [x], {"perm": [1, 0, 2]}) for x in (q, k, v))
+        if rotary is not None:
+            q = _rotate(builder, q, rotary, positions, heads, head_dim, attributes)
+            k = _rotate(builder, k, rotary, positions, kv_heads, head_dim, attributes)
+        past_k, past_v = node.inputs[3:5]
+        present_k = _scatter(
+            builder, past_k, _heads_first(builder, k, kv_heads, head_dim), write_index
+        )
+        present_v = _scatter(
+            builder, past_v, _heads_first(builder, v, kv_heads, head_dim), write_index
+        )
+        query = _heads_first(builder, q, heads, head_dim)
+        scale = attributes.get_float("scale")
+        attended = builder.op("Attention", [query, present_k, present_v, mask], {"scale": scale})
+        output = builder.op("Transpose", [attended], {"perm": [0, 2, 1, 3]})
+        output = builder.op("Reshape", [output, _ints(builder, [0, 0, heads * head_dim])])
+        if attributes.get_string("layout") == "SBHD":
+            output = builder.op("Transpose", [output], {"perm": [1, 0, 2]})
+        _tag(builder.nodes, node, presents)
+        graph.insert_before(node, builder.nodes)
+        take_over(graph, node.outputs[0], output)
+        for old, new in zip(presents, (present_k, present_v), strict=True):
+            take_over(graph, old, new)
+        graph.remove(node, safe=True)
+        return present_k, present_v
+
+    def _shared_positions(self, graph, anchor, seqlens_k):
+        """(write_index [B], position [B, S]) int64, built before the first attention."""
+        if self._positions is None:
+            builder = tape.Tape()
+            input_ids = next(v for v in graph.inputs if v.name == INPUT_IDS)
+            new = builder.op("Shape", [input_ids], {"start": 1, "end": 2})  # [S]
+            seqlens = builder.op("Cast", [seqlens_k], {"to": ir.DataType.INT64})
+            first = builder.op("Add", [seqlens, builder.op("Sub", [_ints(builder, [1]), new])])
+            write_index = builder.op("Max", [first, _ints(builder, [0])])
+            steps = builder.op(
+                "Range", [_ints(builder, 0), builder.op("Squeeze", [new]), _ints(builder, 1)]
+            )
+            positions = builder.op(
+                "Add",
+                [
+                    builder.op("Unsqueeze", [write_index, _ints(builder, [1])]),
+                    builder.op("Unsqueeze", [steps, _ints(builder, [0])]),
+                ],
+            )
+            _tag_rule(builder.nodes, "lower/positions")
+            graph.insert_before(anchor, builder.nodes)
+            self._positions = (write_index, positions)
+        return self._positions
+
+    def _mask(self, graph, anchor, positions, window):
+        """bool [B, 1, S, M]: key j visible to the query at position p iff j ≤ p (and
+        j > p − window)."""
+        if window not in self._masks:
+            builder = tape.Tape()
+            keys = _ints(builder, np.arange(self.max_context, dtype=np.int64))
+            query = builder.op("Unsqueeze", [positions, _ints(builder, [2])])  # [B, S, 1]
+            visible = builder.op("LessOrEqual", [keys, query])
+            if window is not None:
+                oldest = builder.op("Sub", [query, _ints(builder, window)])
+                visible = builder.op("And", [visible, builder.op("Greater", [keys, oldest])])
+            mask = builder.op("Unsqueeze", [visible, _ints(builder, [1])])
+            _tag_rule(builder.nodes, "lower/position_mask")
+            graph.insert_before(anchor, builder.nodes)
+            self._masks[window] = mask
+        return self._masks[window]
+
+
+def _rotate(builder, flat, tables, positions, heads, head_dim, attributes) -> ir.Value:
+    cos, sin = tables
+    rotary_dims = 2 * cos.shape[-1]
+    return builder.op(
+        "RotaryEmbedding",
+        [flat, cos, sin, positions],
+        {
+            "num_heads": heads,
+            "interleaved": attributes.get_int("rotary_interleaved", 0),
+            "rotary_embedding_dim": rotary_dims if rotary_dims < head_dim else 0,
+        },
+    )
+
+
+def _heads_first(builder, flat: ir.Value, heads: int, head_dim: int) -> ir.Value:
+    """[B, S, H·D] → [B, H, S, D]."""
+    split = builder.op("Reshape", [flat, _ints(builder, [0, 0, heads, head_dim])])
+    return builder.op("Transpose", [split], {"perm": [0, 2, 1, 3]})
+
+
+def _scatter(builder, past: ir.Value, new: ir.Value, write_index: ir.Value) -> ir.Value:
+    return builder.op("TensorScatter", [past, new, write_index], {"axis": 2, "mode": "linear"})
+
+
+def _ints(builder, values) -> ir.Value:
+    return builder.op("Constant", [], {"value": ir.tensor(np.asarray(values, dtype=np.int64))})
+
+
+def _tag(nodes: list[ir.Node], fused: ir.Node, presents) -> None:
+    concats = [entry for present in presents for entry in replaced_by(present.producer())]
+    entries = dict.fromkeys(tuple(e) for e in replaced_by(fused) + concats)  # ordered, unique
+    rule = fused.metadata_props.get(RULE_TAG, "attention/cached")
+    layer = layer_of(fused.inputs[3].name) or fused.name
+    for index, node in enumerate(nodes):
+        node.name = f"/model/layers.{layer}/attn/{node.op_type}_{index}"
+        node.metadata_props[RULE_TAG] = rule
+        node.metadata_props[REPLACED_TAG] = json.dumps([list(e) for e in entries])
+
+
+def _tag_rule(nodes: list[ir.Node], rule: str) -> None:
+    for node in nodes:
+        node.metadata_props[RULE_TAG] = rule
