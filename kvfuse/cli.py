@@ -55,7 +55,9 @@ def export(
 def optimize(
     source: Annotated[Path, typer.Argument(help="An .onnx file or a `kvfuse export` directory.")],
     output: Annotated[Path, typer.Argument(help="The optimized .onnx file to write.")],
-    target: Annotated[str, typer.Option(help="Lowering target: ort.")] = "ort",
+    target: Annotated[
+        str, typer.Option(help="'ort': onnxruntime's fused ops; 'onnx': standard ops only.")
+    ] = "ort",
     max_context: Annotated[
         int | None, typer.Option(help="KV buffer length (default: min(model, 2048)).")
     ] = None,
@@ -63,6 +65,17 @@ def optimize(
     logits: Annotated[
         str, typer.Option(help="'last': logits of each row's last position only; 'all'.")
     ] = "last",
+    static: Annotated[
+        bool,
+        typer.Option(
+            "--static",
+            help="(--target onnx) Write a prefill and a decode graph with every dim fixed, "
+            "sharing one weights file: OUTPUT.prefill.onnx, OUTPUT.decode.onnx, OUTPUT.weights.",
+        ),
+    ] = False,
+    prefill_len: Annotated[
+        int | None, typer.Option(help="New tokens per prefill step of --static (default 128).")
+    ] = None,
     explain: Annotated[
         bool, typer.Option("--explain", help="Show every layer and each near miss.")
     ] = False,
@@ -76,7 +89,8 @@ def optimize(
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress, no summary.")] = False,
 ) -> None:
-    """Fuse attention + KV cache into GroupQueryAttention with fixed, in-place KV buffers."""
+    """Fuse attention + KV cache into fixed, in-place KV buffers (GroupQueryAttention for
+    --target ort; TensorScatter + Attention for --target onnx)."""
     from kvfuse.rewriter.optimize import PartialFusion
     from kvfuse.rewriter.optimize import optimize as run_optimize
 
@@ -88,6 +102,8 @@ def optimize(
             max_context=max_context,
             batch_size=batch_size,
             logits=logits,
+            static=static,
+            prefill_len=prefill_len,
             verify_numerics=not no_verify,
             overwrite=overwrite,
             quiet=quiet,

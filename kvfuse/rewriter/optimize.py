@@ -11,6 +11,7 @@ import json
 import shutil
 from pathlib import Path
 
+import onnx
 import onnx_ir as ir
 from onnxscript import optimizer
 
@@ -22,11 +23,13 @@ from kvfuse.patterns import targets
 from kvfuse.progress import Steps
 from kvfuse.report.summary import load_structure
 from kvfuse.rewriter import pipeline, retained_state, shapes
+from kvfuse.rewriter import static as static_graphs
 from kvfuse.rewriter.last_logits import gather_last_logits
 from kvfuse.rewriter.pipeline import Stage
 from kvfuse.rewriter.verify import Verification, locate_divergence, verify
 
 DEFAULT_MAX_CONTEXT = 2048
+DEFAULT_PREFILL_LEN = 128
 COMPANION_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -52,6 +55,7 @@ class OptimizeResult:
     layers: list[pipeline.LayerOutcome]
     verification: Verification | None
     signature: retained_state.KVSignature | None
+    shared_weights: static_graphs.SharedWeights | None = None  # a static pair's weights file
 
     @property
     def fused_layers(self) -> int:
@@ -74,6 +78,8 @@ def optimize(
     max_context: int | None = None,
     batch_size: int | None = None,
     logits: str = "last",
+    static: bool = False,
+    prefill_len: int | None = None,
     verify_numerics: bool = True,
     overwrite: bool = False,
     quiet: bool = False,
@@ -88,6 +94,11 @@ def optimize(
         batch_size: make the batch dim static.
         logits: "last" computes logits for each row's last position only (what generation
             reads); "all" keeps logits for every position.
+        static: (target "onnx") write two fully static graphs instead of one, a prefill graph
+            of `prefill_len` new tokens and a decode graph of one, sharing one weights file:
+            OUT.prefill.onnx, OUT.decode.onnx, OUT.weights, OUT.kvfuse.json. Batch defaults
+            to 1.
+        prefill_len: new tokens per prefill step of a static pair (default 128).
         verify_numerics: compare against the original before writing (default on).
         overwrite: replace an existing output (never the input).
         quiet: no progress display.
@@ -108,6 +119,9 @@ def optimize(
     if output.suffix != ".onnx":
         raise KvfuseError(f"output {output} must be an .onnx file path")
     max_context = max_context or _default_context(export_info)
+    if static:
+        batch_size = batch_size or 1
+        prefill_len = _check_static_request(target, prefill_len, max_context)
     with steps.step(f"Loading {model_path.name}"):
         model = _load(model_path)
     before_nodes, before_ops = pipeline.count_nodes(model), pipeline.op_histogram(model)
@@ -148,15 +162,27 @@ def optimize(
             logits = "last" if records[-1].counts["logits/last_position"] else "all"
         records += pipeline.run_stages(model, [Stage("final clean up", run=_clean_up)])
     signature.logits = logits
+    if static:
+        signature.static = static_layout(output, prefill_len)
     _stamp_metadata(model, signature, target, model_path)
     result.nodes_after, result.ops_after = pipeline.count_nodes(model), pipeline.op_histogram(model)
     result.signature = signature
     proto_bytes = ir.serde.serialize_model(model).SerializeToString()
+    candidate, pair = proto_bytes, None
+    if static:
+        del model
+        with steps.step(f"Specialising static graphs (S = {prefill_len} and S = 1)"):
+            pair = {
+                role: static_graphs.specialize(onnx.load_from_string(proto_bytes), s, _clean_up)
+                for role, s in (("prefill", prefill_len), ("decode", 1))
+            }
+            candidate = {prefill_len: pair["prefill"], 1: pair["decode"]}
+            result.nodes_after = len(pair["decode"].graph.node)
     if verify_numerics:
         with steps.step("Verifying against the original (prefill + 8 decode steps)"):
             kv_shape = [batch_size or 1, signature.kv_heads, max_context, signature.head_dim]
             result.verification = verify(
-                model_path, proto_bytes, signature.pairs, kv_shape, batch=batch_size or 1
+                model_path, candidate, signature.pairs, kv_shape, batch=batch_size or 1
             )
         if not result.verification.passed:
             where = locate_divergence(model_path, proto_bytes, signature.pairs, kv_shape)
@@ -164,8 +190,12 @@ def optimize(
                 f"{result.verification.summary()}; {where or 'no shared tensor to compare'}; "
                 "nothing was written"
             )
-    with steps.step(f"Writing {output}"):
-        _write(output, proto_bytes, model_path, result, overwrite)
+    with steps.step(f"Writing {output if pair is None else output.with_suffix('.*')}"):
+        if pair is None:
+            _write(output, proto_bytes, model_path, result, overwrite)
+        else:
+            result.shared_weights = _write_static(output, pair, model_path, result, overwrite)
+            output = output.parent / signature.static["graphs"]["decode"]
     result.output = output
     return result
 
@@ -183,6 +213,29 @@ class PartialFusion(KvfuseError):
             f"{reason}); run with --explain for every near miss; nothing was written"
         )
         self.result = result
+
+
+def _check_static_request(target: str, prefill_len: int | None, max_context: int) -> int:
+    if target != "onnx":
+        raise KvfuseError("--static needs --target onnx (standard ops with static shapes)")
+    prefill_len = prefill_len or min(DEFAULT_PREFILL_LEN, max_context)
+    if not 1 < prefill_len <= max_context:
+        raise KvfuseError(
+            f"--prefill-len {prefill_len} must be between 2 and --max-context ({max_context})"
+        )
+    return prefill_len
+
+
+def static_layout(output: Path, prefill_len: int) -> dict:
+    """The files of a static pair written for OUT.onnx, as recorded in its metadata."""
+    return {
+        "prefill_len": prefill_len,
+        "graphs": {
+            "prefill": f"{output.stem}.prefill.onnx",
+            "decode": f"{output.stem}.decode.onnx",
+        },
+        "weights": f"{output.stem}.weights",
+    }
 
 
 def _resolve_input(source: Path) -> tuple[Path, dict | None]:
@@ -261,6 +314,7 @@ def metadata_record(signature, target: str, source: Path) -> dict:
         "logits": signature.logits,
         "head_dim": signature.head_dim,
         "kv_pairs": [{"past": p, "present": q} for p, q in signature.pairs],
+        **({"static": signature.static} if signature.static else {}),
         "inputs": signature.inputs,
         "feeds": {
             "seqlens_k": "int32 [batch]: valid positions − 1 per row, after this step",
@@ -273,15 +327,39 @@ def metadata_record(signature, target: str, source: Path) -> dict:
 def _write(output: Path, proto_bytes: bytes, source: Path, result, overwrite: bool) -> None:
     with staged_file(output, overwrite=overwrite, inputs=[source]) as staging:
         (staging / output.name).write_bytes(proto_bytes)
-        sidecar = {
-            **metadata_record(result.signature, result.target, source),
-            "rule_counts": result.rule_counts,
-            "nodes_before": result.nodes_before,
-            "nodes_after": result.nodes_after,
-        }
-        if result.verification is not None:
-            sidecar["verification"] = dataclasses.asdict(result.verification)
-        (staging / f"{output.stem}.kvfuse.json").write_text(json.dumps(sidecar, indent=2))
-        for name in COMPANION_FILES:
-            if (source.parent / name).is_file() and not (output.parent / name).exists():
-                shutil.copyfile(source.parent / name, staging / name)
+        _write_sidecar(staging / f"{output.stem}.kvfuse.json", source, result)
+        _copy_companions(source, staging, output.parent)
+
+
+def _write_static(output: Path, pair: dict, source: Path, result, overwrite: bool):
+    """OUT.prefill.onnx + OUT.decode.onnx over one OUT.weights; OUT.kvfuse.json is the
+    file that lands last (the pair is complete once it exists)."""
+    layout = result.signature.static
+    sidecar = output.with_suffix(".kvfuse.json")
+    with staged_file(sidecar, overwrite=overwrite, inputs=[source]) as staging:
+        shared = static_graphs.write_shared(pair, staging / layout["weights"])
+        for role, proto in pair.items():
+            (staging / layout["graphs"][role]).write_bytes(proto.SerializeToString())
+        _write_sidecar(staging / sidecar.name, source, result, shared)
+        _copy_companions(source, staging, output.parent)
+    return shared
+
+
+def _write_sidecar(path: Path, source: Path, result, shared=None) -> None:
+    sidecar = {
+        **metadata_record(result.signature, result.target, source),
+        "rule_counts": result.rule_counts,
+        "nodes_before": result.nodes_before,
+        "nodes_after": result.nodes_after,
+    }
+    if result.verification is not None:
+        sidecar["verification"] = dataclasses.asdict(result.verification)
+    if shared is not None:
+        sidecar["shared_weights"] = dataclasses.asdict(shared)
+    path.write_text(json.dumps(sidecar, indent=2))
+
+
+def _copy_companions(source: Path, staging: Path, destination: Path) -> None:
+    for name in COMPANION_FILES:
+        if (source.parent / name).is_file() and not (destination / name).exists():
+            shutil.copyfile(source.parent / name, staging / name)

@@ -40,6 +40,7 @@ class KVSignature:
     batch_size: int | None
     inputs: list[str]
     logits: str = "all"  # "last": one position per row
+    static: dict | None = None  # a static pair's files and prefill length
 
 
 # (graph, CachedAttention, its old presents, seqlens_k, total_sequence_length, rotary tables

@@ -61,10 +61,16 @@ class Verification:
 
 
 class FixedCacheRunner:
-    """Drive a retained-state model: fixed [B, Hkv, max_context, D] buffers fed back each step."""
+    """Drive a retained-state model: fixed [B, Hkv, max_context, D] buffers fed back each step.
 
-    def __init__(self, model: bytes | Path, pairs: list[tuple[str, str]], kv_shape: list[int]):
-        self.session = _session(model)
+    `model` is one graph, or a static pair {prefill length: graph, 1: graph}: a step of one
+    token runs the decode graph, a longer one (up to the prefill length) the prefill graph,
+    right-padded — the padding's cache slots lie past the valid length and are never read."""
+
+    def __init__(self, model, pairs: list[tuple[str, str]], kv_shape: list[int]):
+        graphs = model if isinstance(model, dict) else {None: model}
+        self.sessions = {length: _session(graph) for length, graph in graphs.items()}
+        self.session = next(iter(self.sessions.values()))
         self.input_names = {i.name for i in self.session.get_inputs()}
         self.pairs, self.kv_shape = pairs, kv_shape
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -88,11 +94,24 @@ class FixedCacheRunner:
         if "position_ids" in self.input_names:
             feed["position_ids"] = np.tile(np.arange(self.length, total), (batch, 1))
         feed = {name: array for name, array in feed.items() if name in self.input_names}
-        self.last_outputs = self.session.run(None, feed)
+        session, padded = self._session_for(new)
+        for name in ("input_ids", "position_ids"):
+            if name in feed and padded > new:
+                feed[name] = np.pad(feed[name], [(0, 0), (0, padded - new)], mode="edge")
+        self.last_outputs = session.run(None, feed)
         outputs = dict(zip(self.output_names, self.last_outputs, strict=True))
         self.cache = {past: outputs[present] for past, present in self.pairs}
         self.length = total
-        return outputs["logits"]
+        return outputs["logits"][:, :new]
+
+    def _session_for(self, new: int) -> tuple[ort.InferenceSession, int]:
+        """The session for a step of `new` tokens and the length it is padded to."""
+        if None in self.sessions:
+            return self.sessions[None], new
+        fits = sorted(length for length in self.sessions if length >= new)
+        if not fits:
+            raise ValueError(f"no static graph takes {new} new tokens")
+        return self.sessions[fits[0]], fits[0]
 
 
 def verify(
@@ -146,10 +165,13 @@ def _step_ok(step: StepCheck) -> bool:
     return step.tolerance_used <= 1.0 and step.token_original == step.token_rewritten
 
 
-def _session(model: bytes | Path) -> ort.InferenceSession:
+def _session(model) -> ort.InferenceSession:
+    """A session with onnxruntime's graph optimisations off, from bytes, a proto or a path."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
+    if hasattr(model, "SerializeToString"):
+        model = model.SerializeToString()
     source = model if isinstance(model, bytes) else str(model)
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 

@@ -149,13 +149,22 @@ class _Run:
     def _prefill(self) -> tuple[np.ndarray, np.ndarray]:
         """Fill the buffers with the prompts; returns each row's last logits and lengths."""
         lengths = np.array([len(p) for p in self.prompts])
-        chunk = self.config.prefill_chunk
+        static = self.session.prefill_len  # a static prefill graph takes this many tokens
+        chunk = static or self.config.prefill_chunk
         if len(self.prompts) == 1 and lengths[0] > chunk:  # long prompt: chunks of `chunk`
             ids = np.array(self.prompts)
             for begin in range(0, lengths[0], chunk):
                 end = min(begin + chunk, lengths[0])
+                if static:  # a full last chunk, overlapping the one before: the overlap's
+                    begin = end - chunk  # positions are recomputed to the same values
                 logits = self.session.run(ids[:, begin:end], np.array([end]))
             return logits[:, -1].copy(), lengths
+        if static and lengths.max() > static:
+            raise KvfuseError(
+                f"batched prompts must fit one static prefill step of {static} tokens (the "
+                f"longest has {lengths.max()}); run them one at a time or optimize with a larger "
+                "--prefill-len"
+            )
         # rows of different lengths: right-padded; each row's valid length bounds its keys
         padded = np.zeros((len(self.prompts), lengths.max()), np.int64)
         for row, ids in enumerate(self.prompts):

@@ -2,21 +2,34 @@
 
 Every layer's K and V buffer is a slice of one arena allocated once: [2·layers, B, Hkv,
 max_context, D]. Each slice is bound, through IOBinding, as both the layer's `past` input and
-its `present` output, so GroupQueryAttention writes the new positions into the buffer it reads
-(onnxruntime's CPU kernel shares past and present only when they are the same memory). The
-logits are bound into preallocated buffers, one per step length. After a step, `check_in_place`
-compares each present output's address with its arena slice and fails if anything moved.
+its `present` output, so the graph writes the new positions into the buffer it reads
+(onnxruntime's GroupQueryAttention and TensorScatter update in place only when past and present
+are the same memory). The logits are bound into preallocated buffers, one per step length.
+
+A static pair (`--target onnx --static`) is two sessions — a prefill graph of `prefill_len` new
+tokens and a decode graph of one — over the same arena and the same in-memory weights (see
+`shared_weights`); a step shorter than the prefill length is right-padded, which is valid for a
+first prompt (the padding's cache slots lie past the valid length and are never read).
+
+Two checks refuse a silent cache copy: the first run of each graph is made with onnxruntime's
+warnings captured (it warns when an in-place update falls back to copying), and
+`check_in_place` compares each present output's address with its arena slice.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 
 import numpy as np
 import onnxruntime as ort
 
 from kvfuse.errors import KvfuseError
+from kvfuse.runtime.shared_weights import SharedWeights
 from kvfuse.runtime.spec import ModelSpec
+
+COPY_WARNING = "in-place optimization not activated"
 
 
 class Session:
@@ -26,28 +39,45 @@ class Session:
         if spec.batch_size is not None and batch != spec.batch_size:
             raise KvfuseError(f"this model was optimized for batch {spec.batch_size}, not {batch}")
         self.spec, self.batch = spec, batch
+        self.threads = threads or physical_cores()
+        graphs = {None: spec.path}
+        self.weights = None
+        if spec.prefill_path is not None:
+            graphs = {1: spec.path, spec.prefill_len: spec.prefill_path}
+            self.weights = SharedWeights(spec.weights_path, list(graphs.values()))
+        shape = (len(spec.pairs), batch, spec.kv_heads, spec.max_context, spec.head_dim)
+        self.arena = np.zeros(shape, dtype=np.float32)  # the only KV memory, allocated once
+        self._kv_values = [ort.OrtValue.ortvalue_from_numpy(self.arena[i]) for i in range(shape[0])]
+        self._graphs = {length: self._open(path) for length, path in graphs.items()}
+        self.session, self.binding = self._graphs[1 if self.weights else None]  # decode graph
+        self._logits: dict[tuple[int, int | None], np.ndarray] = {}
+        self._probed: set[int | None] = set()
+        self._seqlens = np.zeros([batch], np.int32)
+        self._total = np.zeros([], np.int32)
+
+    def _open(self, path) -> tuple[ort.InferenceSession, ort.IOBinding]:
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or physical_cores()
+        options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
-        self.session = ort.InferenceSession(
-            str(spec.path), options, providers=["CPUExecutionProvider"]
-        )
-        shape = (len(spec.pairs), batch, spec.kv_heads, spec.max_context, spec.head_dim)
-        self.arena = np.zeros(shape, dtype=np.float32)  # the only KV memory, allocated once
-        self.binding = self.session.io_binding()
-        self._kv_values = [ort.OrtValue.ortvalue_from_numpy(self.arena[i]) for i in range(shape[0])]
-        for (past, present), value in zip(spec.pairs, self._kv_values, strict=True):
-            self.binding.bind_ortvalue_input(past, value)
-            self.binding.bind_ortvalue_output(present, value)
-        self._logits: dict[int, np.ndarray] = {}
-        self._seqlens = np.zeros([batch], np.int32)
-        self._total = np.zeros([], np.int32)
+        if self.weights is not None:
+            self.weights.add_to(options)
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        binding = session.io_binding()
+        for (past, present), value in zip(self.spec.pairs, self._kv_values, strict=True):
+            binding.bind_ortvalue_input(past, value)
+            binding.bind_ortvalue_output(present, value)
+        return session, binding
 
     @property
     def kv_bytes(self) -> int:
         return self.arena.nbytes
+
+    @property
+    def prefill_len(self) -> int | None:
+        """New tokens per prefill step of a static pair (None: any length)."""
+        return self.spec.prefill_len
 
     def run(self, input_ids: np.ndarray, lengths_after: np.ndarray) -> np.ndarray:
         """One step: `input_ids` [B, S] at each row's current end; `lengths_after` [B] is each
@@ -57,42 +87,99 @@ class Session:
         steps = input_ids.shape[1]
         if int(lengths_after.max()) > self.spec.max_context:
             raise KvfuseError(f"context of {self.spec.max_context} positions is full")
+        key, width = self._graph_for(steps, lengths_after)
+        session, binding = self._graphs[key]
         self._seqlens[:] = lengths_after - 1
         self._total[...] = lengths_after.max()
-        self.binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, np.int64))
-        self.binding.bind_cpu_input("seqlens_k", self._seqlens)
-        self.binding.bind_cpu_input("total_sequence_length", self._total)
-        if "position_ids" in self.spec.inputs:
-            start = lengths_after[:, None] - steps
-            self.binding.bind_cpu_input("position_ids", start + np.arange(steps)[None, :])
-        logits = self._logits_buffer(1 if self.spec.last_logits_only else steps)
-        self.session.run_with_iobinding(self.binding)
-        return logits
+        ids = np.zeros((self.batch, width), np.int64)
+        ids[:, :steps] = input_ids
+        binding.bind_cpu_input("input_ids", ids)
+        inputs = self.spec.inputs
+        binding.bind_cpu_input("seqlens_k", self._seqlens)
+        if "total_sequence_length" in inputs:
+            binding.bind_cpu_input("total_sequence_length", self._total)
+        if "position_ids" in inputs:
+            start = np.maximum(lengths_after[:, None] - steps, 0)
+            binding.bind_cpu_input("position_ids", start + np.arange(width)[None, :])
+        logits = self._logits_buffer(binding, key, 1 if self.spec.last_logits_only else width)
+        if key in self._probed:
+            session.run_with_iobinding(binding)
+        else:
+            self._probe(session, binding)
+            self._probed.add(key)
+        return logits[:, :steps]
+
+    def _graph_for(self, steps: int, lengths_after: np.ndarray) -> tuple[int | None, int]:
+        """Which graph runs a step of `steps` new tokens, and the width it is padded to."""
+        if self.weights is None:
+            return None, steps
+        if steps == 1:
+            return 1, 1
+        if steps > self.spec.prefill_len or (
+            steps < self.spec.prefill_len and int(lengths_after.max()) > steps
+        ):
+            raise KvfuseError(
+                f"a static prefill step takes {self.spec.prefill_len} new tokens (fewer only "
+                f"for a first prompt), not {steps} after {int(lengths_after.max()) - steps}"
+            )
+        return self.spec.prefill_len, self.spec.prefill_len
+
+    def _probe(self, session: ort.InferenceSession, binding: ort.IOBinding) -> None:
+        """A first run with onnxruntime's warnings captured: refuse a cache it copied."""
+        options = ort.RunOptions()
+        options.log_severity_level = 1  # warnings
+        with _captured_stderr() as captured:
+            session.run_with_iobinding(binding, options)
+        log = "".join(captured)
+        if COPY_WARNING in log:
+            line = next(line for line in log.splitlines() if COPY_WARNING in line)
+            raise KvfuseError(
+                "onnxruntime copied the KV cache instead of updating it in place "
+                f"({line.split('] ')[-1].strip()}); past and present must be one buffer"
+            )
 
     def check_in_place(self) -> None:
         """Fail loudly if onnxruntime wrote any present output anywhere but its arena slice."""
-        # get_outputs() lists outputs in binding order, so compare addresses as a set
-        written = {value.data_ptr() for value in self.binding.get_outputs()}
-        for index, (_, present) in enumerate(self.spec.pairs):
-            if self.arena[index].ctypes.data not in written:
-                raise KvfuseError(
-                    f"onnxruntime wrote {present} to new memory instead of updating the KV "
-                    "buffer in place (past and present are not shared); the cache would be copied "
-                    "every step"
-                )
+        for key in self._probed:  # the graphs that have run
+            binding = self._graphs[key][1]
+            # get_outputs() lists outputs in binding order, so compare addresses as a set
+            written = {value.data_ptr() for value in binding.get_outputs()}
+            for index, (_, present) in enumerate(self.spec.pairs):
+                if self.arena[index].ctypes.data not in written:
+                    raise KvfuseError(
+                        f"onnxruntime wrote {present} to new memory instead of updating the KV "
+                        "buffer in place (past and present are not shared); the cache would be "
+                        "copied every step"
+                    )
 
     def reset(self) -> None:
         """Forget every cached position (the buffers stay where they are)."""
         self.arena[...] = 0.0
 
-    def _logits_buffer(self, steps: int) -> np.ndarray:
-        if steps not in self._logits:
-            self._logits[steps] = np.empty((self.batch, steps, self.spec.vocab_size), np.float32)
-        buffer = self._logits[steps]
-        self.binding.bind_output(
-            "logits", "cpu", 0, np.float32, list(buffer.shape), buffer.ctypes.data
-        )
+    def _logits_buffer(self, binding, key, steps: int) -> np.ndarray:
+        if (steps, key) not in self._logits:
+            shape = (self.batch, steps, self.spec.vocab_size)
+            self._logits[steps, key] = np.empty(shape, np.float32)
+        buffer = self._logits[steps, key]
+        binding.bind_output("logits", "cpu", 0, np.float32, list(buffer.shape), buffer.ctypes.data)
         return buffer
+
+
+@contextlib.contextmanager
+def _captured_stderr():
+    """Redirect file descriptor 2 (where onnxruntime logs) into a temporary file; the yielded
+    list holds what was written once the block ends."""
+    text: list[str] = []
+    with tempfile.TemporaryFile(mode="w+", errors="replace") as file:
+        saved = os.dup(2)
+        os.dup2(file.fileno(), 2)
+        try:
+            yield text
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            file.seek(0)
+            text.append(file.read())
 
 
 def physical_cores() -> int:

@@ -1,7 +1,9 @@
 """What an optimized model needs fed: read from its own metadata, nothing else installed.
 
 `kvfuse optimize` stamps a JSON record into the model's `metadata_props["kvfuse"]` (and a
-`<name>.kvfuse.json` beside it): the past→present pairs, the buffer shape, the inputs. The
+`<name>.kvfuse.json` beside it): the past→present pairs, the buffer shape, the inputs. A static
+pair (`--target onnx --static`) is `<name>.prefill.onnx` + `<name>.decode.onnx` over one
+`<name>.weights`, named by the record's "static" entry and found through `<name>.kvfuse.json`. The
 tokenizer files (`tokenizer.json`, `tokenizer_config.json`, `chat_template.jinja`,
 `generation_config.json`, `kvfuse-export.json`) sit in the same directory.
 """
@@ -30,6 +32,9 @@ class ModelSpec:
     inputs: list[str]
     vocab_size: int
     last_logits_only: bool  # logits are [B, 1, vocab]: each row's last position
+    prefill_path: Path | None = None  # a static pair: the graph of `prefill_len` new tokens
+    prefill_len: int | None = None
+    weights_path: Path | None = None  # a static pair: the one weights file both graphs read
 
     @property
     def directory(self) -> Path:
@@ -37,19 +42,43 @@ class ModelSpec:
 
 
 def find_model(path: str | Path) -> Path:
-    """The optimized `.onnx` in `path` (a file, or a directory holding exactly one)."""
+    """The optimized `.onnx` in `path` (a file, or a directory holding exactly one), or the
+    decode graph of a static pair (named by the pair's OUT.onnx, OUT.kvfuse.json, or its dir)."""
     path = Path(path)
+    if path.suffix == ".onnx" and not path.exists():
+        path = path.with_suffix(".kvfuse.json")  # OUT.onnx of a static pair
+    if path.is_file() and path.name.endswith(".kvfuse.json"):
+        decode = _static_decode_graph(path)
+        if decode is None:
+            return path.parent / path.name.replace(".kvfuse.json", ".onnx")
+        return decode
     if path.is_file():
         return path
     if not path.is_dir():
         raise KvfuseError(f"{path} does not exist; give an optimized .onnx file or its directory")
     candidates = [p for p in sorted(path.glob("*.onnx")) if p.with_suffix(".kvfuse.json").exists()]
+    candidates += [
+        decode
+        for sidecar in sorted(path.glob("*.kvfuse.json"))
+        if (decode := _static_decode_graph(sidecar)) is not None
+    ]
     if len(candidates) != 1:
         raise KvfuseError(
             f"{path} holds {len(candidates)} kvfuse-optimized models; name the .onnx file "
             "(or run `kvfuse optimize` first)"
         )
     return candidates[0]
+
+
+def _static_decode_graph(sidecar: Path) -> Path | None:
+    """The decode graph a static pair's sidecar names, or None for a single-graph model."""
+    try:
+        static = json.loads(sidecar.read_text()).get("static")
+    except (OSError, ValueError) as error:
+        raise KvfuseError(
+            f"{sidecar} is not a readable kvfuse record; re-run kvfuse optimize"
+        ) from error
+    return sidecar.parent / static["graphs"]["decode"] if static else None
 
 
 def read_spec(path: str | Path) -> ModelSpec:
@@ -70,6 +99,13 @@ def read_spec(path: str | Path) -> ModelSpec:
     record = json.loads(metadata["kvfuse"])
     logits = next(o for o in proto.graph.output if o.name == "logits")
     vocab = logits.type.tensor_type.shape.dim[-1].dim_value
+    static = record.get("static") or {}
+    directory = model_path.parent
+    if static:  # either graph of a pair was named: the spec is the pair's
+        model_path = directory / static["graphs"]["decode"]
+    for name in [*static.get("graphs", {}).values(), static.get("weights")]:
+        if name is not None and not (directory / name).is_file():
+            raise KvfuseError(f"{directory / name} is missing; this static pair is incomplete")
     return ModelSpec(
         path=model_path,
         pairs=[(p["past"], p["present"]) for p in record["kv_pairs"]],
@@ -80,4 +116,7 @@ def read_spec(path: str | Path) -> ModelSpec:
         inputs=record["inputs"],
         vocab_size=vocab,
         last_logits_only=record.get("logits") == "last",
+        prefill_path=directory / static["graphs"]["prefill"] if static else None,
+        prefill_len=static.get("prefill_len"),
+        weights_path=directory / static["weights"] if static else None,
     )

@@ -1,0 +1,133 @@
+"""Fully static specialisations: a prefill graph (S = prefill length) and a decode graph (S = 1)
+that share one external weights file.
+
+Both are cut from the same rewritten model, so their weights are the same tensors by name and
+content. Each gets every input dim fixed, the shape plumbing folded away (no Shape or Size
+left) and must come out of ONNX shape inference with no unknown dim. The weights file is
+written once: each tensor is stored at one offset that both graphs point at, so the second
+graph adds no bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+
+from kvfuse.errors import KvfuseError
+
+SEQUENCE_INPUTS = ("input_ids", "position_ids")
+PLUMBING_OPS = {"Shape", "Size"}
+STANDARD_DOMAINS = {"", "ai.onnx"}
+EXTERNAL_MIN_BYTES = 1024  # smaller tensors (folded index constants) stay inline
+ALIGNMENT = 4096  # page-aligned offsets, so a runtime can map tensors straight from the file
+
+
+def specialize(proto: onnx.ModelProto, seq_len: int, clean_up: Callable) -> onnx.ModelProto:
+    """A copy of `proto` with the new-token dim fixed to `seq_len`, plumbing folded, shapes
+    inferred from scratch; raises if a dynamic dim or a shape op is left."""
+    model = ir.serde.deserialize_model(proto)
+    inputs = {v.name: v for v in model.graph.inputs}
+    symbol = inputs["input_ids"].shape[1]
+    if isinstance(symbol, int):
+        raise KvfuseError(f"input_ids already has a fixed length {symbol}; cannot specialise it")
+    for value in [*model.graph.inputs, *model.graph.outputs]:
+        if value.shape is not None:
+            value.shape = ir.Shape([seq_len if d == symbol else d for d in value.shape])
+    for value in model.graph.inputs:  # position-like inputs may name S differently
+        if value.name in SEQUENCE_INPUTS and value.shape is not None:
+            value.shape = ir.Shape([value.shape[0], seq_len])
+    clean_up(model)
+    static = ir.serde.serialize_model(model)
+    del static.graph.value_info[:]  # infer every shape anew rather than trust the old ones
+    static = onnx.shape_inference.infer_shapes(static, strict_mode=True, data_prop=True)
+    check_static(static, f"the S={seq_len} graph")
+    return static
+
+
+def check_static(proto: onnx.ModelProto, what: str) -> None:
+    """Raise unless every tensor has a known, fixed shape and only standard, non-shape ops."""
+    graph = proto.graph
+    vendor = sorted({n.domain for n in graph.node if n.domain not in STANDARD_DOMAINS})
+    if vendor:
+        raise KvfuseError(f"{what} still has non-standard ops (domains {', '.join(vendor)})")
+    plumbing = [n.name or n.op_type for n in graph.node if n.op_type in PLUMBING_OPS]
+    if plumbing:
+        raise KvfuseError(f"{what} still computes shapes at run time: {', '.join(plumbing[:5])}")
+    produced = {out for node in graph.node for out in node.output if out}
+    typed = {v.name: v for v in [*graph.input, *graph.value_info, *graph.output]}
+    unknown = [
+        name
+        for name in sorted(produced | {v.name for v in graph.input})
+        if name not in typed or not _static(typed[name])
+    ]
+    if unknown:
+        raise KvfuseError(
+            f"{what} has {len(unknown)} tensors without a fixed shape (first: "
+            f"{', '.join(unknown[:3])}); this model cannot be made fully static"
+        )
+
+
+def _static(value: onnx.ValueInfoProto) -> bool:
+    tensor = value.type.tensor_type
+    if not tensor.HasField("shape"):
+        return False
+    return all(d.HasField("dim_value") for d in tensor.shape.dim)
+
+
+@dataclasses.dataclass
+class SharedWeights:
+    """What `write_shared` stored: the file and the bytes each graph added to it."""
+
+    file: str
+    bytes_total: int
+    added_by: dict[str, int]  # graph role → weight bytes it added (0 for a sharing graph)
+    inline_bytes: dict[str, int]  # graph role → bytes of small tensors kept in the graph
+
+
+def write_shared(graphs: dict[str, onnx.ModelProto], weights: Path) -> SharedWeights:
+    """Move every large initializer of every graph into the one file `weights`, storing each
+    (name, content) once; the protos are changed to point at it (location relative to the
+    graphs, which must be written in the same directory)."""
+    stored: dict[tuple[str, bytes], tuple[int, int]] = {}
+    added = {role: 0 for role in graphs}
+    inline = {role: 0 for role in graphs}
+    with open(weights, "wb") as file:
+        for role, proto in graphs.items():
+            for tensor in proto.graph.initializer:
+                if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                    raise KvfuseError(f"initializer {tensor.name} is external already")
+                data = _raw(tensor)
+                if len(data) < EXTERNAL_MIN_BYTES:
+                    inline[role] += len(data)
+                    continue
+                key = (tensor.name, hashlib.sha256(data).digest())
+                if key not in stored:
+                    file.write(b"\0" * (-file.tell() % ALIGNMENT))
+                    stored[key] = (file.tell(), len(data))
+                    file.write(data)
+                    added[role] += len(data)
+                _point_at(tensor, weights.name, *stored[key])
+        total = file.tell()
+    return SharedWeights(weights.name, total, added, inline)
+
+
+def _raw(tensor: onnx.TensorProto) -> bytes:
+    if tensor.HasField("raw_data"):
+        return tensor.raw_data
+    array = onnx.numpy_helper.to_array(tensor)
+    return array.tobytes()
+
+
+def _point_at(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data"):
+        tensor.ClearField(field)
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    del tensor.external_data[:]
+    for key, value in (("location", location), ("offset", offset), ("length", length)):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, str(value)
