@@ -81,39 +81,43 @@ def _static(value: onnx.ValueInfoProto) -> bool:
 
 @dataclasses.dataclass
 class SharedWeights:
-    """What `write_shared` stored: the file and the bytes each graph added to it."""
+    """What `write_shared` stored: the one file, its tensors, and what stayed in each graph."""
 
     file: str
     bytes_total: int
-    added_by: dict[str, int]  # graph role → weight bytes it added (0 for a sharing graph)
-    inline_bytes: dict[str, int]  # graph role → bytes of small tensors kept in the graph
+    tensors: int
+    inline_bytes: dict[str, int]  # graph role → bytes of its own small tensors kept inline
 
 
 def write_shared(graphs: dict[str, onnx.ModelProto], weights: Path) -> SharedWeights:
-    """Move every large initializer of every graph into the one file `weights`, storing each
-    (name, content) once; the protos are changed to point at it (location relative to the
-    graphs, which must be written in the same directory)."""
+    """Store every large initializer the graphs have in common (same name and content) once
+    in the file `weights` and point every graph at it; what only one graph has (constants
+    folded from its own S, a few KB) stays inline in that graph. The graphs must be written
+    in the same directory as `weights`."""
+    keys = {role: {_key(t): t for t in proto.graph.initializer} for role, proto in graphs.items()}
+    common = set.intersection(*(set(tensors) for tensors in keys.values()))
     stored: dict[tuple[str, bytes], tuple[int, int]] = {}
-    added = {role: 0 for role in graphs}
     inline = {role: 0 for role in graphs}
     with open(weights, "wb") as file:
-        for role, proto in graphs.items():
-            for tensor in proto.graph.initializer:
-                if tensor.data_location == onnx.TensorProto.EXTERNAL:
-                    raise KvfuseError(f"initializer {tensor.name} is external already")
+        for role, tensors in keys.items():
+            for key, tensor in tensors.items():
                 data = _raw(tensor)
-                if len(data) < EXTERNAL_MIN_BYTES:
+                if key not in common or len(data) < EXTERNAL_MIN_BYTES:
                     inline[role] += len(data)
                     continue
-                key = (tensor.name, hashlib.sha256(data).digest())
                 if key not in stored:
                     file.write(b"\0" * (-file.tell() % ALIGNMENT))
                     stored[key] = (file.tell(), len(data))
                     file.write(data)
-                    added[role] += len(data)
                 _point_at(tensor, weights.name, *stored[key])
         total = file.tell()
-    return SharedWeights(weights.name, total, added, inline)
+    return SharedWeights(weights.name, total, len(stored), inline)
+
+
+def _key(tensor: onnx.TensorProto) -> tuple[str, bytes]:
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        raise KvfuseError(f"initializer {tensor.name} is external already")
+    return tensor.name, hashlib.sha256(_raw(tensor)).digest()
 
 
 def _raw(tensor: onnx.TensorProto) -> bytes:

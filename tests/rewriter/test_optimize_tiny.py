@@ -180,7 +180,7 @@ def test_mistral_sliding_window_becomes_gqa_local_window(
     monkeypatch.setattr(
         retained_state,
         "convert_to_retained_state",
-        lambda m, c, b, sliding_window=None: convert(m, c, b, None),
+        lambda m, c, b, lower, sliding_window=None: convert(m, c, b, lower, None),
     )
     _, export_dir = tiny_export("mistral")
     with pytest.raises(KvfuseError, match="verification FAILED"):
