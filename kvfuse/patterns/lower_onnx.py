@@ -31,12 +31,15 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir import tape
 
+from kvfuse.patterns.lower_ort import transposed_weight_check
 from kvfuse.rewriter.pipeline import layer_of
 from kvfuse.rewriter.rules import (
     KVFUSE_DOMAIN,
     REPLACED_TAG,
     RULE_TAG,
     Rule,
+    fail,
+    ok,
     replaced_by,
     take_over,
 )
@@ -60,6 +63,46 @@ class RMSNormRule(Rule):
 
 
 NORM_RULES = [RMSNormRule.rule()]
+
+
+class TransposedWeightRule(Rule):
+    """`lower/transposed_weight_gemm`: MatMul(x, Transpose(W)) of a constant 2-D W → Gemm(x, W,
+    transB=1), with x flattened to 2-D and the result reshaped back. A tied LM head reads the
+    embedding table transposed; left as it is, onnxruntime folds the Transpose at load into a
+    second copy of the table (113 MB for SmolLM2) per session."""
+
+    def __init__(self) -> None:
+        super().__init__("lower/transposed_weight_gemm")
+
+    def pattern(self, op, x, weight):
+        transposed = op.Transpose(weight, _allow_other_attributes=True, _outputs=["transposed"])
+        return op.MatMul(x, transposed, _outputs=["product"])
+
+    def check(self, context, x, weight, transposed, product, **_):
+        checked = transposed_weight_check(weight, transposed)
+        if not checked:
+            return checked
+        if _flat_target(x) is None or _flat_target(product) is None:
+            return fail(f"input shape {x.shape}: Gemm needs at most one unknown dim", x)
+        return ok()
+
+    def rewrite(self, op, x, weight, product, **_):
+        rows = op.Reshape(x, op.Constant(value=ir.tensor(np.array([-1, x.shape[-1]]))))
+        gemm = op.Gemm(rows, weight, transB=1)
+        target = np.array(_flat_target(product), dtype=np.int64)
+        return op.Reshape(gemm, op.Constant(value=ir.tensor(target)))
+
+
+def _flat_target(value: ir.Value) -> list[int] | None:
+    """A Reshape target for `value`'s shape: its dims, one unknown one as -1; None if the last
+    dim is unknown or more than one is."""
+    if value.shape is None or not isinstance(value.shape[-1], int):
+        return None
+    dims = [d if isinstance(d, int) else -1 for d in value.shape]
+    return dims if dims.count(-1) <= 1 else None
+
+
+WEIGHT_RULES = [TransposedWeightRule.rule()]
 
 
 def convert_opset(model: ir.Model) -> dict[str, int]:

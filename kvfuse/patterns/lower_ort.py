@@ -22,7 +22,9 @@ from kvfuse.rewriter.rules import (
     REPLACED_TAG,
     RULE_TAG,
     Rule,
+    fail,
     like,
+    ok,
     replaced_by,
     take_over,
 )
@@ -95,6 +97,39 @@ class RMSNormRule(Rule):
 
 
 NORM_RULES = [RMSNormRule.rule()]
+
+
+class TransposedWeightRule(Rule):
+    """`lower/transposed_weight`: MatMul(x, Transpose(W)) of a constant 2-D W → FusedMatMul(x,
+    W, transB=1). A tied LM head (SmolLM2, Llama-style exports) reads the embedding table
+    transposed; left as it is, onnxruntime folds the Transpose at load into a second copy of
+    the table (113 MB for SmolLM2) in every session."""
+
+    def __init__(self) -> None:
+        super().__init__("lower/transposed_weight")
+
+    def pattern(self, op, x, weight):
+        transposed = op.Transpose(weight, _allow_other_attributes=True, _outputs=["transposed"])
+        return op.MatMul(x, transposed)
+
+    def check(self, context, x, weight, transposed, **_):
+        return transposed_weight_check(weight, transposed)
+
+    def rewrite(self, op, x, weight, **_):
+        return op.FusedMatMul(x, weight, transB=1, alpha=1.0, _domain=MS_DOMAIN)
+
+
+def transposed_weight_check(weight: ir.Value, transposed: ir.Value):
+    """A constant matrix transposed as a whole (shared by both targets' lowering)."""
+    if weight.const_value is None:
+        return fail("the transposed operand is computed, not a constant weight", weight)
+    perm = list(transposed.producer().attributes.get_ints("perm", []))
+    if weight.shape is None or len(weight.shape) != 2 or perm not in ([1, 0], []):
+        return fail(f"Transpose perm {perm} of a {weight.shape} weight, expected a 2-D [1, 0]")
+    return ok()
+
+
+WEIGHT_RULES = [TransposedWeightRule.rule()]
 
 
 def lower_cached_attention(

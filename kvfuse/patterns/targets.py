@@ -27,7 +27,8 @@ DIAGNOSE = diagnose.diagnose_softmax
 @dataclasses.dataclass(frozen=True)
 class Target:
     """How the fused graph becomes one runtime's ops: stages before the retained-state
-    conversion, the attention lowering it uses, and stages after it."""
+    conversion, the attention lowering it uses, and stages after it (and after the logits
+    are cut to the last position)."""
 
     name: str
     lowering: list[Stage]
@@ -43,7 +44,10 @@ ORT = Target(
         Stage("lower RMSNorm to onnxruntime ops", rules=lower_ort.NORM_RULES),
     ],
     attention=lambda max_context: lower_ort.lower_cached_attention,
-    finishing=[Stage("pack Q/K/V projections", run=lower_ort.pack_qkv_projections)],
+    finishing=[
+        Stage("pack Q/K/V projections", run=lower_ort.pack_qkv_projections),
+        Stage("read transposed weights in place", rules=lower_ort.WEIGHT_RULES),
+    ],
 )
 
 ONNX = Target(
@@ -54,7 +58,7 @@ ONNX = Target(
         Stage("lower RMSNorm to RMSNormalization", rules=lower_onnx.NORM_RULES),
     ],
     attention=lower_onnx.AttentionLowering,
-    finishing=[],
+    finishing=[Stage("read transposed weights in place", rules=lower_onnx.WEIGHT_RULES)],
 )
 
 TARGETS = {target.name: target for target in (ORT, ONNX)}

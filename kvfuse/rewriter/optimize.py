@@ -154,12 +154,12 @@ def optimize(
         signature = retained_state.convert_to_retained_state(
             model, max_context, batch_size, lowering.attention(max_context), sliding_window=window
         )
-        records += pipeline.run_stages(model, lowering.finishing)
         if logits == "last":
             records += pipeline.run_stages(
                 model, [Stage("logits for the last position", run=gather_last_logits)]
             )
             logits = "last" if records[-1].counts["logits/last_position"] else "all"
+        records += pipeline.run_stages(model, lowering.finishing)
         records += pipeline.run_stages(model, [Stage("final clean up", run=_clean_up)])
     signature.logits = logits
     if static:
