@@ -207,12 +207,21 @@ def diff(
 
 
 def _print_optimize_summary(result, explain: bool) -> None:
+    signature = result.signature
     console.print(
-        f"[bold]{result.output}[/bold]: {result.fused_layers}/{len(result.layers)} attention "
-        f"layers fused, {result.nodes_before:,} → {result.nodes_after:,} nodes, KV buffers "
-        f"\\[batch, {result.signature.kv_heads}, {result.signature.max_context}, "
-        f"{result.signature.head_dim}] shared past/present"
+        f"[bold]{escape(str(result.output))}[/bold]: {result.fused_layers}/{len(result.layers)} "
+        f"attention layers fused, {result.nodes_before:,} → {result.nodes_after:,} nodes, KV "
+        f"buffers \\[{signature.batch_size or 'batch'}, {signature.kv_heads}, "
+        f"{signature.max_context}, {signature.head_dim}] shared past/present"
     )
+    if signature.static:
+        shared = result.shared_weights
+        graphs = " + ".join(signature.static["graphs"].values())
+        console.print(
+            f"static pair: {escape(graphs)} (S = {signature.static['prefill_len']} and 1), one "
+            f"weights file {escape(shared.file)} ({shared.bytes_total / 2**20:.0f} MiB, "
+            f"{shared.tensors} tensors) read by both"
+        )
     table = Table("rule", "fired", title="Rules")
     for rule, count in result.rule_counts.items():
         if count or explain:

@@ -46,6 +46,7 @@ def gather_last_logits(model: ir.Model) -> dict[str, int]:
     head.replace_input_with(0, last)
     batch = logits.shape[0] if logits.shape is not None else "batch_size"
     vocab = logits.shape[-1] if logits.shape is not None else None
+    last.shape, last.dtype = ir.Shape([hidden.shape[0], 1, width]), hidden.dtype
     logits.shape = ir.Shape([batch, 1, vocab])
     return {"logits/last_position": 1}
 
