@@ -50,3 +50,20 @@ def optimized_smollm2(smollm2_export):
         max_context=256,
         quiet=True,
     )
+
+
+@pytest.fixture(scope="session")
+def static_smollm2(smollm2_export):
+    """SmolLM2 optimized for `onnx --static`: prefill graph S = 64, decode graph S = 1, 256
+    positions, one shared weights file."""
+    from kvfuse.rewriter.optimize import optimize
+
+    return optimize(
+        smollm2_export.out_dir,
+        smollm2_export.out_dir / "model-static.onnx",
+        target="onnx",
+        static=True,
+        prefill_len=64,
+        max_context=256,
+        quiet=True,
+    )
