@@ -37,9 +37,19 @@ class CachedAttentionRule(Rule):
         super().__init__(name, remove_nodes=False)
         self.layout, self.rotary = layout, rotary
 
-    def _heads(self, op, flat, shape, cos, sin, rotate: bool, tag: str):
-        """flat projection → heads in the cache layout, rotated before or after the transpose."""
+    def _heads(self, op, flat, shape, cos, sin, rotate: bool, tag: str, repeat: bool = False):
+        """flat projection → heads in the cache layout, rotated before or after the transpose;
+        with `repeat`, kv heads may be repeated to every query head before they are cached."""
         projected = op.Reshape(flat, shape)
+        if repeat:  # Falcon (new_decoder_architecture) caches K/V repeated to every head
+            projected = pattern.OrValue(
+                [
+                    op.RepeatKV(projected, _domain=KVFUSE_DOMAIN, _outputs=[f"{tag}_early"]),
+                    projected,
+                ],
+                tag_var=f"{tag}_repeated_early",
+                tag_values=[1, 0],
+            )
         if not rotate:
             return maybe_transpose(op, projected, self.layout.to_cache)
         return pattern.OrValue(
@@ -61,9 +71,9 @@ class CachedAttentionRule(Rule):
     def pattern(self, op, q_flat, k_flat, v_flat, past_k, past_v, cos, sin, shapes, out_shape):
         # `shapes`: one variable for the three projection reshapes (exporters share the target)
         query = self._heads(op, q_flat, shapes, cos, sin, self.rotary, "q")
-        new_k = self._heads(op, k_flat, pattern.ANY_VALUE, cos, sin, self.rotary, "k")
+        new_k = self._heads(op, k_flat, pattern.ANY_VALUE, cos, sin, self.rotary, "k", True)
         present_k = op.Concat(past_k, new_k, axis=self.layout.seq_axis, _outputs=["present_k"])
-        new_v = self._heads(op, v_flat, pattern.ANY_VALUE, cos, sin, False, "v")
+        new_v = self._heads(op, v_flat, pattern.ANY_VALUE, cos, sin, False, "v", True)
         present_v = op.Concat(past_v, new_v, axis=self.layout.seq_axis, _outputs=["present_v"])
         key = pattern.OrValue(
             [op.RepeatKV(present_k, _domain=KVFUSE_DOMAIN), present_k],
@@ -112,19 +122,45 @@ class CachedAttentionRule(Rule):
             found = attention.attributes.get_string("layout")
             return fail(f"attention reads the cache as {found}, expected {self.layout.name}")
         head_dim = static_dim(past_k, self.layout.name.index("D"))
-        kv_heads = static_dim(past_k, self.layout.head_axis)
-        width = static_dim(q_flat, -1)
-        if None in (head_dim, kv_heads, width):
-            return fail(f"cache {past_k.name} or query width not static: {past_k.shape}", past_k)
-        if width % head_dim or (width // head_dim) % kv_heads:
-            return fail(f"query width {width} is not a multiple of Hkv·D = {kv_heads}·{head_dim}")
         if static_dim(past_v, self.layout.name.index("D")) != head_dim:
             return fail(f"value head dim {past_v.shape} differs from key head dim {head_dim}")
+        failure = self._check_early_repeat(past_k, bound) or _check_projections(
+            q_flat, bound["k_flat"], bound["v_flat"], head_dim, self._kv_heads(past_k, bound)
+        )
+        if failure is not None:
+            return failure
         if bound.get("output_reshape"):  # must keep [B, H, S, D]
             dims = bound["reshaped"].shape
-            if dims is None or len(dims) != 4 or dims[1] != width // head_dim:
+            if dims is None or len(dims) != 4 or dims[1] != static_dim(q_flat, -1) // head_dim:
                 return fail(f"attention output reshaped to {dims}, not [B, H, S, D]", attended)
         return ok()
+
+    def _kv_heads(self, past_k: ir.Value, bound: dict) -> int | None:
+        """Kv heads as the fused op caches them: the projection's, when the model repeats
+        them before its cache (which then holds every head), else the cache's."""
+        head_dim = static_dim(past_k, self.layout.name.index("D"))
+        if bound.get("k_repeated_early"):
+            width = static_dim(bound["k_flat"], -1)
+            return width // head_dim if width is not None and head_dim else None
+        return static_dim(past_k, self.layout.head_axis)
+
+    def _check_early_repeat(self, past_k: ir.Value, bound: dict) -> pattern.MatchResult | None:
+        early = bound.get("k_repeated_early"), bound.get("v_repeated_early")
+        if early[0] != early[1]:
+            return fail("key and value heads are repeated at different places", past_k)
+        if not early[0]:
+            return None
+        if bound["k_repeated"] or bound["v_repeated"]:
+            return fail("kv heads are repeated both before and after the cache", past_k)
+        head_axis = self.layout.projection.index("H")
+        for repeated in (bound["k_early"], bound["v_early"]):
+            axis = repeated.producer().attributes.get_int("axis")
+            if axis != head_axis:
+                return fail(f"heads repeated on axis {axis}, expected {head_axis}", repeated)
+        cached = static_dim(past_k, self.layout.head_axis)
+        if cached != static_dim(bound["k_early"], head_axis):
+            return fail(f"cache {past_k.name} does not hold the repeated heads", past_k)
+        return None
 
     def rewrite(
         self,
@@ -139,7 +175,7 @@ class CachedAttentionRule(Rule):
         y_flat,
         cos=None,
         sin=None,
-        **_,
+        **bound,
     ):
         head_dim = static_dim(past_k, self.layout.name.index("D"))
         rotary = [cos, sin] if self.rotary else []
@@ -152,7 +188,7 @@ class CachedAttentionRule(Rule):
             past_v,
             *rotary,
             num_heads=static_dim(q_flat, -1) // head_dim,
-            kv_num_heads=static_dim(past_k, self.layout.head_axis),
+            kv_num_heads=self._kv_heads(past_k, {**bound, "k_flat": k_flat}),
             scale=attended.producer().attributes.get_float("scale"),
             layout=self.layout.name,
             rotary=int(self.rotary),
@@ -163,6 +199,22 @@ class CachedAttentionRule(Rule):
             _outputs=3,
         )
         return like(outputs[0], y_flat)
+
+
+def _check_projections(q_flat, k_flat, v_flat, head_dim, kv_heads) -> pattern.MatchResult | None:
+    """Q, K and V must be flat [.., S, width] projections of whole heads, K and V Hkv heads."""
+    widths = [
+        static_dim(x, -1) if x.shape is not None and len(x.shape) == 3 else None
+        for x in (q_flat, k_flat, v_flat)
+    ]
+    if None in (head_dim, kv_heads, *widths):
+        shapes = [x.shape for x in (q_flat, k_flat, v_flat)]
+        return fail(f"q/k/v projections are not [B, S, static width]: {shapes}", q_flat, k_flat)
+    if widths[1] != kv_heads * head_dim or widths[2] != kv_heads * head_dim:
+        return fail(f"k/v widths {widths[1:]}, expected Hkv·D = {kv_heads}·{head_dim}", k_flat)
+    if widths[0] % head_dim or (widths[0] // head_dim) % kv_heads:
+        return fail(f"query width {widths[0]} is not a multiple of Hkv·D = {kv_heads}·{head_dim}")
+    return None
 
 
 def _rotary_above(value: ir.Value) -> ir.Node | None:
