@@ -16,6 +16,7 @@ import json
 import numpy as np
 import onnx_ir as ir
 
+from kvfuse.errors import KvfuseError
 from kvfuse.rewriter.pipeline import layer_of
 from kvfuse.rewriter.rules import KVFUSE_DOMAIN, REPLACED_TAG, RULE_TAG, Rule, like, replaced_by
 from kvfuse.rewriter.shapes import symbolic_ints
@@ -136,6 +137,18 @@ def lower_cached_attention(
         _replace_value(graph, old, new)
     graph.remove(node, safe=True)
     return gqa
+
+
+def check_rotary_width(rotary_dim: int, head_dim: int) -> None:
+    """onnxruntime's GroupQueryAttention rotates R = 2 · (cos cache width) dims and refuses a
+    cache width that is not a multiple of 8 or exceeds (D / 16) · 8 (group_query_attention
+    helper, CPU and CUDA alike); say so before building a model it would refuse at run time."""
+    width = rotary_dim // 2
+    if width % 8 or width > (head_dim // 16) * 8:
+        raise KvfuseError(
+            f"onnxruntime's GroupQueryAttention cannot rotate {rotary_dim} of {head_dim} head "
+            f"dims: the rotated dims must be a multiple of 16, at most {head_dim // 16 * 16}"
+        )
 
 
 def _transpose(graph: ir.Graph, anchor: ir.Node, value: ir.Value, perm: list[int]) -> ir.Value:

@@ -235,7 +235,6 @@ def _clean_up(model: ir.Model) -> dict[str, int]:
     parts = packed_heads.split_packed_parts(model.graph)
     optimizer.remove_unused_nodes(model)  # the replaced grid's shape reads: the weight is free
     gathers = packed_heads.fold_column_gathers(model.graph)
-    chains = shapes.collapse_reshape_chains(model.graph)
     optimizer.remove_unused_nodes(model)
     return {
         "shape/static_dims": folded,
@@ -244,7 +243,6 @@ def _clean_up(model: ir.Model) -> dict[str, int]:
         "shape/identity_reshapes": reshapes,
         "shape/packed_parts": parts,
         "shape/column_gathers": gathers,
-        "shape/reshape_chains": chains,
     }
 
 

@@ -17,6 +17,7 @@ A part is a contiguous run of columns only when the sliced axis is the outermost
 
 the Gather putting each part's columns together (omitted when they already are), so that each
 part is an ordinary projection reshaped into heads, the form every attention rule matches.
+A part that is reshaped again (Falcon's query, [.., Hkv, G, D] → [.., H, D]) is reshaped once.
 `fold_column_gathers` then moves the Gather into the projection's weight (and bias): a
 permutation of columns, free at run time. A part grid with a size-1 axis other than its last
 two (Falcon's [.., Hkv, 1, D] k and v) is reshaped without it and unsqueezed, which is how
@@ -31,7 +32,7 @@ import math
 import numpy as np
 import onnx_ir as ir
 
-from kvfuse.rewriter.shapes import Dim, _dim, symbolic_ints
+from kvfuse.rewriter.shapes import Dim, _dim, collapse_reshape, symbolic_ints
 
 
 @dataclasses.dataclass
@@ -179,6 +180,10 @@ def _rewrite_part(graph, source: ir.Value, part: _Part, grid, offset: int, width
         value = _insert(graph, anchor, "Transpose", [value], permuted, source, perm=part.perm)
     ir.convenience.replace_all_uses_with(anchor.outputs[0], value)
     graph.remove(anchor, safe=True)
+    # Falcon reshapes its [.., Hkv, G, D] query part to [.., H, D]: one Reshape of the block
+    for reader, _ in list(value.uses()):
+        if reader.op_type == "Reshape" and reader.domain in ("", "ai.onnx"):
+            collapse_reshape(reader)
 
 
 def _insert(graph, anchor, op_type, inputs, dims: list[Dim], like: ir.Value, **attributes):

@@ -20,7 +20,7 @@ import numpy as np
 import onnx_ir as ir
 
 from kvfuse.errors import KvfuseError
-from kvfuse.patterns.lower_ort import MS_DOMAIN, lower_cached_attention
+from kvfuse.patterns.lower_ort import MS_DOMAIN, check_rotary_width, lower_cached_attention
 from kvfuse.rewriter import rotary_cache
 from kvfuse.rewriter.rules import KVFUSE_DOMAIN
 
@@ -109,6 +109,7 @@ def _rotary_caches(graph, node, max_context, caches):
         cos_table, sin_table = rotary_cache.evaluate_rotary_tables(graph, cos, sin, max_context)
         interleaved = bool(node.attributes.get_int("rotary_interleaved", 0))
         cos_half, sin_half = rotary_cache.half_tables(cos_table, sin_table, interleaved)
+        check_rotary_width(2 * cos_half.shape[1], node.inputs[3].shape[-1])
         index = len(caches)
         caches[key] = (
             _initializer(graph, f"kvfuse.rotary_cos_{index}", cos_half),

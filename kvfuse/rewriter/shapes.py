@@ -358,27 +358,23 @@ def remove_identity_reshapes(graph: ir.Graph) -> int:
     return removed
 
 
-def collapse_reshape_chains(graph: ir.Graph) -> int:
-    """Reshape(Reshape(x, a), b) → Reshape(x, b) when b copies (0) no dim that differs between
-    x and Reshape(x, a): Falcon (new_decoder_architecture) reshapes its query, taken from a
-    [.., Hkv, G + 2, D] grid as [.., Hkv, G, D], to [.., H, D]. Returns how many."""
-    collapsed = 0
-    for node in graph:
-        inner = node.inputs[0].producer() if node.op_type == "Reshape" else None
-        if inner is None or inner.op_type != "Reshape" or node.domain not in ("", "ai.onnx"):
-            continue
-        source, middle = inner.inputs[0], inner.outputs[0]
-        target = symbolic_ints(node.inputs[1])
-        if target is None or source.shape is None or middle.shape is None:
-            continue
-        copies = [i for i, d in enumerate(target) if d == 0]
-        if not node.attributes.get_int("allowzero", 0) and any(
-            i >= min(len(source.shape), len(middle.shape))
-            or _dim(source.shape[i]) is None
-            or _dim(source.shape[i]) != _dim(middle.shape[i])
-            for i in copies
-        ):
-            continue
-        node.replace_input_with(0, source)
-        collapsed += 1
-    return collapsed
+def collapse_reshape(node: ir.Node) -> bool:
+    """Reshape(Reshape(x, a), b) → Reshape(x, b), unless b copies (0) a dim that differs
+    between x and Reshape(x, a). Returns whether `node` (the outer Reshape) was changed."""
+    inner = node.inputs[0].producer()
+    if inner is None or inner.op_type != "Reshape" or node.op_type != "Reshape":
+        return False
+    source, middle = inner.inputs[0], inner.outputs[0]
+    target = symbolic_ints(node.inputs[1])
+    if target is None or source.shape is None or middle.shape is None:
+        return False
+    copies = [i for i, d in enumerate(target) if d == 0]
+    if not node.attributes.get_int("allowzero", 0) and any(
+        i >= min(len(source.shape), len(middle.shape))
+        or _dim(source.shape[i]) is None
+        or _dim(source.shape[i]) != _dim(middle.shape[i])
+        for i in copies
+    ):
+        return False
+    node.replace_input_with(0, source)
+    return True
