@@ -124,9 +124,12 @@ class CachedAttentionRule(Rule):
         head_dim = static_dim(past_k, self.layout.name.index("D"))
         if static_dim(past_v, self.layout.name.index("D")) != head_dim:
             return fail(f"value head dim {past_v.shape} differs from key head dim {head_dim}")
-        failure = self._check_early_repeat(past_k, bound) or _check_projections(
-            q_flat, bound["k_flat"], bound["v_flat"], head_dim, self._kv_heads(past_k, bound)
-        )
+        # (a failed MatchResult is falsy: test for None, never chain these with `or`)
+        kv_heads = self._kv_heads(past_k, bound)
+        failure = _check_projections(q_flat, bound["k_flat"], bound["v_flat"], head_dim, kv_heads)
+        for past, tag in ((past_k, "k"), (past_v, "v")):
+            if failure is None:
+                failure = self._check_cache_heads(past, bound, tag, kv_heads)
         if failure is not None:
             return failure
         if bound.get("output_reshape"):  # must keep [B, H, S, D]
@@ -136,30 +139,28 @@ class CachedAttentionRule(Rule):
         return ok()
 
     def _kv_heads(self, past_k: ir.Value, bound: dict) -> int | None:
-        """Kv heads as the fused op caches them: the projection's, when the model repeats
-        them before its cache (which then holds every head), else the cache's."""
+        """Kv heads as the fused op caches them: those of the key projection (the export's cache
+        holds more when the model repeats them before caching)."""
         head_dim = static_dim(past_k, self.layout.name.index("D"))
-        if bound.get("k_repeated_early"):
-            width = static_dim(bound["k_flat"], -1)
-            return width // head_dim if width is not None and head_dim else None
-        return static_dim(past_k, self.layout.head_axis)
+        width = static_dim(bound["k_flat"], -1)
+        return width // head_dim if width is not None and head_dim else None
 
-    def _check_early_repeat(self, past_k: ir.Value, bound: dict) -> pattern.MatchResult | None:
-        early = bound.get("k_repeated_early"), bound.get("v_repeated_early")
-        if early[0] != early[1]:
-            return fail("key and value heads are repeated at different places", past_k)
-        if not early[0]:
-            return None
-        if bound["k_repeated"] or bound["v_repeated"]:
-            return fail("kv heads are repeated both before and after the cache", past_k)
-        head_axis = self.layout.projection.index("H")
-        for repeated in (bound["k_early"], bound["v_early"]):
-            axis = repeated.producer().attributes.get_int("axis")
+    def _check_cache_heads(self, past, bound, tag: str, kv_heads) -> pattern.MatchResult | None:
+        """The export's cache holds the projection's kv heads, or (Falcon) those heads repeated
+        to every query head on the projection's head axis."""
+        expected = kv_heads
+        if bound.get(f"{tag}_repeated_early"):
+            repeat = bound[f"{tag}_early"]
+            axis, head_axis = (
+                repeat.producer().attributes.get_int("axis"),
+                self.layout.projection.index("H"),
+            )
             if axis != head_axis:
-                return fail(f"heads repeated on axis {axis}, expected {head_axis}", repeated)
-        cached = static_dim(past_k, self.layout.head_axis)
-        if cached != static_dim(bound["k_early"], head_axis):
-            return fail(f"cache {past_k.name} does not hold the repeated heads", past_k)
+                return fail(f"heads repeated on axis {axis}, expected {head_axis}", repeat)
+            expected = static_dim(repeat, head_axis)
+        cached = static_dim(past, self.layout.head_axis)
+        if cached != expected:
+            return fail(f"cache {past.name} holds {cached} heads, expected {expected}", past)
         return None
 
     def rewrite(
