@@ -102,7 +102,8 @@ def _parts(shaped: ir.Value, rank_in: int) -> list[_Part] | None:
 
 
 def _part(node: ir.Node, perm: list[int] | None, rank_in: int) -> _Part | None:
-    if node.domain not in ("", "ai.onnx") or node.outputs[0].shape is None:
+    output = node.outputs[0]
+    if node.domain not in ("", "ai.onnx") or output.shape is None or output.is_graph_output():
         return None
     rank = len(node.inputs[0].shape or [])
     if node.op_type == "Gather":
@@ -223,7 +224,7 @@ def fold_column_gathers(graph: ir.Graph) -> int:
 def _projection_of(gather: ir.Node):
     """(MatMul, bias Add or None, columns) if the Gather permutes the columns of a constant
     projection that nothing else reads."""
-    columns = gather.inputs[1].const_value
+    columns = ir.convenience.get_const_tensor(gather.inputs[1])  # a Constant node's too
     rank = len(gather.inputs[0].shape or [])
     if columns is None or columns.numpy().ndim != 1 or not rank:
         return None
