@@ -180,7 +180,9 @@ def pack_qkv_projections(model: ir.Model) -> dict[str, int]:
     graph, packed = model.graph, 0
     for gqa in [n for n in graph if n.domain == MS_DOMAIN and n.op_type == "GroupQueryAttention"]:
         source = _already_packed(gqa)
-        if source is not None:  # Phi-3: one qkv_proj sliced three ways; hand GQA the whole
+        # Phi-3: one qkv_proj sliced three ways (GPT-NeoX and Falcon too, once their parts
+        # are column blocks); hand GQA the whole
+        if source is not None:
             gqa.replace_input_with(0, source)
             gqa.replace_input_with(1, None)
             gqa.replace_input_with(2, None)

@@ -4,9 +4,9 @@ Legend: B batch, S new tokens, P past, T = P + S, H heads, Hkv kv heads, D head 
 cache layout (see `Layout`), "proj" the layout a projection is reshaped into.
 
     q_flat ─ Reshape ─ [Transpose→L] ─ [Rotary] ────────────── [Transpose→BHSD] ─ q ─┐
-    k_flat ─ Reshape ─ [Transpose→L] ─ [Rotary] ─ Concat(past_k, ·) ═ present_k      │
+    k_flat ─ Reshape ─ [RepeatKV] ─ [Transpose→L] ─ [Rotary] ─ Concat(past_k, ·) ═ present_k
                                                    └─ [RepeatKV] ──────────── k ─ Attention
-    v_flat ─ Reshape ─ [Transpose→L] ─────────── Concat(past_v, ·) ═ present_v      │
+    v_flat ─ Reshape ─ [RepeatKV] ─ [Transpose→L] ─────────── Concat(past_v, ·) ═ present_v
                                                    └─ [RepeatKV] ──────────── v ─────┘
     Attention ─ Transpose(→proj) ─ Reshape ─ y_flat        (concats on L's sequence axis)
 
@@ -15,6 +15,11 @@ present_k, present_v); the retained-state conversion moves the `present.*` graph
 its outputs 1 and 2. Rotary may be applied before or after the transpose into the cache
 layout (it acts on D only). The mask is dropped: the fused op is causal over the valid
 positions, which is what the model's mask builder computed from `attention_mask`.
+
+Falcon (new_decoder_architecture) repeats K and V to every query head right after the
+projection reshape, so its export caches H heads made of Hkv: the fused op caches the Hkv
+heads of k_flat/v_flat (the same attention, less memory), after checking that the export's
+cache holds exactly those heads repeated (rotary commutes with the repeat: it acts on D).
 """
 
 from __future__ import annotations
