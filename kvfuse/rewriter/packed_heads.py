@@ -102,36 +102,41 @@ def _parts(shaped: ir.Value, rank_in: int) -> list[_Part] | None:
 
 
 def _part(node: ir.Node, perm: list[int] | None, rank_in: int) -> _Part | None:
-    output = node.outputs[0]
-    if node.domain not in ("", "ai.onnx") or output.shape is None or output.is_graph_output():
+    output, source = node.outputs[0], node.inputs[0]
+    if node.domain not in ("", "ai.onnx") or output.is_graph_output() or source.shape is None:
         return None
-    rank = len(node.inputs[0].shape or [])
-    if node.op_type == "Gather":
-        index = node.inputs[1].const_value
-        if index is None or index.numpy().size != 1:
-            return None
-        axis = node.attributes.get_int("axis", 0)
-        keep = index.numpy().ndim == 1
-        start = int(index.numpy().reshape(-1)[0])
-        stop = start + 1 or None  # index -1 is the slice -1:
-    elif node.op_type == "Slice" and len(node.inputs) >= 4:
-        bounds = [symbolic_ints(v) for v in node.inputs[1:4]]
-        steps = symbolic_ints(node.inputs[4]) if len(node.inputs) > 4 else [1]
-        if steps != [1] or any(b is None or len(b) != 1 for b in bounds):
-            return None
-        (start,), (stop,), (axis,) = bounds
-        keep = True
-    else:
+    found = _bounds(node)
+    if found is None:
         return None
-    axis = axis % rank if rank else axis
+    axis, start, stop, keep = found
+    axis %= len(source.shape)
     source_axis = perm[axis] if perm is not None else axis
-    size = node.inputs[0].shape[axis]
+    size = source.shape[axis]
     if source_axis < rank_in - 1 or not isinstance(size, int):
         return None
     first, last, _ = slice(start, stop).indices(size)
     if first >= last:
         return None
     return _Part(node, source_axis - (rank_in - 1), first, last, keep, perm)
+
+
+def _bounds(node: ir.Node) -> tuple[int, int, int | None, bool] | None:
+    """(axis, start, stop, keeps the axis) of a static Slice, or of a Gather of one index."""
+    if node.op_type == "Gather":
+        index = ir.convenience.get_const_tensor(node.inputs[1])
+        if index is None or index.size != 1:
+            return None
+        start = int(index.numpy().reshape(-1)[0])
+        # index -1 is the slice -1: (stop 0 would be empty); a scalar index drops the axis
+        return node.attributes.get_int("axis", 0), start, start + 1 or None, index.shape.rank() == 1
+    if node.op_type != "Slice" or len(node.inputs) < 4:
+        return None
+    bounds = [symbolic_ints(v) for v in node.inputs[1:4]]
+    steps = symbolic_ints(node.inputs[4]) if len(node.inputs) > 4 else [1]
+    if steps != [1] or any(b is None or len(b) != 1 or not isinstance(b[0], int) for b in bounds):
+        return None
+    (start,), (stop,), (axis,) = bounds
+    return axis, start, stop, True
 
 
 def _disjoint(parts: list[_Part]) -> bool:
@@ -213,8 +218,9 @@ def fold_column_gathers(graph: ir.Graph) -> int:
             permuted = bias.const_value.numpy()[columns]
             add.replace_input_with(index, _initializer(graph, f"{bias.name}.columns", permuted))
             output = add.outputs[0]
-        for value in (matmul.outputs[0], output):
-            value.shape = ir.Shape(gather.outputs[0].shape)
+        if gather.outputs[0].shape is not None:
+            for value in (matmul.outputs[0], output):
+                value.shape = ir.Shape(gather.outputs[0].shape)
         ir.convenience.replace_all_uses_with(gather.outputs[0], output)
         graph.remove(gather, safe=True)
         folded += 1
