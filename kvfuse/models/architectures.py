@@ -1,16 +1,19 @@
 """What kvfuse expects of each architecture's Optimum export — data the end-to-end tests use.
 
 `cache_layout`: the layout the exported graph keeps its KV cache in; `rope`: RoPE style
-("half" = rotate-half on the full head dim, None = learned positions); per layer, how many
-attention fusions and RMSNorm fusions a complete rewrite makes; `fuses`: whether the `ort`
-target fuses this architecture today (the README's table is generated from these facts and a
-real run, never typed by hand).
+("half" = rotate-half on the full head dim, "half-partial" = rotate-half on the first
+`rotary_pct` of each head, None = learned positions); per layer, how many attention fusions
+and RMSNorm fusions a complete rewrite makes; `max_nodes_ratio`: the most nodes the rewrite
+may leave, as a fraction of the export's (the shape plumbing must fold away); `fuses`: whether
+the `ort` target fuses this architecture today (the README's table is generated from these
+facts and a real run, never typed by hand).
 """
 
 from __future__ import annotations
 
 _ROPE_LLAMA = {
     "cache_layout": "BHSD",
+    "max_nodes_ratio": 0.1,
     "rope": "half",
     "attention_per_layer": 1,
     "rms_norms_per_layer": 2,
@@ -18,6 +21,7 @@ _ROPE_LLAMA = {
 }
 _LAYER_NORM = {
     "cache_layout": "BHSD",
+    "max_nodes_ratio": 0.1,
     "attention_per_layer": 1,
     "rms_norms_per_layer": 0,
     "final_norm": False,
@@ -28,20 +32,12 @@ ARCHITECTURES: dict[str, dict] = {
     "mistral": {**_ROPE_LLAMA, "fuses": True},
     "qwen2": {**_ROPE_LLAMA, "fuses": True},
     "phi3": {**_ROPE_LLAMA, "fuses": True},
-    "gpt2": {**_LAYER_NORM, "rope": None, "fuses": True},
-    "gpt_neox": {
-        **_LAYER_NORM,
-        "rope": "half-partial",
-        "fuses": False,
-        "gap": "partial rotary, per-head interleaved packed QKV",
-    },
+    # GPT-2 keeps the Reshape plumbing around its Gemm projections (seq length is dynamic)
+    "gpt2": {**_LAYER_NORM, "rope": None, "fuses": True, "max_nodes_ratio": 0.4},
+    # what is left is compute: biased layer norms and projections, erf GELU, parallel residual
+    "gpt_neox": {**_LAYER_NORM, "rope": "half-partial", "fuses": True, "max_nodes_ratio": 0.15},
     "falcon": {**_LAYER_NORM, "rope": "half", "fuses": True},
-    "falcon_gqa": {
-        **_LAYER_NORM,
-        "rope": "half",
-        "fuses": False,
-        "gap": "K/V broadcast to every head inside a 5-D view of the fused projection",
-    },
+    "falcon_gqa": {**_LAYER_NORM, "rope": "half", "fuses": True},
 }
 
 

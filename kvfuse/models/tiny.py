@@ -26,9 +26,11 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "qwen2": {"model_type": "qwen2", **_LLAMA_LIKE, "use_sliding_window": False},
     "phi3": {"model_type": "phi3", **_LLAMA_LIKE, "pad_token_id": 0},
     "gpt2": {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 512},
+    # head dim 64, not 16: GPT-NeoX rotates rotary_pct of each head, and onnxruntime's
+    # GroupQueryAttention rotates only multiples of 16 dims (16 of 64 here, as in Pythia)
     "gpt_neox": {
         "model_type": "gpt_neox",
-        "hidden_size": 64,
+        "hidden_size": 256,
         "intermediate_size": 128,
         "num_hidden_layers": 2,
         "num_attention_heads": 4,

@@ -16,6 +16,7 @@ import json
 import numpy as np
 import onnx_ir as ir
 
+from kvfuse.errors import KvfuseError
 from kvfuse.rewriter.pipeline import layer_of
 from kvfuse.rewriter.rules import (
     KVFUSE_DOMAIN,
@@ -144,6 +145,8 @@ def lower_cached_attention(
     """Replace one CachedAttention node by GroupQueryAttention, which also takes over the
     layer's `present` graph outputs (so far the old Concats'); returns the new presents."""
     graph.opset_imports.setdefault(MS_DOMAIN, 1)
+    if rotary_caches is not None:
+        check_rotary_width(2 * rotary_caches[0].shape[-1], node.inputs[3].shape[-1])
     attributes = node.attributes
     q, k, v, past_k, past_v = node.inputs[:5]
     seq_first = attributes.get_string("layout") == "SBHD"
@@ -182,6 +185,18 @@ def lower_cached_attention(
     return gqa.outputs[1], gqa.outputs[2]
 
 
+def check_rotary_width(rotary_dim: int, head_dim: int) -> None:
+    """onnxruntime's GroupQueryAttention rotates R = 2 · (cos cache width) dims and refuses a
+    cache width that is not a multiple of 8 or exceeds (D / 16) · 8 (group_query_attention
+    helper, CPU and CUDA alike); say so before building a model it would refuse at run time."""
+    width = rotary_dim // 2
+    if width % 8 or width > (head_dim // 16) * 8:
+        raise KvfuseError(
+            f"onnxruntime's GroupQueryAttention cannot rotate {rotary_dim} of {head_dim} head "
+            f"dims: the rotated dims must be a multiple of 16, at most {head_dim // 16 * 16}"
+        )
+
+
 def _transpose(graph: ir.Graph, anchor: ir.Node, value: ir.Value, perm: list[int]) -> ir.Value:
     node = ir.node("Transpose", [value], attributes={"perm": perm})
     graph.insert_before(anchor, node)
@@ -200,7 +215,9 @@ def pack_qkv_projections(model: ir.Model) -> dict[str, int]:
     graph, packed = model.graph, 0
     for gqa in [n for n in graph if n.domain == MS_DOMAIN and n.op_type == "GroupQueryAttention"]:
         source = _already_packed(gqa)
-        if source is not None:  # Phi-3: one qkv_proj sliced three ways; hand GQA the whole
+        # Phi-3: one qkv_proj sliced three ways (GPT-NeoX and Falcon too, once their parts
+        # are column blocks); hand GQA the whole
+        if source is not None:
             gqa.replace_input_with(0, source)
             gqa.replace_input_with(1, None)
             gqa.replace_input_with(2, None)

@@ -22,7 +22,7 @@ from kvfuse.files import staged_file
 from kvfuse.patterns import targets
 from kvfuse.progress import Steps
 from kvfuse.report.summary import load_structure
-from kvfuse.rewriter import pipeline, retained_state, shapes
+from kvfuse.rewriter import packed_heads, pipeline, retained_state, shapes
 from kvfuse.rewriter import static as static_graphs
 from kvfuse.rewriter.last_logits import gather_last_logits
 from kvfuse.rewriter.pipeline import Stage
@@ -286,14 +286,17 @@ def _clean_up(model: ir.Model) -> dict[str, int]:
     axes = shapes.canonicalize_concat_axes(model.graph)
     slices = shapes.remove_full_slices(model.graph)
     reshapes = shapes.remove_identity_reshapes(model.graph)
-    heads = shapes.split_heads_after_projection(model.graph)
+    parts = packed_heads.split_packed_parts(model.graph)
+    optimizer.remove_unused_nodes(model)  # the replaced grid's shape reads: the weight is free
+    gathers = packed_heads.fold_column_gathers(model.graph)
     optimizer.remove_unused_nodes(model)
     return {
         "shape/static_dims": folded,
         "shape/concat_axes": axes,
         "shape/full_slices": slices,
         "shape/identity_reshapes": reshapes,
-        "shape/heads_after_projection": heads,
+        "shape/packed_parts": parts,
+        "shape/column_gathers": gathers,
     }
 
 

@@ -49,7 +49,47 @@ def symbolic_ints(value: ir.Value | None) -> list[Dim] | None:
             and steps == [1]
         ):
             return dims[bounds[0] : bounds[1]]
+    if node.op_type in ("ConstantOfShape", "Mul", "Equal", "Where"):
+        return _elementwise_ints(node)
     return None
+
+
+def _elementwise_ints(node: ir.Node) -> list[Dim] | None:
+    """TorchScript writes `x.expand(sizes)` with a -1 guard over the sizes:
+    `Where(Equal(sizes, ConstantOfShape(n, 1) · -1), ConstantOfShape(n, 1), sizes)`. Followed
+    here element by element; a symbolic size is a dim, so never -1, and equals only itself."""
+    if node.op_type == "ConstantOfShape":
+        count = symbolic_ints(node.inputs[0])
+        fill = node.attributes.get("value")
+        fill = int(fill.as_tensor().numpy().reshape(-1)[0]) if fill is not None else 0
+        return [fill] * count[0] if count is not None and isinstance(count[0], int) else None
+    parts = [
+        symbolic_ints(v) if symbolic_scalar(v) is None else [symbolic_scalar(v)]
+        for v in node.inputs
+    ]
+    if any(p is None for p in parts):
+        return None
+    size = max(len(p) for p in parts)
+    if any(len(p) not in (1, size) for p in parts):
+        return None
+    rows = zip(*(p * size if len(p) == 1 else p for p in parts), strict=True)
+    values = [_element(node.op_type, *row) for row in rows]
+    return None if any(v is None for v in values) else values
+
+
+def _element(op_type: str, *args: Dim) -> Dim:
+    if op_type == "Mul":
+        a, b = args
+        return a * b if isinstance(a, int) and isinstance(b, int) else None
+    if op_type == "Equal":
+        a, b = args
+        if isinstance(a, int) and isinstance(b, int):
+            return int(a == b)
+        if isinstance(a, str) and isinstance(b, str) and a == b:
+            return 1
+        return 0 if (isinstance(a, int) and a < 0) or (isinstance(b, int) and b < 0) else None
+    condition, when_true, when_false = args  # Where
+    return None if not isinstance(condition, int) else when_true if condition else when_false
 
 
 def symbolic_scalar(value: ir.Value | None) -> Dim:
@@ -122,13 +162,50 @@ def _inferred_dim(source: list[Dim], known: list[Dim]) -> Dim:
     return top // bottom if bottom and top % bottom == 0 else None
 
 
+def expand_output_dims(node: ir.Node) -> list[Dim] | None:
+    """The output dims of an Expand: its input broadcast against its symbolic target."""
+    target, source = symbolic_ints(node.inputs[1]), node.inputs[0].shape
+    if target is None or source is None:
+        return None
+    source_dims = [_dim(d) for d in source]
+    rank = max(len(target), len(source_dims))
+    target = [1] * (rank - len(target)) + target
+    source_dims = [1] * (rank - len(source_dims)) + source_dims
+    return [_broadcast(a, b) for a, b in zip(source_dims, target, strict=True)]
+
+
+def _broadcast(a: Dim, b: Dim) -> Dim:
+    if a == 1 or a == b:
+        return b
+    if b == 1 or (isinstance(a, int) and a > 1):
+        return a
+    return b if isinstance(b, int) and b > 1 else None
+
+
+def transpose_output_dims(node: ir.Node) -> list[Dim] | None:
+    """A Transpose's input dims permuted. (ONNX inference keeps the placeholder dims it made
+    up for a value, `unk__N`, even once its input's shape becomes known.)"""
+    source, perm = node.inputs[0].shape, node.attributes.get_ints("perm", None)
+    if source is None or perm is None or len(perm) != len(source):
+        return None
+    return [_dim(source[axis]) for axis in perm]
+
+
+_OUTPUT_DIMS = {
+    "Reshape": reshape_output_dims,
+    "Expand": expand_output_dims,
+    "Transpose": transpose_output_dims,
+}
+
+
 def propagate_reshape_shapes(graph: ir.Graph) -> int:
-    """Give every Reshape output the shape its symbolic target implies; returns how many."""
+    """Give every Reshape, Expand and Transpose output the shape its symbolic target (or
+    input) implies; returns how many."""
     changed = 0
     for node in graph:
-        if node.op_type != "Reshape" or node.domain not in ("", "ai.onnx"):
+        if node.op_type not in _OUTPUT_DIMS or node.domain not in ("", "ai.onnx"):
             continue
-        dims = reshape_output_dims(node)
+        dims = _OUTPUT_DIMS[node.op_type](node)
         if dims is None or any(d is None for d in dims):
             continue
         shape = ir.Shape(dims)
@@ -281,68 +358,23 @@ def remove_identity_reshapes(graph: ir.Graph) -> int:
     return removed
 
 
-def split_heads_after_projection(graph: ir.Graph) -> int:
-    """Falcon and other fused-QKV exports take heads out of the reshaped projection:
-    `Slice|Gather(Reshape(x, [.., N, D]), heads, axis=-2)`. Rewrite each as the projection
-    sliced first — `Reshape(Slice(x, heads·D, axis=-1), [.., n, D])` — the form every other
-    exporter writes, so one attention rule covers both."""
-    rewritten = 0
-    for node in list(graph):
-        if node.op_type not in ("Slice", "Gather") or node.domain not in ("", "ai.onnx"):
-            continue
-        reshape = node.inputs[0].producer()
-        if reshape is None or reshape.op_type != "Reshape":
-            continue
-        heads = _head_range(node, reshape.outputs[0])
-        source, shaped = reshape.inputs[0], reshape.outputs[0]
-        if heads is None or source.shape is None or len(shaped.shape or []) != 4:
-            continue
-        head_dim = shaped.shape[3]
-        if not isinstance(head_dim, int) or len(source.shape) != 3:
-            continue
-        start, end = heads
-        bounds = [[start * head_dim], [end * head_dim], [-1], [0, 0, end - start, head_dim]]
-        first, last, axis, shape = (_constant(graph, node, np.array(b, np.int64)) for b in bounds)
-        sliced = ir.node("Slice", [source, first, last, axis])
-        target = ir.node("Reshape", [sliced.outputs[0], shape])
-        graph.insert_before(node, [sliced, target])
-        sliced.outputs[0].shape = ir.Shape([*source.shape[:2], (end - start) * head_dim])
-        sliced.outputs[0].dtype = source.dtype
-        target.outputs[0].shape = ir.Shape([*shaped.shape[:2], end - start, head_dim])
-        target.outputs[0].dtype = shaped.dtype
-        ir.convenience.replace_all_uses_with(node.outputs[0], target.outputs[0])
-        graph.remove(node, safe=True)
-        rewritten += 1
-    return rewritten
-
-
-def _head_range(node: ir.Node, shaped: ir.Value) -> tuple[int, int] | None:
-    """[start, end) of heads a Slice/Gather takes on axis 2 of a 4-D tensor, if static."""
-    if shaped.shape is None or len(shaped.shape) != 4 or not isinstance(shaped.shape[2], int):
-        return None
-    heads = shaped.shape[2]
-    if node.op_type == "Gather":
-        index = node.inputs[1].const_value
-        if node.attributes.get_int("axis", 0) % 4 != 2 or index is None or index.numpy().size != 1:
-            return None
-        if index.numpy().ndim != 1:  # a scalar index drops the axis: not a head tensor
-            return None
-        first = int(index.numpy().reshape(-1)[0]) % heads
-        return first, first + 1
-    values = [symbolic_ints(v) for v in node.inputs[1:4]]
-    steps = symbolic_ints(node.inputs[4]) if len(node.inputs) > 4 else [1]
-    if any(v is None or len(v) != 1 for v in values) or steps != [1]:
-        return None
-    (start,), (end,), (axis,) = values
-    if axis % 4 != 2:
-        return None
-    start = start % heads if start < 0 else start
-    end = min(heads, end % heads if end < 0 else end)
-    return (start, end) if 0 <= start < end else None
-
-
-def _constant(graph: ir.Graph, anchor: ir.Node, array: np.ndarray) -> ir.Value:
-    node = ir.node("Constant", [], attributes={"value": ir.tensor(array)})
-    graph.insert_before(anchor, node)
-    node.outputs[0].shape, node.outputs[0].dtype = ir.Shape(array.shape), ir.DataType.INT64
-    return node.outputs[0]
+def collapse_reshape(node: ir.Node) -> bool:
+    """Reshape(Reshape(x, a), b) → Reshape(x, b), unless b copies (0) a dim that differs
+    between x and Reshape(x, a). Returns whether `node` (the outer Reshape) was changed."""
+    inner = node.inputs[0].producer()
+    if inner is None or inner.op_type != "Reshape" or node.op_type != "Reshape":
+        return False
+    source, middle = inner.inputs[0], inner.outputs[0]
+    target = symbolic_ints(node.inputs[1])
+    if target is None or source.shape is None or middle.shape is None:
+        return False
+    copies = [i for i, d in enumerate(target) if d == 0]
+    if not node.attributes.get_int("allowzero", 0) and any(
+        i >= min(len(source.shape), len(middle.shape))
+        or _dim(source.shape[i]) is None
+        or _dim(source.shape[i]) != _dim(middle.shape[i])
+        for i in copies
+    ):
+        return False
+    node.replace_input_with(0, source)
+    return True

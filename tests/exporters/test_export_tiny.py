@@ -51,14 +51,15 @@ def test_export_metadata_records_architecture_facts(tiny_export, name):
     assert facts["architecture"] == config.model_type
     assert facts["num_layers"] == 2
     assert facts["num_heads"] == 4
-    assert facts["head_dim"] == 16
+    # GPT-NeoX's tiny config has head dim 64 (see kvfuse/models/tiny.py: GQA's rotary limit)
+    assert facts["head_dim"] == (64 if name == "gpt_neox" else 16)
     runner = ConcatCacheRunner(out / "model.onnx")
     assert len(runner.past_names) == 2 * facts["num_layers"]
     kv_heads_in_graph = runner.inputs["past_key_values.0.key"].shape[1]
     assert kv_heads_in_graph == facts["cache_kv_heads"]
     assert facts["positions"] == ("learned" if name == "gpt2" else "rope")
     if name == "gpt_neox":
-        assert facts["rotary_dim"] == 4  # rotary_pct 0.25 of head_dim 16
+        assert facts["rotary_dim"] == 16  # rotary_pct 0.25 of head_dim 64
     assert record["source"]["kind"] == "hf-directory"
     assert record["versions"]["optimum-onnx"] == importlib.metadata.version("optimum-onnx")
 

@@ -50,10 +50,14 @@ def build_lm(
     rope: str = "half",
     head_dim: int = 16,
     seed: int = 0,
+    repeat: str = "after_cache",
 ):
     """One attention layer LM; `scale` is "split" (√s on q and kᵀ), "qk" or "div"; `mask`
     is "add" (additive −inf mask) or "where" (Where(allowed, scores, −inf)); `rope` is
-    "half" (rotate-half), "interleaved" (rotate every two) or "partial" (half the head dim)."""
+    "half" (rotate-half), "interleaved" (rotate every two) or "partial" (half the head dim);
+    `repeat` says where kv heads are repeated to every query head: "after_cache" (Llama),
+    "before_cache" (Falcon's new_decoder_architecture: the cache holds every head) or "mixed"
+    (keys before, values after: no real model, a negative case)."""
     global HEAD_DIM
     HEAD_DIM = head_dim
     L, g = Layout(layout), _Graph(seed)
@@ -68,19 +72,26 @@ def build_lm(
         def rotate(g, x, cos, sin):
             return _partial(g, x, cos, sin, rotary_dim)
 
-    def heads(width: int, n_heads: int) -> str:
+    def heads(width: int, n_heads: int, repeat_early: bool = False) -> str:
         flat = g.op("MatMul", emb, g.weight(HIDDEN, width))
         proj = g.op("Reshape", flat, g.const([0, 0, n_heads, HEAD_DIM], np.int64))
+        if repeat_early:
+            proj = _repeat(g, Layout(L.projection), proj, n_heads)
         return proj if is_identity(L.to_cache) else g.op("Transpose", proj, perm=L.to_cache)
 
+    early_k, early_v = repeat in ("before_cache", "mixed"), repeat == "before_cache"
     q = rotate(g, heads(HEADS * HEAD_DIM, HEADS), cos, sin)
-    k = rotate(g, heads(kv_heads * HEAD_DIM, kv_heads), cos, sin)
-    v = heads(kv_heads * HEAD_DIM, kv_heads)
+    k = rotate(g, heads(kv_heads * HEAD_DIM, kv_heads, early_k), cos, sin)
+    v = heads(kv_heads * HEAD_DIM, kv_heads, early_v)
     k_cat = g.op("Concat", "past_key_values.0.key", k, axis=L.seq_axis)
     v_cat = g.op("Concat", "past_key_values.0.value", v, axis=L.seq_axis)
     g.nodes.append(helper.make_node("Identity", [k_cat], ["present.0.key"], "present_k"))
     g.nodes.append(helper.make_node("Identity", [v_cat], ["present.0.value"], "present_v"))
-    k_all, v_all = (_repeat(g, L, "present.0." + kv, kv_heads) for kv in ("key", "value"))
+    cached = [HEADS if early else kv_heads for early in (early_k, early_v)]
+    k_all, v_all = (
+        _repeat(g, L, "present.0." + kv, heads)
+        for kv, heads in zip(("key", "value"), cached, strict=True)
+    )
     q_bhsd = q if is_identity(L.to_bhsd) else g.op("Transpose", q, perm=L.to_bhsd)
     key_t = g.op("Transpose", k_all, perm=L.key_transposed)
     scores = _scaled_scores(g, q_bhsd, key_t, scale)
@@ -100,7 +111,7 @@ def build_lm(
     if L.projection == "SBHD":
         logits = g.op("Transpose", logits, perm=[1, 0, 2])
     g.nodes.append(helper.make_node("Identity", [logits], ["logits"], "logits"))
-    return _model(g, L, kv_heads)
+    return _model(g, L, *cached)
 
 
 def _rope_tables(g: _Graph, L: Layout, dims: int, interleaved: bool) -> tuple[str, str]:
@@ -201,22 +212,28 @@ def _causal_allowed(g: _Graph, L: Layout) -> str:
     return g.op("Unsqueeze", allowed, g.const([1], np.int64), name="/model/mask/Unsqueeze")
 
 
-def _model(g: _Graph, L: Layout, kv_heads: int) -> onnx.ModelProto:
-    dims = {"B": "batch_size", "H": kv_heads, "S": "past_sequence_length", "D": HEAD_DIM}
-    past_dims = [dims[axis] for axis in L.name]
-    out_dims = [d if d != "past_sequence_length" else "total_sequence_length" for d in past_dims]
+def _model(g: _Graph, L: Layout, key_heads: int, value_heads: int) -> onnx.ModelProto:
+    def cache_dims(heads: int, length: str) -> list:
+        dims = {"B": "batch_size", "H": heads, "S": length, "D": HEAD_DIM}
+        return [dims[axis] for axis in L.name]
+
+    heads = {"key": key_heads, "value": value_heads}
     inputs = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "seq"]),
         helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch_size", "seq"]),
     ] + [
-        helper.make_tensor_value_info(f"past_key_values.0.{kv}", TensorProto.FLOAT, past_dims)
-        for kv in ("key", "value")
+        helper.make_tensor_value_info(
+            f"past_key_values.0.{kv}", TensorProto.FLOAT, cache_dims(n, "past_sequence_length")
+        )
+        for kv, n in heads.items()
     ]
     outputs = [
         helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "seq", VOCAB])
     ] + [
-        helper.make_tensor_value_info(f"present.0.{kv}", TensorProto.FLOAT, out_dims)
-        for kv in ("key", "value")
+        helper.make_tensor_value_info(
+            f"present.0.{kv}", TensorProto.FLOAT, cache_dims(n, "total_sequence_length")
+        )
+        for kv, n in heads.items()
     ]
     graph = helper.make_graph(g.nodes, f"synthetic_{L.name}", inputs, outputs, g.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)

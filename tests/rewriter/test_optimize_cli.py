@@ -78,14 +78,22 @@ def test_existing_output_needs_overwrite(tmp_path):
     assert (tmp_path / "out.onnx").read_text() == "keep"
 
 
-def test_partial_fusion_names_layers_and_reason(tiny_export, tmp_path):
-    """GPT-NeoX (per-head interleaved QKV) does not fuse yet: the error lists the layers and
-    the reason."""
-    _, export_dir = tiny_export("gpt_neox")
-    done = run_cli("optimize", str(export_dir), str(tmp_path / "neox.onnx"), "--explain")
-    assert_one_line_error(done, "0 of 2 attention layers fused", "not fused: 0, 1")
+def test_partial_fusion_names_layers_and_reason(tmp_path):
+    """A layer whose key is transposed with a perm no layout uses does not fuse: the error
+    lists the layer and the reason."""
+    model = build_lm("BHSD")
+    key_transpose = next(
+        n
+        for n in model.graph.node
+        if n.op_type == "Transpose" and list(n.attribute[0].ints) == [0, 1, 3, 2]
+    )
+    key_transpose.attribute[0].ints[:] = [1, 0, 3, 2]
+    onnx.save(model, tmp_path / "in.onnx")
+    done = run_cli("optimize", str(tmp_path / "in.onnx"), str(tmp_path / "out.onnx"), "--explain")
+    assert_one_line_error(done, "0 of 1 attention layers fused", "not fused: 0")
     assert "Attention layers" in done.stderr  # the --explain table
-    assert not (tmp_path / "neox.onnx").exists()
+    assert "perm" in done.stderr  # the reason names the transpose perm
+    assert not (tmp_path / "out.onnx").exists()
 
 
 def test_external_data_outside_the_model_directory_is_refused(tmp_path):

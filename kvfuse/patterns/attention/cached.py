@@ -4,9 +4,9 @@ Legend: B batch, S new tokens, P past, T = P + S, H heads, Hkv kv heads, D head 
 cache layout (see `Layout`), "proj" the layout a projection is reshaped into.
 
     q_flat ─ Reshape ─ [Transpose→L] ─ [Rotary] ────────────── [Transpose→BHSD] ─ q ─┐
-    k_flat ─ Reshape ─ [Transpose→L] ─ [Rotary] ─ Concat(past_k, ·) ═ present_k      │
+    k_flat ─ Reshape ─ [RepeatKV] ─ [Transpose→L] ─ [Rotary] ─ Concat(past_k, ·) ═ present_k
                                                    └─ [RepeatKV] ──────────── k ─ Attention
-    v_flat ─ Reshape ─ [Transpose→L] ─────────── Concat(past_v, ·) ═ present_v      │
+    v_flat ─ Reshape ─ [RepeatKV] ─ [Transpose→L] ─────────── Concat(past_v, ·) ═ present_v
                                                    └─ [RepeatKV] ──────────── v ─────┘
     Attention ─ Transpose(→proj) ─ Reshape ─ y_flat        (concats on L's sequence axis)
 
@@ -15,6 +15,11 @@ present_k, present_v); the retained-state conversion moves the `present.*` graph
 its outputs 1 and 2. Rotary may be applied before or after the transpose into the cache
 layout (it acts on D only). The mask is dropped: the fused op is causal over the valid
 positions, which is what the model's mask builder computed from `attention_mask`.
+
+Falcon (new_decoder_architecture) repeats K and V to every query head right after the
+projection reshape, so its export caches H heads made of Hkv: the fused op caches the Hkv
+heads of k_flat/v_flat (the same attention, less memory), after checking that the export's
+cache holds exactly those heads repeated (rotary commutes with the repeat: it acts on D).
 """
 
 from __future__ import annotations
@@ -37,9 +42,19 @@ class CachedAttentionRule(Rule):
         super().__init__(name, remove_nodes=False)
         self.layout, self.rotary = layout, rotary
 
-    def _heads(self, op, flat, shape, cos, sin, rotate: bool, tag: str):
-        """flat projection → heads in the cache layout, rotated before or after the transpose."""
+    def _heads(self, op, flat, shape, cos, sin, rotate: bool, tag: str, repeat: bool = False):
+        """flat projection → heads in the cache layout, rotated before or after the transpose;
+        with `repeat`, kv heads may be repeated to every query head before they are cached."""
         projected = op.Reshape(flat, shape)
+        if repeat:  # Falcon (new_decoder_architecture) caches K/V repeated to every head
+            projected = pattern.OrValue(
+                [
+                    op.RepeatKV(projected, _domain=KVFUSE_DOMAIN, _outputs=[f"{tag}_early"]),
+                    projected,
+                ],
+                tag_var=f"{tag}_repeated_early",
+                tag_values=[1, 0],
+            )
         if not rotate:
             return maybe_transpose(op, projected, self.layout.to_cache)
         return pattern.OrValue(
@@ -61,9 +76,9 @@ class CachedAttentionRule(Rule):
     def pattern(self, op, q_flat, k_flat, v_flat, past_k, past_v, cos, sin, shapes, out_shape):
         # `shapes`: one variable for the three projection reshapes (exporters share the target)
         query = self._heads(op, q_flat, shapes, cos, sin, self.rotary, "q")
-        new_k = self._heads(op, k_flat, pattern.ANY_VALUE, cos, sin, self.rotary, "k")
+        new_k = self._heads(op, k_flat, pattern.ANY_VALUE, cos, sin, self.rotary, "k", True)
         present_k = op.Concat(past_k, new_k, axis=self.layout.seq_axis, _outputs=["present_k"])
-        new_v = self._heads(op, v_flat, pattern.ANY_VALUE, cos, sin, False, "v")
+        new_v = self._heads(op, v_flat, pattern.ANY_VALUE, cos, sin, False, "v", True)
         present_v = op.Concat(past_v, new_v, axis=self.layout.seq_axis, _outputs=["present_v"])
         key = pattern.OrValue(
             [op.RepeatKV(present_k, _domain=KVFUSE_DOMAIN), present_k],
@@ -112,19 +127,46 @@ class CachedAttentionRule(Rule):
             found = attention.attributes.get_string("layout")
             return fail(f"attention reads the cache as {found}, expected {self.layout.name}")
         head_dim = static_dim(past_k, self.layout.name.index("D"))
-        kv_heads = static_dim(past_k, self.layout.head_axis)
-        width = static_dim(q_flat, -1)
-        if None in (head_dim, kv_heads, width):
-            return fail(f"cache {past_k.name} or query width not static: {past_k.shape}", past_k)
-        if width % head_dim or (width // head_dim) % kv_heads:
-            return fail(f"query width {width} is not a multiple of Hkv·D = {kv_heads}·{head_dim}")
         if static_dim(past_v, self.layout.name.index("D")) != head_dim:
             return fail(f"value head dim {past_v.shape} differs from key head dim {head_dim}")
+        # (a failed MatchResult is falsy: test for None, never chain these with `or`)
+        kv_heads = self._kv_heads(past_k, bound)
+        failure = _check_projections(q_flat, bound["k_flat"], bound["v_flat"], head_dim, kv_heads)
+        for past, tag in ((past_k, "k"), (past_v, "v")):
+            if failure is None:
+                failure = self._check_cache_heads(past, bound, tag, kv_heads)
+        if failure is not None:
+            return failure
         if bound.get("output_reshape"):  # must keep [B, H, S, D]
             dims = bound["reshaped"].shape
-            if dims is None or len(dims) != 4 or dims[1] != width // head_dim:
+            if dims is None or len(dims) != 4 or dims[1] != static_dim(q_flat, -1) // head_dim:
                 return fail(f"attention output reshaped to {dims}, not [B, H, S, D]", attended)
         return ok()
+
+    def _kv_heads(self, past_k: ir.Value, bound: dict) -> int | None:
+        """Kv heads as the fused op caches them: those of the key projection (the export's cache
+        holds more when the model repeats them before caching)."""
+        head_dim = static_dim(past_k, self.layout.name.index("D"))
+        width = static_dim(bound["k_flat"], -1)
+        return width // head_dim if width is not None and head_dim else None
+
+    def _check_cache_heads(self, past, bound, tag: str, kv_heads) -> pattern.MatchResult | None:
+        """The export's cache holds the projection's kv heads, or (Falcon) those heads repeated
+        to every query head on the projection's head axis."""
+        expected = kv_heads
+        if bound.get(f"{tag}_repeated_early"):
+            repeat = bound[f"{tag}_early"]
+            axis, head_axis = (
+                repeat.producer().attributes.get_int("axis"),
+                self.layout.projection.index("H"),
+            )
+            if axis != head_axis:
+                return fail(f"heads repeated on axis {axis}, expected {head_axis}", repeat)
+            expected = static_dim(repeat, head_axis)
+        cached = static_dim(past, self.layout.head_axis)
+        if cached != expected:
+            return fail(f"cache {past.name} holds {cached} heads, expected {expected}", past)
+        return None
 
     def rewrite(
         self,
@@ -139,7 +181,7 @@ class CachedAttentionRule(Rule):
         y_flat,
         cos=None,
         sin=None,
-        **_,
+        **bound,
     ):
         head_dim = static_dim(past_k, self.layout.name.index("D"))
         rotary = [cos, sin] if self.rotary else []
@@ -152,7 +194,7 @@ class CachedAttentionRule(Rule):
             past_v,
             *rotary,
             num_heads=static_dim(q_flat, -1) // head_dim,
-            kv_num_heads=static_dim(past_k, self.layout.head_axis),
+            kv_num_heads=self._kv_heads(past_k, {**bound, "k_flat": k_flat}),
             scale=attended.producer().attributes.get_float("scale"),
             layout=self.layout.name,
             rotary=int(self.rotary),
@@ -163,6 +205,22 @@ class CachedAttentionRule(Rule):
             _outputs=3,
         )
         return like(outputs[0], y_flat)
+
+
+def _check_projections(q_flat, k_flat, v_flat, head_dim, kv_heads) -> pattern.MatchResult | None:
+    """Q, K and V must be flat [.., S, width] projections of whole heads, K and V Hkv heads."""
+    widths = [
+        static_dim(x, -1) if x.shape is not None and len(x.shape) == 3 else None
+        for x in (q_flat, k_flat, v_flat)
+    ]
+    if None in (head_dim, kv_heads, *widths):
+        shapes = [x.shape for x in (q_flat, k_flat, v_flat)]
+        return fail(f"q/k/v projections are not [B, S, static width]: {shapes}", q_flat, k_flat)
+    if widths[1] != kv_heads * head_dim or widths[2] != kv_heads * head_dim:
+        return fail(f"k/v widths {widths[1:]}, expected Hkv·D = {kv_heads}·{head_dim}", k_flat)
+    if widths[0] % head_dim or (widths[0] // head_dim) % kv_heads:
+        return fail(f"query width {widths[0]} is not a multiple of Hkv·D = {kv_heads}·{head_dim}")
+    return None
 
 
 def _rotary_above(value: ir.Value) -> ir.Node | None:

@@ -19,7 +19,9 @@ class RepeatKVRule(Rule):
     """`attention/repeat_kv`: Unsqueeze + Expand/Tile + Reshape → kvfuse RepeatKV."""
 
     def __init__(self) -> None:
-        super().__init__("attention/repeat_kv")
+        # remove_nodes=False: Falcon's exporter reads the expanded tensor's shape to build the
+        # Reshape target; that read dies with the Reshape once the repeat is replaced
+        super().__init__("attention/repeat_kv", remove_nodes=False)
 
     def pattern(self, op, x, axes, shape, target):
         unsqueezed = op.Unsqueeze(x, axes)
