@@ -8,13 +8,14 @@ import onnx
 import pytest
 
 from kvfuse.errors import KvfuseError
+from kvfuse.models.architectures import ARCHITECTURES as FACTS
 from kvfuse.rewriter import static
 from kvfuse.rewriter.optimize import optimize
 from kvfuse.runtime.shared_weights import SharedWeights, _external_tensors
 
-# llama: RoPE + GQA; mistral: a sliding window shorter than the verification; gpt2: learned
-# positions, multi-head, Gemm projections; falcon: multi-query, sequence of parallel blocks
-ARCHITECTURES = ["llama", "mistral", "gpt2", "falcon"]
+# every architecture the pattern library fuses: RoPE half/partial, sliding window, learned
+# positions, MHA/GQA/MQA, packed and per-head interleaved projections
+ARCHITECTURES = sorted(name for name, facts in FACTS.items() if facts["fuses"])
 PREFILL_LEN = 16
 
 
