@@ -8,7 +8,9 @@ same thread count for all, repetitions interleaved across systems; medians are r
 Systems: PyTorch eager `generate`; Optimum `ORTModelForCausalLM` (IOBinding); a plain
 onnxruntime loop over Optimum's export; onnxruntime-genai 0.18 on a model its own builder made
 from the same weights (needs a second virtualenv with transformers 5.x, see --genai-python);
-kvfuse (`kvfuse.load`). Writes benchmarks/RESULTS.md.
+kvfuse (`kvfuse.load`) for each target: `ort` (GroupQueryAttention), `onnx` (standard ops,
+dynamic shapes) and `onnx --static` (a prefill graph of 128 tokens and a decode graph sharing
+one weights file). Writes benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -26,7 +28,17 @@ from pathlib import Path
 
 import numpy as np
 
-SYSTEMS = ["pytorch", "optimum", "plain-ort", "genai", "kvfuse"]
+SYSTEMS = ["pytorch", "optimum", "plain-ort", "genai", "kvfuse", "kvfuse-onnx", "kvfuse-static"]
+# kvfuse system → (model file, optimize options); every target gets the same 2048 positions
+KVFUSE_MODELS = {
+    "kvfuse": ("model-kvfuse.onnx", {}),
+    "kvfuse-onnx": ("model-onnx.onnx", {"target": "onnx"}),
+    "kvfuse-static": (
+        "model-static.onnx",
+        {"target": "onnx", "static": True, "prefill_len": 128, "batch_size": 1},
+    ),
+}
+STATIC_MARK = "model-static.kvfuse.json"  # the file a static pair lands last
 SHORT, LONG, NEW_SHORT, NEW_LONG, PARITY = 64, 1024, 128, 64, 32
 TEXT = (
     "The history of computing is a story of people finding ways to make machines do more of "
@@ -173,10 +185,10 @@ def genai_runner(work: Path, threads: int):
     return run
 
 
-def kvfuse_runner(work: Path, threads: int):
+def kvfuse_runner(work: Path, threads: int, system: str = "kvfuse"):
     from kvfuse import GenerationConfig, load
 
-    generator = load(work / "export" / "model-kvfuse.onnx", threads=threads)
+    generator = load(work / "export" / KVFUSE_MODELS[system][0], threads=threads)
 
     def run(ids, new, decode=False):
         config = GenerationConfig(
@@ -195,6 +207,8 @@ RUNNERS = {
     "plain-ort": plain_runner,
     "genai": genai_runner,
     "kvfuse": kvfuse_runner,
+    "kvfuse-onnx": lambda work, threads: kvfuse_runner(work, threads, "kvfuse-onnx"),
+    "kvfuse-static": lambda work, threads: kvfuse_runner(work, threads, "kvfuse-static"),
 }
 
 
@@ -210,8 +224,10 @@ def prepare(work: Path, genai_python: str | None) -> list[str]:
     hf_dir = default_model.default_gguf_path().parent / DEFAULT_HF_DIR
     if not (work / "hf").exists():
         (work / "hf").symlink_to(hf_dir)
-    if not (work / "export" / "model-kvfuse.onnx").exists():
-        optimize(work / "export", work / "export" / "model-kvfuse.onnx", max_context=2048)
+    for file, options in KVFUSE_MODELS.values():
+        done = STATIC_MARK if options.get("static") else file
+        if not (work / "export" / done).exists():
+            optimize(work / "export", work / "export" / file, max_context=2048, **options)
     systems = [s for s in SYSTEMS if s != "genai"]
     if genai_python and not (work / "genai" / "genai_config.json").exists():
         subprocess.run(
