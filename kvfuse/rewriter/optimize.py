@@ -178,6 +178,9 @@ def optimize(
             }
             candidate = {prefill_len: pair["prefill"], 1: pair["decode"]}
             result.nodes_after = len(pair["decode"].graph.node)
+    elif target == "onnx":
+        with steps.step("Checking the model with onnx.checker (full check)"):
+            static_graphs.check_standard(onnx.load_from_string(proto_bytes))
     if verify_numerics:
         with steps.step("Verifying against the original (prefill + 8 decode steps)"):
             kv_shape = [batch_size or 1, signature.kv_heads, max_context, signature.head_dim]

@@ -44,9 +44,23 @@ def specialize(proto: onnx.ModelProto, seq_len: int, clean_up: Callable) -> onnx
     clean_up(model)
     static = ir.serde.serialize_model(model)
     del static.graph.value_info[:]  # infer every shape anew rather than trust the old ones
-    static = onnx.shape_inference.infer_shapes(static, strict_mode=True, data_prop=True)
+    try:
+        static = onnx.shape_inference.infer_shapes(static, strict_mode=True, data_prop=True)
+    except onnx.shape_inference.InferenceError as error:
+        first = str(error).strip().splitlines()[0]
+        raise KvfuseError(f"shape inference fails on the S={seq_len} graph: {first}") from error
     check_static(static, f"the S={seq_len} graph")
+    check_standard(static, full=False)  # strict shape inference just ran
     return static
+
+
+def check_standard(proto: onnx.ModelProto, full: bool = True) -> None:
+    """onnx.checker over a standard-ops model (full: with strict shape inference)."""
+    try:
+        onnx.checker.check_model(proto, full_check=full)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
+        first = str(error).strip().splitlines()[0]
+        raise KvfuseError(f"the rewritten model fails onnx.checker: {first}") from error
 
 
 def check_static(proto: onnx.ModelProto, what: str) -> None:
