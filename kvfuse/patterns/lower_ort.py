@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import onnx_ir as ir
 
 from kvfuse.errors import KvfuseError
@@ -203,53 +202,20 @@ def _transpose(graph: ir.Graph, anchor: ir.Node, value: ir.Value, perm: list[int
     return node.outputs[0]
 
 
-def pack_qkv_projections(model: ir.Model) -> dict[str, int]:
-    """`lower/packed_qkv`: three projections of one hidden state feeding a GQA node become one
-    MatMul over concatenated weights, passed as GQA's packed query (key and value left empty):
-    one GEMV per layer instead of three at decode. Biases (Qwen2) are packed the same way.
-
-        x ─ MatMul(Wq) [+bq] ─┐                 x ─ MatMul([Wq|Wk|Wv]) [+[bq|bk|bv]] ─┐
-        x ─ MatMul(Wk) [+bk] ─ GQA      →                                            GQA
-        x ─ MatMul(Wv) [+bv] ─┘
-    """
+def hand_packed_qkv(model: ir.Model) -> dict[str, int]:
+    """`lower/packed_qkv`: when Q, K and V are consecutive column blocks of one projection —
+    the three outputs of one Split (what `patterns.packed_qkv` makes of separate projections;
+    GPT-2's c_attn) or three Slices (Phi-3's qkv_proj; GPT-NeoX and Falcon once their parts
+    are column blocks) — GQA takes the whole projection as its packed query (key and value
+    left empty) and the split disappears."""
     graph, packed = model.graph, 0
     for gqa in [n for n in graph if n.domain == MS_DOMAIN and n.op_type == "GroupQueryAttention"]:
         source = _already_packed(gqa)
-        # Phi-3: one qkv_proj sliced three ways (GPT-NeoX and Falcon too, once their parts
-        # are column blocks); hand GQA the whole
         if source is not None:
             gqa.replace_input_with(0, source)
             gqa.replace_input_with(1, None)
             gqa.replace_input_with(2, None)
             packed += 1
-            continue
-        projections = [_projection(value, gqa) for value in gqa.inputs[:3]]
-        if None in projections or len({p[0] for p in projections}) != 1:
-            continue
-        hidden = projections[0][0]
-        weights = [p[1].const_value.numpy() for p in projections]
-        biases = [p[2].const_value.numpy() if p[2] is not None else None for p in projections]
-        if any(b is None for b in biases) and any(b is not None for b in biases):
-            continue
-        name = f"{gqa.name}/packed_qkv"
-        fused = _constant_value(graph, f"{name}.weight", np.concatenate(weights, axis=1))
-        matmul = ir.node("MatMul", [hidden, fused], name=f"{name}/MatMul")
-        nodes, output = [matmul], matmul.outputs[0]
-        if biases[0] is not None:
-            bias = _constant_value(graph, f"{name}.bias", np.concatenate(biases))
-            add = ir.node("Add", [output, bias], name=f"{name}/Add")
-            nodes.append(add)
-            output = add.outputs[0]
-        originals = [node for p in projections for node in p[3]]
-        replaced = [entry for node in originals for entry in replaced_by(node)]
-        for node in nodes:
-            node.metadata_props[RULE_TAG] = "lower/packed_qkv"
-            node.metadata_props[REPLACED_TAG] = json.dumps(replaced)
-            graph.insert_before(gqa, node)
-        gqa.replace_input_with(0, output)
-        gqa.replace_input_with(1, None)
-        gqa.replace_input_with(2, None)
-        packed += 1
     return {"lower/packed_qkv": packed}
 
 
@@ -279,31 +245,3 @@ def _already_packed(gqa: ir.Node) -> ir.Value | None:
     if q0 != 0 or k0 != q1 or v0 != k1 or not isinstance(width, int) or v1 < width:
         return None
     return source
-
-
-def _projection(value: ir.Value | None, consumer: ir.Node):
-    """(hidden, weight, bias, nodes) if `value` = MatMul(hidden, W) [+ b] with constant W
-    (and b) read only by `consumer`; else None."""
-    if value is None or len(value.uses()) != 1 or value.is_graph_output():
-        return None
-    node, bias = value.producer(), None
-    nodes = [node]
-    if node is not None and node.op_type == "Add":
-        bias = next((v for v in node.inputs if v.const_value is not None), None)
-        rest = [v for v in node.inputs if v is not bias]
-        if bias is None or len(rest) != 1 or len(rest[0].uses()) != 1:
-            return None
-        node = rest[0].producer()
-        nodes.append(node)
-    if node is None or node.op_type != "MatMul" or node.inputs[1].const_value is None:
-        return None
-    if node.inputs[1].const_value.numpy().ndim != 2:
-        return None
-    return node.inputs[0], node.inputs[1], bias, nodes
-
-
-def _constant_value(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
-    value.shape, value.dtype = ir.Shape(array.shape), ir.DataType.FLOAT
-    graph.register_initializer(value)
-    return value

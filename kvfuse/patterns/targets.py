@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from kvfuse.patterns import lower_onnx, lower_ort, norm, rotary
+from kvfuse.patterns import lower_onnx, lower_ort, norm, packed_qkv, rotary
 from kvfuse.patterns.attention import cached, diagnose, repeat_kv, sdpa
 from kvfuse.rewriter import shapes
 from kvfuse.rewriter.pipeline import Stage
@@ -42,10 +42,11 @@ ORT = Target(
         Stage("infer shapes through the fused ops", run=shapes.infer_shapes),
         Stage("lower residual + RMSNorm to onnxruntime ops", run=lower_ort.lower_skip_rms_norms),
         Stage("lower RMSNorm to onnxruntime ops", rules=lower_ort.NORM_RULES),
+        Stage("pack Q/K/V projections", run=packed_qkv.pack_qkv_projections),
     ],
     attention=lambda max_context: lower_ort.lower_cached_attention,
     finishing=[
-        Stage("pack Q/K/V projections", run=lower_ort.pack_qkv_projections),
+        Stage("hand GQA its packed Q/K/V", run=lower_ort.hand_packed_qkv),
         Stage("read transposed weights in place", rules=lower_ort.WEIGHT_RULES),
     ],
 )
@@ -56,6 +57,7 @@ ONNX = Target(
         Stage("infer shapes through the fused ops", run=shapes.infer_shapes),
         Stage("move to opset 24", run=lower_onnx.convert_opset),
         Stage("lower RMSNorm to RMSNormalization", rules=lower_onnx.NORM_RULES),
+        Stage("pack Q/K/V projections", run=packed_qkv.pack_qkv_projections),
     ],
     attention=lower_onnx.AttentionLowering,
     finishing=[Stage("read transposed weights in place", rules=lower_onnx.WEIGHT_RULES)],

@@ -139,3 +139,12 @@ def test_shared_weights_are_one_copy(onnx_target):
     with pytest.raises(KvfuseError, match="does not read the same weights"):
         SharedWeights(directory / "llama-static.weights", [graphs[0], other])
     assert shared.nbytes == (directory / "llama-static.weights").stat().st_size
+
+
+def test_qkv_projections_are_one_matmul_per_layer(onnx_target):
+    """Q, K and V come from one packed MatMul and a Split per layer: 5 MatMuls per layer
+    (qkv, o, gate, up, down) plus the head, where the export had 7 per layer."""
+    result = onnx_target("llama")
+    assert result.rule_counts["fuse/packed_qkv"] == 2
+    assert result.ops_after["Split"] == 2
+    assert result.ops_after["MatMul"] == 2 * 5 + 1 == result.ops_before["MatMul"] - 4
