@@ -107,13 +107,63 @@ def optimize(
         An `OptimizeResult`; the output is written only if every attention layer fused and
         verification passed (a `KvfuseError` says why otherwise).
     """
+    plan = _plan(source, output, target, max_context, batch_size, logits, static, prefill_len)
+    steps = Steps(quiet)
+    with steps.step(f"Loading {plan.model_path.name}"):
+        model = _load(plan.model_path)
+    result = _fuse(model, plan, steps)
+    with steps.step(f"Lowering to {target} with fixed {plan.max_context}-position KV buffers"):
+        _lower(model, plan, result)
+    proto_bytes = ir.serde.serialize_model(model).SerializeToString()
+    del model  # from here on the serialized graph(s) are what is checked and written
+    candidate, pair = proto_bytes, None
+    if plan.static:
+        with steps.step(f"Specialising static graphs (S = {plan.prefill_len} and S = 1)"):
+            pair = {
+                role: static_graphs.specialize(onnx.load_from_string(proto_bytes), s, _clean_up)
+                for role, s in (("prefill", plan.prefill_len), ("decode", 1))
+            }
+            candidate = {plan.prefill_len: pair["prefill"], 1: pair["decode"]}
+            result.nodes_after = len(pair["decode"].graph.node)
+    elif target == "onnx":
+        with steps.step("Checking the model with onnx.checker (full check)"):
+            static_graphs.check_standard(onnx.load_from_string(proto_bytes))
+    if verify_numerics:
+        with steps.step("Verifying against the original (prefill + 8 decode steps)"):
+            _verify(plan, result, candidate, proto_bytes)
+    with steps.step(f"Writing {plan.output if pair is None else plan.output.with_suffix('.*')}"):
+        if pair is None:
+            _write(plan.output, proto_bytes, plan.model_path, result, overwrite)
+            result.output = plan.output
+        else:
+            result.shared_weights = _write_static(
+                plan.output, pair, plan.model_path, result, overwrite
+            )
+            result.output = plan.output.parent / result.signature.static["graphs"]["decode"]
+    return result
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """What one optimize call was asked for, checked and with its defaults filled in."""
+
+    model_path: Path
+    export_info: dict | None
+    output: Path
+    target: str
+    max_context: int
+    batch_size: int | None
+    logits: str
+    static: bool
+    prefill_len: int | None
+
+
+def _plan(source, output, target, max_context, batch_size, logits, static, prefill_len) -> _Plan:
     if logits not in ("last", "all"):
         raise KvfuseError(f"logits must be 'last' or 'all', not {logits!r}")
     if target not in targets.TARGETS:
         choices = ", ".join(targets.TARGETS)
         raise KvfuseError(f"unknown target {target!r}; choose one of {choices}")
-    lowering = targets.TARGETS[target]
-    steps = Steps(quiet)
     model_path, export_info = _resolve_input(Path(source))
     output = Path(output)
     if output.suffix != ".onnx":
@@ -122,25 +172,40 @@ def optimize(
     if static:
         batch_size = batch_size or 1
         prefill_len = _check_static_request(target, prefill_len, max_context)
-    with steps.step(f"Loading {model_path.name}"):
-        model = _load(model_path)
+    return _Plan(
+        model_path,
+        export_info,
+        output,
+        target,
+        max_context,
+        batch_size,
+        logits,
+        static,
+        prefill_len,
+    )
+
+
+def _fuse(model: ir.Model, plan: _Plan, steps: Steps) -> OptimizeResult:
+    """Clean up and fuse; every attention layer must fuse (else `PartialFusion`)."""
     before_nodes, before_ops = pipeline.count_nodes(model), pipeline.op_histogram(model)
     candidates = pipeline.attention_candidates(model)
     if not candidates:
-        raise KvfuseError(f"{model_path} has no attention (no Softmax); nothing to fuse")
+        raise KvfuseError(f"{plan.model_path} has no attention (no Softmax); nothing to fuse")
+    batch = plan.batch_size
     with steps.step("Cleaning up shape plumbing"):
-        specialize = Stage("fix batch size", run=lambda m: shapes.specialize_batch(m, batch_size))
+        specialize = Stage("fix batch size", run=lambda m: shapes.specialize_batch(m, batch))
         records = pipeline.run_stages(model, [specialize, Stage("clean up", run=_clean_up)])
     with steps.step("Fusing attention, RoPE and norms"):
         records += pipeline.run_stages(model, targets.FUSION_STAGES)
     layers = pipeline.attention_outcomes(model, candidates, targets.EXPLAIN_RULES, targets.DIAGNOSE)
+    after_nodes, after_ops = pipeline.count_nodes(model), pipeline.op_histogram(model)
     result = OptimizeResult(
         None,
-        target,
+        plan.target,
         before_nodes,
-        pipeline.count_nodes(model),
+        after_nodes,
         before_ops,
-        pipeline.op_histogram(model),
+        after_ops,
         records,
         layers,
         None,
@@ -148,59 +213,49 @@ def optimize(
     )
     if result.fused_layers < len(layers):
         raise PartialFusion(result)
-    with steps.step(f"Lowering to {target} with fixed {max_context}-position KV buffers"):
-        records += pipeline.run_stages(model, lowering.lowering)
-        window = (export_info or {}).get("model", {}).get("sliding_window")
-        signature = retained_state.convert_to_retained_state(
-            model, max_context, batch_size, lowering.attention(max_context), sliding_window=window
+    return result
+
+
+def _lower(model: ir.Model, plan: _Plan, result: OptimizeResult) -> None:
+    """The target's lowering, the retained-state KV signature, last-position logits, and the
+    metadata the runtime reads."""
+    lowering, records = targets.TARGETS[plan.target], result.stages
+    records += pipeline.run_stages(model, lowering.lowering)
+    window = (plan.export_info or {}).get("model", {}).get("sliding_window")
+    signature = retained_state.convert_to_retained_state(
+        model,
+        plan.max_context,
+        plan.batch_size,
+        lowering.attention(plan.max_context),
+        sliding_window=window,
+    )
+    signature.logits = plan.logits
+    if plan.logits == "last":
+        records += pipeline.run_stages(
+            model, [Stage("logits for the last position", run=gather_last_logits)]
         )
-        if logits == "last":
-            records += pipeline.run_stages(
-                model, [Stage("logits for the last position", run=gather_last_logits)]
-            )
-            logits = "last" if records[-1].counts["logits/last_position"] else "all"
-        records += pipeline.run_stages(model, lowering.finishing)
-        records += pipeline.run_stages(model, [Stage("final clean up", run=_clean_up)])
-    signature.logits = logits
-    if static:
-        signature.static = static_layout(output, prefill_len)
-    _stamp_metadata(model, signature, target, model_path)
+        signature.logits = "last" if records[-1].counts["logits/last_position"] else "all"
+    records += pipeline.run_stages(model, lowering.finishing)
+    records += pipeline.run_stages(model, [Stage("final clean up", run=_clean_up)])
+    if plan.static:
+        signature.static = static_layout(plan.output, plan.prefill_len)
+    _stamp_metadata(model, signature, plan.target, plan.model_path)
     result.nodes_after, result.ops_after = pipeline.count_nodes(model), pipeline.op_histogram(model)
     result.signature = signature
-    proto_bytes = ir.serde.serialize_model(model).SerializeToString()
-    candidate, pair = proto_bytes, None
-    if static:
-        del model
-        with steps.step(f"Specialising static graphs (S = {prefill_len} and S = 1)"):
-            pair = {
-                role: static_graphs.specialize(onnx.load_from_string(proto_bytes), s, _clean_up)
-                for role, s in (("prefill", prefill_len), ("decode", 1))
-            }
-            candidate = {prefill_len: pair["prefill"], 1: pair["decode"]}
-            result.nodes_after = len(pair["decode"].graph.node)
-    elif target == "onnx":
-        with steps.step("Checking the model with onnx.checker (full check)"):
-            static_graphs.check_standard(onnx.load_from_string(proto_bytes))
-    if verify_numerics:
-        with steps.step("Verifying against the original (prefill + 8 decode steps)"):
-            kv_shape = [batch_size or 1, signature.kv_heads, max_context, signature.head_dim]
-            result.verification = verify(
-                model_path, candidate, signature.pairs, kv_shape, batch=batch_size or 1
-            )
-        if not result.verification.passed:
-            where = locate_divergence(model_path, proto_bytes, signature.pairs, kv_shape)
-            raise KvfuseError(
-                f"{result.verification.summary()}; {where or 'no shared tensor to compare'}; "
-                "nothing was written"
-            )
-    with steps.step(f"Writing {output if pair is None else output.with_suffix('.*')}"):
-        if pair is None:
-            _write(output, proto_bytes, model_path, result, overwrite)
-        else:
-            result.shared_weights = _write_static(output, pair, model_path, result, overwrite)
-            output = output.parent / signature.static["graphs"]["decode"]
-    result.output = output
-    return result
+
+
+def _verify(plan: _Plan, result: OptimizeResult, candidate, proto_bytes: bytes) -> None:
+    """Check `candidate` (one graph, or the static pair) against the original; on failure name
+    the first diverging tensor and raise — nothing is written."""
+    signature, batch = result.signature, plan.batch_size or 1
+    kv_shape = [batch, signature.kv_heads, plan.max_context, signature.head_dim]
+    result.verification = verify(plan.model_path, candidate, signature.pairs, kv_shape, batch=batch)
+    if not result.verification.passed:
+        where = locate_divergence(plan.model_path, proto_bytes, signature.pairs, kv_shape)
+        raise KvfuseError(
+            f"{result.verification.summary()}; {where or 'no shared tensor to compare'}; "
+            "nothing was written"
+        )
 
 
 class PartialFusion(KvfuseError):
