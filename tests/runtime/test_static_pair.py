@@ -78,3 +78,33 @@ def test_batch_prompts_must_fit_one_static_prefill(models):
     assert short.tokens[1] == alone.generate([8, 9, 10, 11, 12], GREEDY).tokens[0]
     with pytest.raises(KvfuseError, match="must fit one static prefill step of 16 tokens"):
         generator.generate([[5] * 20, [6] * 3], GREEDY)
+
+
+def test_incomplete_or_truncated_pair_is_refused(models, tmp_path):
+    """A pair whose weights file is missing or cut short: one-line errors, no traceback."""
+    import shutil
+    import subprocess
+    import sys
+
+    source = models["static"].parent
+    copy = tmp_path / "pair"
+    copy.mkdir()
+    for name in ("static.prefill.onnx", "static.decode.onnx", "static.kvfuse.json"):
+        shutil.copy(source / name, copy / name)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (source / name).exists():
+            shutil.copy(source / name, copy / name)
+    with pytest.raises(KvfuseError, match="static.weights is missing"):
+        load(copy / "static.onnx")
+    weights = (source / "static.weights").read_bytes()
+    (copy / "static.weights").write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(KvfuseError, match="lies outside static.weights"):
+        load(copy / "static.onnx").generate([5, 6], GREEDY)
+    done = subprocess.run(
+        [sys.executable, "-m", "kvfuse", "run", str(copy / "static.onnx"), "--prompt", "hi"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "lies outside static.weights" in done.stderr
