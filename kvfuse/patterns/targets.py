@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from kvfuse.patterns import lower_ort, norm, rotary, transpose
+from kvfuse.patterns import axes, lower_ort, norm, rotary
 from kvfuse.patterns.attention import cached, diagnose, repeat_kv, sdpa
 from kvfuse.rewriter import shapes
 from kvfuse.rewriter.pipeline import Stage
 
 FUSION_STAGES = [
-    Stage("canonicalize axis swaps", rules=transpose.RULES),
+    Stage("canonicalize axis swaps and head selections", rules=axes.RULES),
+    Stage("split heads taken from fused projections", run=shapes.split_heads),
     Stage("fuse RMSNorm", rules=norm.RULES),
     Stage("fuse RoPE", rules=rotary.RULES),
     Stage("fuse GQA/MQA head repeat", rules=repeat_kv.RULES),

@@ -316,6 +316,12 @@ def split_heads_after_projection(graph: ir.Graph) -> int:
     return rewritten
 
 
+def split_heads(model: ir.Model) -> dict[str, int]:
+    """`split_heads_after_projection` as a pipeline stage, for heads that canonicalization
+    rules (e.g. `layout/index_as_slice`) turned into slices after the clean-up ran."""
+    return {"shape/heads_after_projection": split_heads_after_projection(model.graph)}
+
+
 def _head_range(node: ir.Node, shaped: ir.Value) -> tuple[int, int] | None:
     """[start, end) of heads a Slice/Gather takes on axis 2 of a 4-D tensor, if static."""
     if shaped.shape is None or len(shaped.shape) != 4 or not isinstance(shaped.shape[2], int):

@@ -124,6 +124,9 @@ class CachedAttentionRule(Rule):
             dims = bound["reshaped"].shape
             if dims is None or len(dims) != 4 or dims[1] != width // head_dim:
                 return fail(f"attention output reshaped to {dims}, not [B, H, S, D]", attended)
+        if _rank(bound["y_flat"]) not in (_rank(q_flat), 2):
+            found = bound["y_flat"].shape
+            return fail(f"attention output merged to {found}, not like the query {q_flat.shape}")
         return ok()
 
     def rewrite(
@@ -139,6 +142,7 @@ class CachedAttentionRule(Rule):
         y_flat,
         cos=None,
         sin=None,
+        out_shape=None,
         **_,
     ):
         head_dim = static_dim(past_k, self.layout.name.index("D"))
@@ -162,7 +166,15 @@ class CachedAttentionRule(Rule):
             _domain=KVFUSE_DOMAIN,
             _outputs=3,
         )
+        if _rank(y_flat) != _rank(q_flat):
+            # the dynamo exporter flattens GPT-2's output to [B·S, H·D] for its Conv1D Gemm:
+            # the fused op gives the query's [B, S, H·D], reshaped to the same target
+            return like(op.Reshape(like(outputs[0], q_flat), out_shape), y_flat)
         return like(outputs[0], y_flat)
+
+
+def _rank(value: ir.Value) -> int | None:
+    return len(value.shape) if value.shape is not None else None
 
 
 def _rotary_above(value: ir.Value) -> ir.Node | None:
