@@ -14,6 +14,8 @@ with GatherND.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ import torch
 from transformers import DynamicCache
 
 from kvfuse.errors import KvfuseError
+from kvfuse.progress import quiet_libraries
 
 OPSET = 18
 # example sizes for tracing: each ≥ 2 and distinct, so torch.export keeps them symbolic
@@ -42,24 +45,42 @@ def dynamo_export(
     wrapper = FlatCacheLM(model, facts.num_layers).eval()
     arguments, dynamic_shapes = _example_inputs(facts), _dynamic_shapes(facts.num_layers)
     try:
-        program = torch.onnx.export(
-            wrapper,
-            arguments,
-            dynamic_shapes=dynamic_shapes,
-            input_names=input_names(facts.num_layers),
-            output_names=output_names(facts.num_layers),
-            opset_version=OPSET,
-            dynamo=True,
-            verbose=False,
-        )
+        with quiet_libraries(), _quiet_logger("torch.onnx"):
+            program = _trace(wrapper, arguments, dynamic_shapes, facts.num_layers)
     except Exception as error:  # torch.export raises many types; report one line
         reason = (str(error).strip().splitlines() or [""])[0][:300]
         raise KvfuseError(
             f"the dynamo exporter failed on {hf_dir}: {type(error).__name__}: {reason}"
         ) from error
     _inline_functions(program.model)
+    _name_mask_length(program.model)
     program.save(str(out_dir / onnx_file), external_data=_needs_external_data(model))
     _save_companions(model, hf_dir, out_dir)
+
+
+def _trace(wrapper, arguments, dynamic_shapes, num_layers: int):
+    return torch.onnx.export(
+        wrapper,
+        arguments,
+        dynamic_shapes=dynamic_shapes,
+        input_names=input_names(num_layers),
+        output_names=output_names(num_layers),
+        opset_version=OPSET,
+        dynamo=True,
+        verbose=False,
+    )
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str):
+    """torch.onnx logs warnings that concern no kvfuse user (e.g. torchvision ops it skips)."""
+    logger = logging.getLogger(name)
+    previous = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
 
 
 class FlatCacheLM(torch.nn.Module):
@@ -110,10 +131,18 @@ def _dynamic_shapes(num_layers: int) -> tuple:
 
     batch, new, past = Dim(BATCH), Dim(NEW), Dim(PAST)
     # the mask spans past + new; torch.export accepts no sum of two dims, so the mask length
-    # gets its own name and the trace proves it equal to past + new
+    # gets its own name here (renamed after the export, see `_name_mask_length`)
     tokens = {0: batch, 1: new}
     cache = tuple({0: batch, 2: past} for _ in range(2 * num_layers))
     return (tokens, {0: batch, 1: Dim("attention_length")}, tokens, cache)
+
+
+def _name_mask_length(model: Any) -> None:
+    """Name the mask's length as Optimum does (`past_sequence_length + sequence_length`)."""
+    import onnx_ir as ir
+
+    mask = next(v for v in model.graph.inputs if v.name == "attention_mask")
+    mask.shape = ir.Shape([BATCH, f"{PAST} + {NEW}"])
 
 
 def _inline_functions(model: Any) -> None:
