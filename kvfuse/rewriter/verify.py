@@ -165,6 +165,7 @@ def locate_divergence(
     candidate_proto = onnx.load_from_string(rewritten)
     original_proto = onnx.load(str(original))
     produced = {out for node in candidate_proto.graph.node for out in node.output}
+    produced -= {out.name for out in original_proto.graph.output}  # compared already
     layers = {}  # output → layer, from its name or (dynamo exports) its node's module path
     for node in original_proto.graph.node:
         path = next((p.value for p in node.metadata_props if p.key == MODULE_PATH), None)
