@@ -125,3 +125,22 @@ def test_wrong_rewrite_of_a_dynamo_export_names_the_first_diverging_layer(
         optimize(export_dir, tmp_path / "bad.onnx", max_context=64, quiet=True)
     assert "first divergence at layer 0: " in str(failure.value)
     assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_dynamo_export_with_external_data_optimizes(tiny_export, tmp_path, monkeypatch):
+    """Weights written beside the graph (as above 2 GB) are found by the optimizer and the
+    verification, after the staged export directory was renamed into place."""
+    from kvfuse.exporters import dynamo
+    from kvfuse.exporters.export import export
+
+    monkeypatch.setattr(dynamo, "_needs_external_data", lambda model: True)
+    hf_dir, _ = tiny_export("qwen2")
+    out = export(hf_dir, tmp_path / "export", quiet=True, exporter="dynamo").out_dir
+    import onnx
+
+    graph = onnx.load(out / "model.onnx", load_external_data=False).graph
+    external = [t.name for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert any("embed_tokens" in name for name in external), external
+    assert (out / "model.onnx.data").is_file()
+    result = optimize(out, tmp_path / "qwen2.onnx", max_context=32, quiet=True)
+    assert result.fused_layers == 2 and result.verification.passed
