@@ -40,12 +40,20 @@ def export(
         bool, typer.Option("--trust-remote-code", help="Allow the model's own Python code to run.")
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress, no summary.")] = False,
+    exporter: Annotated[
+        str, typer.Option(help="optimum (TorchScript via Optimum) or dynamo (torch.onnx).")
+    ] = "optimum",
 ) -> None:
-    """Export a causal LM to ONNX with past KV (Optimum, text-generation-with-past)."""
+    """Export a causal LM to ONNX with past KV (text-generation-with-past I/O)."""
     from kvfuse.exporters.export import export as run_export
 
     result = run_export(
-        source, out_dir, overwrite=overwrite, trust_remote_code=trust_remote_code, quiet=quiet
+        source,
+        out_dir,
+        overwrite=overwrite,
+        trust_remote_code=trust_remote_code,
+        quiet=quiet,
+        exporter=exporter,
     )
     if not quiet:
         _print_export_summary(result)

@@ -1,10 +1,12 @@
-"""Export a Hugging Face causal LM (directory, GGUF file, or the bundled default) with Optimum.
+"""Export a Hugging Face causal LM (directory, GGUF file, or the bundled default) to ONNX.
 
-    source ──resolve──▶ HF directory ──check──▶ Optimum main_export ──▶ OUT_DIR
-                                                 (text-generation-with-past)   model.onnx
-                                                                                tokenizer, config
-                                                                                kvfuse-export.json
-The whole output is staged and renamed into place, so a failure leaves nothing behind.
+    source ──resolve──▶ HF directory ──check──▶ Optimum main_export ──────┐ ──▶ OUT_DIR
+                                          or torch.onnx dynamo exporter ─┘     model.onnx
+                                                                               tokenizer, config
+                                                                               kvfuse-export.json
+Both exporters produce the same I/O contract (`text-generation-with-past`); see
+`kvfuse.exporters.dynamo`. The whole output is staged and renamed into place, so a failure
+leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from kvfuse.report.summary import GraphSummary, summarize
 TASK = "text-generation-with-past"
 ONNX_FILE = "model.onnx"
 DEFAULT_HF_DIR = "smollm2-135m-instruct-hf"
+EXPORTERS = ("optimum", "dynamo")
 
 
 @dataclasses.dataclass
@@ -47,8 +50,9 @@ def export(
     overwrite: bool = False,
     trust_remote_code: bool = False,
     quiet: bool = False,
+    exporter: str = "optimum",
 ) -> ExportResult:
-    """Export a causal LM to ONNX with past KV using Optimum.
+    """Export a causal LM to ONNX with past KV using Optimum or PyTorch's dynamo exporter.
 
     Args:
         source: a Hugging Face model directory, a `.gguf` file, or "default" for the bundled
@@ -57,20 +61,32 @@ def export(
         overwrite: replace an existing `out_dir` (only once the new export is complete).
         trust_remote_code: allow a model directory's own Python code to run (off by default).
         quiet: no progress display.
+        exporter: "optimum" (TorchScript, via Optimum) or "dynamo" (`torch.onnx.export` with
+            `dynamo=True`); both give the same inputs, outputs and metadata.
 
     Returns:
         An `ExportResult` with the ONNX path, the architecture facts and a graph summary.
     """
+    if exporter not in EXPORTERS:
+        raise KvfuseError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
     steps = Steps(quiet)
     out_dir = Path(out_dir)
     with staged_directory(out_dir, overwrite=overwrite, inputs=_input_paths(source)) as staging:
         hf_dir, origin = _resolve_source(source, staging, steps)
-        config = _load_causal_lm_config(hf_dir, trust_remote_code)
-        with steps.step(f"Exporting {config.model_type} with Optimum ({TASK})"):
-            _optimum_export(hf_dir, staging, trust_remote_code, _onnx_config_overrides(config))
+        config = _load_causal_lm_config(hf_dir, trust_remote_code, exporter)
+        if exporter == "dynamo":
+            from kvfuse.exporters.dynamo import dynamo_export
+
+            with steps.step(f"Exporting {config.model_type} with torch.onnx (dynamo)"):
+                dynamo_export(
+                    hf_dir, staging, ModelFacts.from_config(config), trust_remote_code, ONNX_FILE
+                )
+        else:
+            with steps.step(f"Exporting {config.model_type} with Optimum ({TASK})"):
+                _optimum_export(hf_dir, staging, trust_remote_code, _onnx_config_overrides(config))
         shutil.rmtree(staging / ".source-hf", ignore_errors=True)  # a GGUF's temporary HF copy
         facts = ModelFacts.from_config(config, eos_token_ids=_eos_ids(staging))
-        extra = _provenance(origin) | {"tokenizer": _tokenizer_facts(staging)}
+        extra = _provenance(origin, exporter) | {"tokenizer": _tokenizer_facts(staging)}
         write_metadata(staging / EXPORT_METADATA, facts, extra)
     onnx_path = out_dir / ONNX_FILE
     return ExportResult(out_dir, onnx_path, facts, summarize(onnx_path))
@@ -113,7 +129,7 @@ def _default_hf_directory(steps: Steps) -> tuple[Path, dict]:
     return hf_dir, origin
 
 
-def _load_causal_lm_config(hf_dir: Path, trust_remote_code: bool) -> Any:
+def _load_causal_lm_config(hf_dir: Path, trust_remote_code: bool, exporter: str) -> Any:
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -136,7 +152,8 @@ def _load_causal_lm_config(hf_dir: Path, trust_remote_code: bool) -> Any:
             f"{hf_dir} holds a {kind} model, which is not a causal language model; "
             "kvfuse exports decoder-only text-generation models"
         )
-    _check_optimum_supports(config.model_type)
+    if exporter == "optimum":  # the dynamo exporter traces whatever transformers can run
+        _check_optimum_supports(config.model_type)
     return config
 
 
@@ -234,12 +251,18 @@ def _tokenizer_facts(out_dir: Path) -> dict:
     return {"present": present, "chat_template": bool(chat)}
 
 
-def _provenance(origin: dict) -> dict:
+def _provenance(origin: dict, exporter: str) -> dict:
+    tools = ("optimum", "optimum-onnx") if exporter == "optimum" else ("onnxscript", "onnx-ir")
     versions = {
-        name: _version(name)
-        for name in ("kvfuse", "torch", "transformers", "optimum", "optimum-onnx", "onnx")
+        name: _version(name) for name in ("kvfuse", "torch", "transformers", *tools, "onnx")
     }
-    return {"source": origin, "task": TASK, "onnx_file": ONNX_FILE, "versions": versions}
+    return {
+        "source": origin,
+        "exporter": exporter,
+        "task": TASK,
+        "onnx_file": ONNX_FILE,
+        "versions": versions,
+    }
 
 
 def _version(distribution: str) -> str | None:

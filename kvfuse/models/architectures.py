@@ -1,12 +1,14 @@
-"""What kvfuse expects of each architecture's Optimum export — data the end-to-end tests use.
+"""What kvfuse expects of each architecture's export — data the end-to-end tests use.
 
 `cache_layout`: the layout the exported graph keeps its KV cache in; `rope`: RoPE style
 ("half" = rotate-half on the full head dim, "half-partial" = rotate-half on the first
 `rotary_pct` of each head, None = learned positions); per layer, how many attention fusions
 and RMSNorm fusions a complete rewrite makes; `max_nodes_ratio`: the most nodes the rewrite
 may leave, as a fraction of the export's (the shape plumbing must fold away); `fuses`: whether
-the `ort` target fuses this architecture today (the README's table is generated from these
-facts and a real run, never typed by hand).
+the Optimum export of this architecture fuses today (the README's table is generated from
+these facts and a real run, never typed by hand). `NOT_FUSING` lists, per other exporter, the
+architectures whose export of that exporter does not fuse yet, with the near miss kvfuse
+reports.
 """
 
 from __future__ import annotations
@@ -49,3 +51,32 @@ def expected_fusions(architecture: str, num_layers: int) -> dict[str, int]:
         "GroupQueryAttention": facts["attention_per_layer"] * num_layers,
         "rms_norms": norms,
     }
+
+
+EXPORTERS = ("optimum", "dynamo")
+
+NOT_FUSING: dict[str, dict[str, str]] = {
+    # torch.onnx dynamo exports of the same tiny models
+    "dynamo": {
+        # `view(B, S, H, 3·D)` then `split` on the last axis: Q, K and V interleaved per head
+        # (as in Optimum's export), which GQA's packed input cannot take without permuting
+        # the projection weights
+        "gpt_neox": "OpType mismatch: expected Transpose, got Split.",
+        # K/V broadcast to every query head in a 5-D view before the cache (as in Optimum's)
+        "falcon_gqa": "query width 16 is not a multiple of Hkv·D = 4·16",
+    },
+}
+
+
+def fuses(architecture: str, exporter: str = "optimum") -> bool:
+    """Whether the `ort` target fuses every layer of this architecture's `exporter` export."""
+    if exporter == "optimum":
+        return ARCHITECTURES[architecture]["fuses"]
+    return architecture not in NOT_FUSING[exporter]
+
+
+def gap(architecture: str, exporter: str = "optimum") -> str | None:
+    """Why this architecture's `exporter` export does not fuse yet (None if it does)."""
+    if exporter == "optimum":
+        return ARCHITECTURES[architecture].get("gap")
+    return NOT_FUSING[exporter].get(architecture)

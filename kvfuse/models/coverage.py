@@ -1,9 +1,10 @@
 """Which architectures the `ort` target fuses today: a Markdown table made by running it.
 
-    python -m kvfuse.models.coverage [--work DIR]
+    python -m kvfuse.models.coverage [--work DIR] [--exporter optimum|dynamo ...]
 
-For each tiny model: build (seeded random weights), export with Optimum, optimize, verify.
-The README's coverage table is this command's output, never typed by hand.
+For each tiny model and exporter: build (seeded random weights), export (Optimum, or
+torch.onnx's dynamo exporter), optimize, verify. The README's coverage table is this command's
+output, never typed by hand.
 """
 
 from __future__ import annotations
@@ -13,49 +14,58 @@ import tempfile
 from pathlib import Path
 
 from kvfuse.errors import KvfuseError
-from kvfuse.models.architectures import ARCHITECTURES
+from kvfuse.models.architectures import ARCHITECTURES, EXPORTERS
 
 
-def coverage_row(name: str, work: Path) -> str:
+def coverage_row(name: str, work: Path, exporter: str = "optimum") -> str:
+    """One table row: build the tiny model, export it with `exporter`, optimize, verify."""
     from kvfuse.exporters.export import export
     from kvfuse.models.tiny import build_tiny_model
     from kvfuse.rewriter.optimize import PartialFusion, optimize
 
-    hf_dir = build_tiny_model(name, work / name)
-    exported = export(hf_dir, work / f"{name}-onnx", quiet=True, overwrite=True)
-    facts = ARCHITECTURES[name]
+    hf_dir = work / name
+    if not (hf_dir / "config.json").is_file():
+        build_tiny_model(name, hf_dir)
+    lead = f"| {name} | {exporter} | {ARCHITECTURES[name].get('rope') or 'learned'}"
     try:
+        exported = export(
+            hf_dir, work / f"{name}-{exporter}", quiet=True, overwrite=True, exporter=exporter
+        )
         result = optimize(
-            exported.out_dir, work / f"{name}.onnx", max_context=64, quiet=True, overwrite=True
+            exported.out_dir,
+            work / f"{name}-{exporter}.onnx",
+            max_context=64,
+            quiet=True,
+            overwrite=True,
         )
     except PartialFusion as failure:
         first = next(layer for layer in failure.result.layers if not layer.fused)
         reason = first.near_misses[0].reason if first.near_misses else "no rule came close"
         fused = f"{failure.result.fused_layers}/{len(failure.result.layers)}"
-        return f"| {name} | {facts.get('rope') or 'learned'} | {fused} | no | — | {reason} |"
+        return f"{lead} | {fused} | no | — | {reason} |"
     except KvfuseError as error:
-        return f"| {name} | {facts.get('rope') or 'learned'} | ? | no | — | {error} |"
+        return f"{lead} | ? | no | — | {error} |"
     verification = result.verification
     return (
-        f"| {name} | {facts.get('rope') or 'learned'} | {result.fused_layers}/"
-        f"{len(result.layers)} | {'yes' if verification.passed else 'no'} "
-        f"(max Δ {verification.max_abs_diff:.0e}) | {result.nodes_before} → "
-        f"{result.nodes_after} | |"
+        f"{lead} | {result.fused_layers}/{len(result.layers)} | "
+        f"{'yes' if verification.passed else 'no'} (max Δ {verification.max_abs_diff:.0e}) | "
+        f"{result.nodes_before} → {result.nodes_after} | |"
     )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument("--exporter", action="append", choices=EXPORTERS, default=None)
     args = parser.parse_args()
+    exporters = args.exporter or list(EXPORTERS)
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
-        rows = [coverage_row(name, work) for name in ARCHITECTURES]
+        rows = [coverage_row(name, work, e) for name in ARCHITECTURES for e in exporters]
     print(
-        "| architecture (tiny, Optimum export) | positions | layers fused | verified | "
-        "nodes | why not |"
+        "| architecture (tiny) | exporter | positions | layers fused | verified | nodes | why not |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 
 

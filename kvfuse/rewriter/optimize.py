@@ -30,6 +30,7 @@ from kvfuse.rewriter.verify import Verification, locate_divergence, verify
 
 DEFAULT_MAX_CONTEXT = 2048
 DEFAULT_PREFILL_LEN = 128
+PROTOBUF_LIMIT = 2**31
 COMPANION_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -316,7 +317,18 @@ def _load(model_path: Path) -> ir.Model:
     proto = load_structure(model_path)  # one-line error for a missing or corrupt file
     _check_external_data(model_path, proto)
     del proto  # ir.load reads it again, with its weights; keep one copy in memory at a time
-    return ir.load(model_path)
+    model = ir.load(model_path)
+    # the rewritten model is verified and written as one protobuf: weights kept in a file
+    # beside the input (dynamo and Optimum exports above 2 GB) are read into memory first
+    if any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values()):
+        size = sum(v.const_value.nbytes for v in model.graph.initializers.values())
+        if size >= PROTOBUF_LIMIT:
+            raise KvfuseError(
+                f"{model_path} has {size / 2**30:.1f} GiB of weights; kvfuse writes one "
+                "protobuf (< 2 GiB) and cannot rewrite models this large yet"
+            )
+        ir.external_data.load_to_model(model)
+    return model
 
 
 def _check_external_data(model_path: Path, proto) -> None:

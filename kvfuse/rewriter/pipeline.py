@@ -68,6 +68,9 @@ def op_histogram(model: ir.Model) -> dict[str, int]:
     return dict(collections.Counter(n.op_type for n in model.graph.all_nodes()).most_common())
 
 
+# the dynamo exporter names nodes by op (`node_Softmax_261`) and records the module path
+# (`...m.model.layers.0.self_attn: LlamaAttention/...`) in this metadata entry instead
+MODULE_PATH = "namespace"
 LAYER_NAME = re.compile(r"(?:layers?|h|blocks?|past_key_values)[./_](\d+)")
 
 
@@ -78,13 +81,13 @@ def layer_of(name: str) -> str | None:
 
 
 def node_layer(node: ir.Node, depth: int = 12) -> str | None:
-    """The layer a node belongs to: from its name, else from the nearest named ancestor
+    """The layer a node belongs to: from its name or module path, else from the nearest ancestor
     (nodes a rule creates have generic names; their inputs lead back to the layer)."""
     frontier = [node]
     for _ in range(depth):
         next_frontier = []
         for current in frontier:
-            layer = layer_of(current.name)
+            layer = layer_of(current.name) or layer_of(current.metadata_props.get(MODULE_PATH))
             if layer is not None:
                 return layer
             for value in current.inputs:
@@ -126,7 +129,7 @@ def attention_outcomes(
         tracer = trace_rules(model, explain_rules)
         for miss in tracer.attempts.values():
             if miss.matched_nodes >= 2:
-                misses[layer_of(miss.root) or miss.root].append(miss)
+                misses[node_layer(tracer.roots[miss.root]) or miss.root].append(miss)
     outcomes = []
     for layer in candidates:
         best = sorted(misses.get(layer, []), key=lambda m: -m.matched_nodes)[:3]

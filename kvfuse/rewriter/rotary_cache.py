@@ -22,16 +22,19 @@ def evaluate_rotary_tables(
 ) -> tuple[np.ndarray, np.ndarray]:
     """cos and sin as [max_context, D] float32 tables, evaluated from the graph's own builder."""
     nodes, inputs = _ancestors([cos, sin])
-    names = {value.name for value in inputs}
-    if names != {"position_ids"}:
+    by_name = {value.name: value for value in inputs}
+    shape_only = {name for name, value in by_name.items() if _read_only_by_shape(value, nodes)}
+    if "position_ids" not in by_name or set(by_name) - shape_only != {"position_ids"}:
         raise KvfuseError(
-            f"RoPE cos/sin depend on {sorted(names) or 'no input'}, expected only position_ids; "
-            "this exporter's rotary builder is not supported"
+            f"RoPE cos/sin depend on {sorted(by_name) or 'no input'}, expected only "
+            "position_ids; this exporter's rotary builder is not supported"
         )
-    rows = inputs[0].shape[0] if inputs[0].shape is not None else 1
+    positions = by_name["position_ids"]
+    rows = positions.shape[0] if positions.shape is not None else 1
     rows = rows if isinstance(rows, int) else 1  # a static batch needs that many rows
-    position_ids = np.tile(np.arange(max_context, dtype=np.int64), (rows, 1))
-    cos_table, sin_table = _run(nodes, inputs, [cos, sin], {"position_ids": position_ids})
+    feeds = {"position_ids": np.tile(np.arange(max_context, dtype=np.int64), (rows, 1))}
+    feeds |= {name: _shape_stand_in(by_name[name], positions, rows) for name in shape_only}
+    cos_table, sin_table = _run(nodes, inputs, [cos, sin], feeds)
     return _as_table(cos_table, max_context, cos), _as_table(sin_table, max_context, sin)
 
 
@@ -49,6 +52,21 @@ def half_tables(
         style = "interleaved" if interleaved else "rotate-half"
         raise KvfuseError(f"RoPE tables do not repeat per pair as {style} RoPE needs")
     return np.ascontiguousarray(parts[0]), np.ascontiguousarray(parts[2])
+
+
+def _read_only_by_shape(value: ir.Value, nodes: list[ir.Node]) -> bool:
+    """Whether the builder reads `value` only through Shape: the dynamo exporter takes the
+    batch size from whichever input has it (e.g. a past KV input), not from position_ids."""
+    users = [user for user, _ in value.uses() if user in nodes]
+    return bool(users) and all(user.op_type == "Shape" for user in users)
+
+
+def _shape_stand_in(value: ir.Value, positions: ir.Value, rows: int) -> np.ndarray:
+    """Zeros of the input's shape as at the first step: the batch dim (the one named like
+    position_ids' first dim) has `rows` rows, any other symbolic dim (a past length) is 0."""
+    batch = positions.shape[0] if positions.shape is not None else None
+    dims = [d if isinstance(d, int) else rows if d == batch else 0 for d in value.shape or []]
+    return np.zeros(dims, dtype=value.dtype.numpy())
 
 
 def _ancestors(outputs: list[ir.Value]) -> tuple[list[ir.Node], list[ir.Value]]:
@@ -82,7 +100,7 @@ def _run(nodes, inputs, outputs, feeds) -> list[np.ndarray]:
     graph = onnx.helper.make_graph(
         [ir.serde.serialize_node(node) for node in nodes],
         "rotary_builder",
-        [onnx.helper.make_tensor_value_info(v.name, onnx.TensorProto.INT64, None) for v in inputs],
+        [onnx.helper.make_tensor_value_info(v.name, v.dtype.value, None) for v in inputs],
         [onnx.helper.make_tensor_value_info(v.name, onnx.TensorProto.FLOAT, None) for v in outputs],
         initializer=list(initializers.values()),
     )

@@ -73,6 +73,7 @@ class NearMissTracer(_basics.MatchingTracer):
     def __init__(self) -> None:
         super().__init__()
         self.attempts: dict[tuple[str, str], NearMiss] = {}
+        self.roots: dict[str, ir.Node] = {}  # root label → node, to place a miss in its layer
 
     def log(self, rule, container, node, match_result, status) -> None:  # noqa: D102
         super().log(rule, container, node, match_result, status)
@@ -90,6 +91,7 @@ class NearMissTracer(_basics.MatchingTracer):
             culprits=culprits,
         )
         key = (rule.name, miss.root)
+        self.roots[miss.root] = node
         if key not in self.attempts or miss.matched_nodes > self.attempts[key].matched_nodes:
             self.attempts[key] = miss
 

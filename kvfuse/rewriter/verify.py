@@ -183,17 +183,20 @@ def locate_divergence(
     outputs — per layer, in graph order) whose prefill values differ beyond tolerance."""
     import onnx
 
-    from kvfuse.rewriter.pipeline import layer_of
+    from kvfuse.rewriter.pipeline import MODULE_PATH, layer_of
 
     candidate_proto = onnx.load_from_string(rewritten)
     original_proto = onnx.load(str(original))
     produced = {out for node in candidate_proto.graph.node for out in node.output}
-    shared = [
-        out
-        for node in original_proto.graph.node
-        for out in node.output
-        if out in produced and layer_of(out) is not None
-    ]
+    produced -= {out.name for out in original_proto.graph.output}  # compared already
+    layers = {}  # output → layer, from its name or (dynamo exports) its node's module path
+    for node in original_proto.graph.node:
+        path = next((p.value for p in node.metadata_props if p.key == MODULE_PATH), None)
+        for out in node.output:
+            layer = layer_of(out) or layer_of(path)
+            if out in produced and layer is not None:
+                layers[out] = layer
+    shared = list(layers)
     if not shared:
         return None
     for proto in (original_proto, candidate_proto):
@@ -210,5 +213,5 @@ def locate_divergence(
         a, b = expected[name], found[name]
         if a.shape != b.shape or not np.allclose(a, b, atol=ATOL, rtol=RTOL):
             diff = float(np.abs(a - b).max()) if a.shape == b.shape else float("inf")
-            return f"first divergence at layer {layer_of(name)}: {name} (max |Δ| {diff:.2e})"
+            return f"first divergence at layer {layers[name]}: {name} (max |Δ| {diff:.2e})"
     return None

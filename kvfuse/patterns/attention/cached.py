@@ -141,6 +141,9 @@ class CachedAttentionRule(Rule):
             dims = bound["reshaped"].shape
             if dims is None or len(dims) != 4 or dims[1] != static_dim(q_flat, -1) // head_dim:
                 return fail(f"attention output reshaped to {dims}, not [B, H, S, D]", attended)
+        if _rank(bound["y_flat"]) not in (_rank(q_flat), 2):
+            found = bound["y_flat"].shape
+            return fail(f"attention output merged to {found}, not like the query {q_flat.shape}")
         return ok()
 
     def _kv_heads(self, past_k: ir.Value, bound: dict) -> int | None:
@@ -181,6 +184,7 @@ class CachedAttentionRule(Rule):
         y_flat,
         cos=None,
         sin=None,
+        out_shape=None,
         **bound,
     ):
         head_dim = static_dim(past_k, self.layout.name.index("D"))
@@ -204,6 +208,10 @@ class CachedAttentionRule(Rule):
             _domain=KVFUSE_DOMAIN,
             _outputs=3,
         )
+        if _rank(y_flat) != _rank(q_flat):
+            # the dynamo exporter flattens GPT-2's output to [B·S, H·D] for its Conv1D Gemm:
+            # the fused op gives the query's [B, S, H·D], reshaped to the same target
+            return like(op.Reshape(like(outputs[0], q_flat), out_shape), y_flat)
         return like(outputs[0], y_flat)
 
 
@@ -221,6 +229,10 @@ def _check_projections(q_flat, k_flat, v_flat, head_dim, kv_heads) -> pattern.Ma
     if widths[0] % head_dim or (widths[0] // head_dim) % kv_heads:
         return fail(f"query width {widths[0]} is not a multiple of Hkv·D = {kv_heads}·{head_dim}")
     return None
+
+
+def _rank(value: ir.Value) -> int | None:
+    return len(value.shape) if value.shape is not None else None
 
 
 def _rotary_above(value: ir.Value) -> ir.Node | None:
