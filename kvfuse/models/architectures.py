@@ -56,15 +56,8 @@ def expected_fusions(architecture: str, num_layers: int) -> dict[str, int]:
 EXPORTERS = ("optimum", "dynamo")
 
 NOT_FUSING: dict[str, dict[str, str]] = {
-    # torch.onnx dynamo exports of the same tiny models
-    "dynamo": {
-        # `view(B, S, H, 3·D)` then `split` on the last axis: Q, K and V interleaved per head
-        # (as in Optimum's export), which GQA's packed input cannot take without permuting
-        # the projection weights
-        "gpt_neox": "OpType mismatch: expected Transpose, got Split.",
-        # K/V broadcast to every query head in a 5-D view before the cache (as in Optimum's)
-        "falcon_gqa": "query width 16 is not a multiple of Hkv·D = 4·16",
-    },
+    # torch.onnx dynamo exports of the same tiny models: every architecture fuses
+    "dynamo": {},
 }
 
 

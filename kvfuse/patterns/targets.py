@@ -7,12 +7,13 @@ from collections.abc import Callable
 
 from kvfuse.patterns import axes, lower_onnx, lower_ort, norm, packed_qkv, rotary
 from kvfuse.patterns.attention import cached, diagnose, repeat_kv, sdpa
-from kvfuse.rewriter import shapes
+from kvfuse.rewriter import packed_heads, shapes
 from kvfuse.rewriter.pipeline import Stage
 
 FUSION_STAGES = [
     Stage("canonicalize axis swaps and head selections", rules=axes.RULES),
     Stage("split heads taken from fused projections", run=shapes.split_heads),
+    Stage("fused projections' parts as column blocks", run=packed_heads.split_parts_stage),
     Stage("fuse RMSNorm", rules=norm.RULES),
     Stage("fuse RoPE", rules=rotary.RULES),
     Stage("fuse GQA/MQA head repeat", rules=repeat_kv.RULES),

@@ -32,7 +32,13 @@ import math
 import numpy as np
 import onnx_ir as ir
 
-from kvfuse.rewriter.shapes import Dim, _dim, collapse_reshape, symbolic_ints
+from kvfuse.rewriter.shapes import (
+    Dim,
+    _dim,
+    collapse_reshape,
+    remove_identity_reshapes,
+    symbolic_ints,
+)
 
 
 @dataclasses.dataclass
@@ -51,6 +57,8 @@ def split_packed_parts(graph: ir.Graph) -> int:
     """Rewrite the parts sliced out of a reshaped fused projection as blocks of its columns;
     returns how many parts were rewritten."""
     rewritten = 0
+    for split in [n for n in graph if n.op_type == "Split" and n.domain in ("", "ai.onnx")]:
+        _slice_grid_split(graph, split)
     for reshape in [n for n in graph if n.op_type == "Reshape" and n.domain in ("", "ai.onnx")]:
         grid = _grid(reshape)
         parts = _parts(reshape.outputs[0], len(reshape.inputs[0].shape)) if grid else None
@@ -68,6 +76,45 @@ def split_packed_parts(graph: ir.Graph) -> int:
             offset += len(block)
         rewritten += len(parts)
     return rewritten
+
+
+def _slice_grid_split(graph: ir.Graph, split: ir.Node) -> None:
+    """A Split of a reshaped projection's grid (through at most one Transpose) → one Slice per
+    output, the parts `split_packed_parts` reads. GPT-NeoX's dynamo export splits its
+    [B, H, S, 3·D] view with one Split where Optimum's slices it three times."""
+    source = split.inputs[0]
+    producer = source.producer()
+    if producer is not None and producer.op_type == "Transpose":
+        producer = producer.inputs[0].producer()
+    if producer is None or producer.op_type != "Reshape" or _grid(producer) is None:
+        return
+    axis = split.attributes.get_int("axis", 0) % len(source.shape)
+    size, count = source.shape[axis], len(split.outputs)
+    sizes = ir.convenience.get_const_tensor(split.inputs[1]) if len(split.inputs) > 1 else None
+    if sizes is not None:
+        widths = [int(w) for w in sizes.numpy()]
+    elif isinstance(size, int) and size % count == 0:
+        widths = [size // count] * count
+    else:
+        return
+    start = 0
+    for output, width in zip(split.outputs, widths, strict=True):
+        bounds = [_int64(graph, split, v) for v in ([start], [start + width], [axis])]
+        sliced = ir.node("Slice", [source, *bounds], name=f"{split.name}/slice_{start}")
+        graph.insert_before(split, sliced)
+        sliced.outputs[0].shape, sliced.outputs[0].dtype = output.shape, output.dtype
+        ir.convenience.replace_all_uses_with(output, sliced.outputs[0])
+        start += width
+    graph.remove(split, safe=True)
+
+
+def _int64(graph: ir.Graph, anchor: ir.Node, values: list[int]) -> ir.Value:
+    tensor = ir.tensor(np.array(values, np.int64))
+    node = ir.node("Constant", [], attributes={"value": tensor})
+    graph.insert_before(anchor, node)
+    output = node.outputs[0]
+    output.const_value, output.shape, output.dtype = tensor, ir.Shape([len(values)]), tensor.dtype
+    return output
 
 
 def _grid(reshape: ir.Node) -> list[int] | None:
@@ -261,7 +308,24 @@ def _constant(graph: ir.Graph, anchor: ir.Node, array: np.ndarray) -> ir.Value:
 
 
 def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    # one tensor may serve several projections (exporters share equal tensors, e.g. the
+    # zero biases of a random model): each permuted copy gets its own name
+    base, index = name, 1
+    while name in graph.initializers:
+        name, index = f"{base}.{index}", index + 1
     value = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(array), name=name))
     value.shape, value.dtype = ir.Shape(array.shape), ir.DataType.from_numpy(array.dtype)
     graph.register_initializer(value)
     return value
+
+
+def split_parts_stage(model: ir.Model) -> dict[str, int]:
+    """The two passes as a pipeline stage, for grids that canonicalisation rules (e.g.
+    `layout/index_as_slice` on a dynamo export) exposed after the clean-up ran."""
+    identities = remove_identity_reshapes(model.graph)
+    parts = split_packed_parts(model.graph)
+    return {
+        "shape/identities": identities,
+        "shape/packed_parts": parts,
+        "shape/column_gathers": fold_column_gathers(model.graph),
+    }

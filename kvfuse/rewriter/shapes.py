@@ -341,13 +341,21 @@ def remove_full_slices(graph: ir.Graph) -> int:
 
 def remove_identity_reshapes(graph: ir.Graph) -> int:
     """Drop Reshapes whose output shape is their input's, dim for dim (Falcon reshapes each
-    head tensor to the shape it already has)."""
+    head tensor to the shape it already has), and Identity nodes (rewrites of a dynamo export
+    leave some between a head's Unsqueeze and Expand)."""
     removed = 0
     for node in list(graph):
-        if node.op_type != "Reshape" or node.domain not in ("", "ai.onnx"):
+        if node.op_type not in ("Reshape", "Identity") or node.domain not in ("", "ai.onnx"):
             continue
         source, output = node.inputs[0], node.outputs[0]
-        if source.shape is None or output.shape is None or output.is_graph_output():
+        if output.is_graph_output():
+            continue
+        if node.op_type == "Identity":
+            ir.convenience.replace_all_uses_with(output, source)
+            graph.remove(node, safe=True)
+            removed += 1
+            continue
+        if source.shape is None or output.shape is None:
             continue
         dims_in, dims_out = [_dim(d) for d in source.shape], [_dim(d) for d in output.shape]
         if None in dims_in or dims_in != dims_out:

@@ -103,6 +103,24 @@ def test_neox_per_head_interleaved_parts_become_contiguous_permuted_weights():
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
 
 
+def test_a_split_of_the_grid_is_read_as_three_parts():
+    """GPT-NeoX's dynamo export splits the [B, H, S, 3·D] view with one Split (equal thirds):
+    the same three parts, the same permuted weights, the same outputs."""
+    sliced = neox_qkv()
+    graph = sliced.graph
+    slices = [n for n in graph.node if n.op_type == "Slice"]
+    split = helper.make_node("Split", ["heads_t"], ["q", "k", "v"], axis=3, num_outputs=3)
+    for node in slices:
+        graph.node.remove(node)
+    graph.node.insert(4, split)
+    before = run(sliced)
+    after, counts = rewrite(sliced)
+    assert counts == {"parts": 3, "gathers": 1}
+    assert "Split" not in ops(after) and "Gather" not in ops(after)
+    for a, b in zip(before, run(after), strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+
 def test_a_projection_read_elsewhere_keeps_its_weights_and_a_gather():
     """The fused projection is also a graph output: its weight cannot be permuted, so the
     Gather stays (the parts are still rewritten) and the results do not change."""
