@@ -146,6 +146,14 @@ def run(
     seed: Annotated[int | None, typer.Option(help="Seed for sampling.")] = None,
     stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable).")] = None,
     threads: Annotated[int | None, typer.Option(help="Threads (default: physical cores).")] = None,
+    prepack: Annotated[
+        bool,
+        typer.Option(
+            "--prepack",
+            help="Static pair: each graph pre-packs its own copy of the weights (faster decode, "
+            "twice the weight memory) instead of both sharing one copy.",
+        ),
+    ] = False,
 ) -> None:
     """Generate with an optimized model, streaming text; prints prefill ms, decode tokens/s
     and KV memory at the end."""
@@ -154,7 +162,7 @@ def run(
 
     if prompt is None and not chat:
         raise KvfuseError("give --prompt TEXT, or --chat for an interactive session")
-    generator = load(model, threads)
+    generator = load(model, threads, prepack)
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
         stop=tuple(stop or ()),

@@ -57,15 +57,15 @@ class Completion:
 class Generator:
     """An optimized model ready to generate; `kvfuse.load(path)` returns one."""
 
-    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+    def __init__(self, path: str | Path, threads: int | None = None, prepack: bool = False) -> None:
         self.spec = read_spec(path)
         self.text = Text(self.spec.directory)
-        self.threads = threads
+        self.threads, self.prepack = threads, prepack
         self._sessions: dict[int, Session] = {}
 
     def session(self, batch: int) -> Session:
         if batch not in self._sessions:
-            self._sessions[batch] = Session(self.spec, batch, self.threads)
+            self._sessions[batch] = Session(self.spec, batch, self.threads, self.prepack)
         return self._sessions[batch]
 
     def generate(
@@ -218,6 +218,13 @@ class _Run:
         return Completion(self.texts, self.new, [f or "length" for f in self.finish], stats)
 
 
-def load(path: str | Path, threads: int | None = None) -> Generator:
-    """Load an optimized model (its `.onnx` or its directory) for generation."""
-    return Generator(path, threads)
+def load(path: str | Path, threads: int | None = None, prepack: bool = False) -> Generator:
+    """Load an optimized model (its `.onnx` or its directory) for generation.
+
+    Args:
+        path: the optimized `.onnx`, a static pair's OUT.onnx or either graph, or the directory.
+        threads: onnxruntime intra-op threads (default: physical cores).
+        prepack: static pair only — let each session load and pre-pack its own copy of the
+            weights (faster MatMuls, one weights copy per graph) instead of sharing one copy.
+    """
+    return Generator(path, threads, prepack)

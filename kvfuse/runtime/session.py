@@ -8,8 +8,9 @@ are the same memory). The logits are bound into preallocated buffers, one per st
 
 A static pair (`--target onnx --static`) is two sessions — a prefill graph of `prefill_len` new
 tokens and a decode graph of one — over the same arena and the same in-memory weights (see
-`shared_weights`); a step shorter than the prefill length is right-padded, which is valid for a
-first prompt (the padding's cache slots lie past the valid length and are never read).
+`shared_weights`; `prepack=True` trades that for a pre-packed copy per session). A step
+shorter than the prefill length is right-padded, which is valid for a first prompt (the
+padding's cache slots lie past the valid length and are never read).
 
 Two checks refuse a silent cache copy: the first run of each graph is made with onnxruntime's
 warnings captured (it warns when an in-place update falls back to copying), and
@@ -35,7 +36,9 @@ COPY_WARNING = "in-place optimization not activated"
 class Session:
     """Run steps of an optimized model: `run(input_ids, lengths_after)` → logits view."""
 
-    def __init__(self, spec: ModelSpec, batch: int = 1, threads: int | None = None) -> None:
+    def __init__(
+        self, spec: ModelSpec, batch: int = 1, threads: int | None = None, prepack: bool = False
+    ) -> None:
         if spec.batch_size is not None and batch != spec.batch_size:
             raise KvfuseError(f"this model was optimized for batch {spec.batch_size}, not {batch}")
         self.spec, self.batch = spec, batch
@@ -44,12 +47,13 @@ class Session:
         self.weights = None
         if spec.prefill_path is not None:
             graphs = {1: spec.path, spec.prefill_len: spec.prefill_path}
-            self.weights = SharedWeights(spec.weights_path, list(graphs.values()))
+            if not prepack:  # else each session reads (and pre-packs) its own copy
+                self.weights = SharedWeights(spec.weights_path, list(graphs.values()))
         shape = (len(spec.pairs), batch, spec.kv_heads, spec.max_context, spec.head_dim)
         self.arena = np.zeros(shape, dtype=np.float32)  # the only KV memory, allocated once
         self._kv_values = [ort.OrtValue.ortvalue_from_numpy(self.arena[i]) for i in range(shape[0])]
         self._graphs = {length: self._open(path) for length, path in graphs.items()}
-        self.session, self.binding = self._graphs[1 if self.weights else None]  # decode graph
+        self.session, self.binding = self._graphs[1 if spec.prefill_path else None]  # decode
         self._logits: dict[tuple[int, int | None], np.ndarray] = {}
         self._probed: set[int | None] = set()
         self._seqlens = np.zeros([batch], np.int32)
@@ -111,7 +115,7 @@ class Session:
 
     def _graph_for(self, steps: int, lengths_after: np.ndarray) -> tuple[int | None, int]:
         """Which graph runs a step of `steps` new tokens, and the width it is padded to."""
-        if self.weights is None:
+        if self.spec.prefill_path is None:
             return None, steps
         if steps == 1:
             return 1, 1

@@ -108,3 +108,13 @@ def test_incomplete_or_truncated_pair_is_refused(models, tmp_path):
     )
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert "lies outside static.weights" in done.stderr
+
+
+def test_prepacked_sessions_generate_the_same_tokens(models):
+    """`prepack=True`: each graph loads its own weights from the shared file (no in-memory
+    sharing) and generates exactly what the shared-weights pair does."""
+    prompt = [int(t) for t in np.random.default_rng(7).integers(3, 250, 40)]
+    shared = load(models["static"]).generate(prompt, GREEDY).tokens
+    own = load(models["static"], prepack=True)
+    assert own.generate(prompt, GREEDY).tokens == shared
+    assert own.session(1).weights is None
