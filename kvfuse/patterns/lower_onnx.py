@@ -129,7 +129,7 @@ class AttentionLowering:
         del total_length  # the write index comes from seqlens_k and S
         attributes = node.attributes
         heads, kv_heads = attributes.get_int("num_heads"), attributes.get_int("kv_num_heads")
-        head_dim = node.inputs[3].shape[-1]  # D is last in every cache layout
+        head_dim = node.inputs[4].shape[-1]  # D is last in every value cache (a key: maybe not)
         builder = tape.Tape()
         write_index, positions = self._shared_positions(graph, node, seqlens_k)
         mask = self._mask(graph, node, positions, window)

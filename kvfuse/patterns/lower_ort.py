@@ -145,7 +145,8 @@ def lower_cached_attention(
     layer's `present` graph outputs (so far the old Concats'); returns the new presents."""
     graph.opset_imports.setdefault(MS_DOMAIN, 1)
     if rotary_caches is not None:
-        check_rotary_width(2 * rotary_caches[0].shape[-1], node.inputs[3].shape[-1])
+        # the value cache's last dim: D in every layout (a key may be cached as [B, Hkv, D, T])
+        check_rotary_width(2 * rotary_caches[0].shape[-1], node.inputs[4].shape[-1])
     attributes = node.attributes
     q, k, v, past_k, past_v = node.inputs[:5]
     seq_first = attributes.get_string("layout") == "SBHD"

@@ -74,7 +74,8 @@ def convert_to_retained_state(
         rotary = _rotary_caches(graph, node, max_context, caches)
         past_k, past_v = node.inputs[3], node.inputs[4]
         kv_heads = node.attributes.get_int("kv_num_heads")
-        head_dim = past_k.shape[-1]  # D is last in every cache layout
+        # D is last in every value cache; a key may be cached pre-transposed, [B, Hkv, D, T]
+        head_dim = past_v.shape[-1]
         presents = (_present_of(past_k), _present_of(past_v))
         window = sliding_window if sliding_window and sliding_window < max_context else None
         new_presents = lower(graph, node, presents, seqlens, total, rotary, window)

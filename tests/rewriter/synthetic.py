@@ -6,7 +6,8 @@
       ─ ·V ─ Transpose → proj ─ Reshape ─ o_proj MatMul ─ + residual ─ lm_head ─ logits
 
 The layout L is the cache layout ("BHSD" like Optimum, "BSHD", or "SBHD" sequence-first), and
-options vary what the rules must absorb: where the scale sits, whether K/V heads repeat.
+options vary what the rules must absorb: where the scale sits, whether K/V heads repeat, where
+RoPE is applied, whether K is cached pre-transposed ([B, Hkv, D, T], read by Q·K as it is).
 """
 
 from __future__ import annotations
@@ -51,49 +52,60 @@ def build_lm(
     head_dim: int = 16,
     seed: int = 0,
     repeat: str = "after_cache",
+    key_cache: str = "layout",
+    rope_at: str = "cache",
 ):
     """One attention layer LM; `scale` is "split" (√s on q and kᵀ), "qk" or "div"; `mask`
     is "add" (additive −inf mask) or "where" (Where(allowed, scores, −inf)); `rope` is
     "half" (rotate-half), "interleaved" (rotate every two) or "partial" (half the head dim);
     `repeat` says where kv heads are repeated to every query head: "after_cache" (Llama),
     "before_cache" (Falcon's new_decoder_architecture: the cache holds every head) or "mixed"
-    (keys before, values after: no real model, a negative case)."""
+    (keys before, values after: no real model, a negative case); `key_cache` is "layout" (K
+    cached like V) or "transposed" (K cached as [B, Hkv, D, T], concatenated on axis -1, and
+    Q·K reads it with no transpose); `rope_at` is "cache" (RoPE after the transpose into L) or
+    "projection" (on [B, S, H, D], then one transpose straight into the cache order)."""
     global HEAD_DIM
     HEAD_DIM = head_dim
-    L, g = Layout(layout), _Graph(seed)
+    L, g = Layout(layout, key="BHDS" if key_cache == "transposed" else ""), _Graph(seed)
     emb = g.op("Gather", g.weight(VOCAB, HIDDEN), "input_ids", name="/model/embed_tokens/Gather")
     if L.projection == "SBHD":
         emb = g.op("Transpose", emb, perm=[1, 0, 2])
     rotary_dim = HEAD_DIM // 2 if rope == "partial" else HEAD_DIM
-    cos, sin = _rope_tables(g, L, rotary_dim, interleaved=rope == "interleaved")
+    tables_layout = Layout(L.projection) if rope_at == "projection" else L
+    cos, sin = _rope_tables(g, tables_layout, rotary_dim, interleaved=rope == "interleaved")
     rotate = _rotate_pairs if rope == "interleaved" else _rotate
     if rope == "partial":
 
         def rotate(g, x, cos, sin):
             return _partial(g, x, cos, sin, rotary_dim)
 
-    def heads(width: int, n_heads: int, repeat_early: bool = False) -> str:
+    def heads(width: int, n_heads: int, early: bool = False, rotary=True, order=L.name) -> str:
+        """Projection → heads in `order` (L, or the key cache's), rotated on the way."""
         flat = g.op("MatMul", emb, g.weight(HIDDEN, width))
         proj = g.op("Reshape", flat, g.const([0, 0, n_heads, HEAD_DIM], np.int64))
-        if repeat_early:
+        if early:
             proj = _repeat(g, Layout(L.projection), proj, n_heads)
-        return proj if is_identity(L.to_cache) else g.op("Transpose", proj, perm=L.to_cache)
+        if rotary and rope_at == "projection":
+            return _transpose(g, rotate(g, proj, cos, sin), L.perm(L.projection, order))
+        cached = _transpose(g, proj, L.to_cache)
+        cached = rotate(g, cached, cos, sin) if rotary else cached
+        return _transpose(g, cached, L.perm(L.name, order))
 
     early_k, early_v = repeat in ("before_cache", "mixed"), repeat == "before_cache"
-    q = rotate(g, heads(HEADS * HEAD_DIM, HEADS), cos, sin)
-    k = rotate(g, heads(kv_heads * HEAD_DIM, kv_heads, early_k), cos, sin)
-    v = heads(kv_heads * HEAD_DIM, kv_heads, early_v)
-    k_cat = g.op("Concat", "past_key_values.0.key", k, axis=L.seq_axis)
+    q = heads(HEADS * HEAD_DIM, HEADS)
+    k = heads(kv_heads * HEAD_DIM, kv_heads, early_k, order=L.key_order)
+    v = heads(kv_heads * HEAD_DIM, kv_heads, early_v, rotary=False)
+    # the pre-transposed key cache grows on its last axis, written -1 as its exporters do
+    key_axis = -1 if L.key_order != L.name else L.seq_axis
+    k_cat = g.op("Concat", "past_key_values.0.key", k, axis=key_axis)
     v_cat = g.op("Concat", "past_key_values.0.value", v, axis=L.seq_axis)
     g.nodes.append(helper.make_node("Identity", [k_cat], ["present.0.key"], "present_k"))
     g.nodes.append(helper.make_node("Identity", [v_cat], ["present.0.value"], "present_v"))
     cached = [HEADS if early else kv_heads for early in (early_k, early_v)]
-    k_all, v_all = (
-        _repeat(g, L, "present.0." + kv, heads)
-        for kv, heads in zip(("key", "value"), cached, strict=True)
-    )
-    q_bhsd = q if is_identity(L.to_bhsd) else g.op("Transpose", q, perm=L.to_bhsd)
-    key_t = g.op("Transpose", k_all, perm=L.key_transposed)
+    k_all = _repeat(g, Layout(L.key_order), "present.0.key", cached[0])
+    v_all = _repeat(g, L, "present.0.value", cached[1])
+    q_bhsd = _transpose(g, q, L.to_bhsd)
+    key_t = _transpose(g, k_all, L.key_transposed)  # none for a key cached pre-transposed
     scores = _scaled_scores(g, q_bhsd, key_t, scale)
     allowed = _causal_allowed(g, L)
     if mask == "where":
@@ -102,7 +114,7 @@ def build_lm(
         additive = g.op("Where", allowed, g.const(0.0), g.const(-np.inf), name="/model/mask/W")
         scores = g.op("Add", scores, additive)
     probs = g.op("Softmax", scores, axis=-1)
-    v_bhsd = v_all if is_identity(L.to_bhsd) else g.op("Transpose", v_all, perm=L.to_bhsd)
+    v_bhsd = _transpose(g, v_all, L.to_bhsd)
     attended = g.op("MatMul", probs, v_bhsd)
     merged = g.op("Transpose", attended, perm=L.bhsd_to_projection)
     flat = g.op("Reshape", merged, g.const([0, 0, HEADS * HEAD_DIM], np.int64))
@@ -112,6 +124,10 @@ def build_lm(
         logits = g.op("Transpose", logits, perm=[1, 0, 2])
     g.nodes.append(helper.make_node("Identity", [logits], ["logits"], "logits"))
     return _model(g, L, *cached)
+
+
+def _transpose(g: _Graph, x: str, perm: list[int]) -> str:
+    return x if is_identity(perm) else g.op("Transpose", x, perm=perm)
 
 
 def _rope_tables(g: _Graph, L: Layout, dims: int, interleaved: bool) -> tuple[str, str]:
@@ -201,7 +217,7 @@ def _causal_allowed(g: _Graph, L: Layout) -> str:
     total = g.op(
         "Gather",
         g.op("Shape", "present.0.key"),
-        g.const(L.seq_axis, np.int64),
+        g.const(L.key_seq_axis, np.int64),
         name="/model/mask/Gather",
     )
     key_pos = g.op(
@@ -213,9 +229,9 @@ def _causal_allowed(g: _Graph, L: Layout) -> str:
 
 
 def _model(g: _Graph, L: Layout, key_heads: int, value_heads: int) -> onnx.ModelProto:
-    def cache_dims(heads: int, length: str) -> list:
-        dims = {"B": "batch_size", "H": heads, "S": length, "D": HEAD_DIM}
-        return [dims[axis] for axis in L.name]
+    def cache_dims(kv: str, length: str) -> list:
+        dims = {"B": "batch_size", "H": heads[kv], "S": length, "D": HEAD_DIM}
+        return [dims[axis] for axis in (L.key_order if kv == "key" else L.name)]
 
     heads = {"key": key_heads, "value": value_heads}
     inputs = [
@@ -223,17 +239,17 @@ def _model(g: _Graph, L: Layout, key_heads: int, value_heads: int) -> onnx.Model
         helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch_size", "seq"]),
     ] + [
         helper.make_tensor_value_info(
-            f"past_key_values.0.{kv}", TensorProto.FLOAT, cache_dims(n, "past_sequence_length")
+            f"past_key_values.0.{kv}", TensorProto.FLOAT, cache_dims(kv, "past_sequence_length")
         )
-        for kv, n in heads.items()
+        for kv in heads
     ]
     outputs = [
         helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "seq", VOCAB])
     ] + [
         helper.make_tensor_value_info(
-            f"present.0.{kv}", TensorProto.FLOAT, cache_dims(n, "total_sequence_length")
+            f"present.0.{kv}", TensorProto.FLOAT, cache_dims(kv, "total_sequence_length")
         )
-        for kv, n in heads.items()
+        for kv in heads
     ]
     graph = helper.make_graph(g.nodes, f"synthetic_{L.name}", inputs, outputs, g.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)

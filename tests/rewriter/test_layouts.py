@@ -8,7 +8,8 @@ import onnxruntime as ort
 import pytest
 
 from kvfuse.errors import KvfuseError
-from kvfuse.rewriter.layout import LAYOUTS, Layout
+from kvfuse.exporters.reference import ConcatCacheRunner
+from kvfuse.rewriter.layout import KEY_PRETRANSPOSED, LAYOUTS, Layout
 from kvfuse.rewriter.optimize import PartialFusion, optimize
 from tests.rewriter.synthetic import build_lm
 
@@ -151,6 +152,95 @@ def test_no_fusion_with_mismatched_head_dims(tmp_path):
     assert any("head dim" in reason for reason in reasons), reasons
 
 
+def _logits(model: onnx.ModelProto, steps: list[np.ndarray]) -> list[np.ndarray]:
+    """Prefill with the first ids, decode the rest, feeding the Concat cache back."""
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    runner = ConcatCacheRunner(None, session=session)
+    return [runner.prefill(steps[0])] + [runner.step(ids) for ids in steps[1:]]
+
+
+@pytest.mark.parametrize("rope_at", ["cache", "projection"])
+def test_pretransposed_key_model_computes_what_the_usual_layout_does(rope_at):
+    """The synthetic K-as-Kᵀ model (same seed) gives the usual BHSD model's logits, and its
+    present key is the usual one transposed: it is the same computation, cached otherwise."""
+    steps = [np.array([[5, 9, 3, 17, 2]]), np.array([[11]]), np.array([[40]])]
+    usual = build_lm("BHSD", seed=3)
+    transposed = build_lm("BHSD", seed=3, key_cache="transposed", rope_at=rope_at)
+    for expected, found in zip(_logits(usual, steps), _logits(transposed, steps), strict=True):
+        np.testing.assert_allclose(found, expected, rtol=0, atol=1e-6)
+    key_input = next(i for i in transposed.graph.input if i.name == "past_key_values.0.key")
+    dims = [d.dim_param or d.dim_value for d in key_input.type.tensor_type.shape.dim]
+    assert dims == ["batch_size", 2, 16, "past_sequence_length"]
+
+
+@pytest.mark.parametrize("target", ["ort", "onnx"])
+@pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
+@pytest.mark.parametrize("rope_at", ["cache", "projection"])
+def test_pretransposed_key_fuses_into_bhsd_buffers(tmp_path, target, kv_heads, rope_at):
+    """K cached as [B, Hkv, D, T] (concat on axis -1, Q·K with no transpose) fuses for both
+    targets; the optimized model keeps the usual [B, Hkv, max_context, D] key buffer and
+    verifies against the original."""
+    model = build_lm("BHSD", kv_heads=kv_heads, key_cache="transposed", rope_at=rope_at)
+    result = run(tmp_path, model, target=target)
+    counts = result.rule_counts
+    assert counts["attention/sdpa_bhsd_k_bhds"] == 1
+    assert counts["attention/cached_bhsd_k_bhds_rope"] == 1
+    assert counts["attention/repeat_kv"] == (0 if kv_heads == 4 else 2)
+    fused = {"ort": {"GroupQueryAttention"}, "onnx": {"TensorScatter", "Attention"}}[target]
+    assert fused <= set(result.ops_after)
+    assert not {"Softmax", "Concat"} & set(result.ops_after)  # no growing cache left
+    written = {v.name: v for v in onnx.load(result.output).graph.input}
+    for name in ("past_key_values.0.key", "past_key_values.0.value"):
+        dims = [d.dim_value for d in written[name].type.tensor_type.shape.dim]
+        assert dims[1:] == [kv_heads, 32, 16], (name, dims)
+    verification = result.verification
+    assert verification.passed, verification.summary()
+    assert verification.max_abs_diff < 1e-4 and verification.tokens_equal
+
+
+def _read_key_transposed_back(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Insert Transpose(0, 1, 3, 2) between the [B, H, D, T] key and Q·K: Q then meets a
+    [B, H, T, D] key, contracting D with T — not attention over that cache."""
+    scores = next(n for n in model.graph.node if n.op_type == "MatMul" and "mul" in n.input[1])
+    key_scale = next(n for n in model.graph.node if n.output[0] == scores.input[1])
+    read = onnx.helper.make_node(
+        "Transpose", [key_scale.input[0]], ["key_BHTD"], "/model/layers.0/K", perm=[0, 1, 3, 2]
+    )
+    key_scale.input[0] = "key_BHTD"
+    model.graph.node.insert(list(model.graph.node).index(key_scale), read)
+    return model
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
+def test_pretransposed_key_read_through_a_transpose_is_not_fused(tmp_path, kv_heads):
+    """A key cache grown on its last axis but transposed again before Q·K is refused; the
+    tracer's best near miss names the key order attention reads and the one expected."""
+    model = build_lm("BHSD", kv_heads=kv_heads, key_cache="transposed")
+    with pytest.raises(PartialFusion) as failure:
+        run(tmp_path, _read_key_transposed_back(model))
+    misses = failure.value.result.layers[0].near_misses
+    best = next(m for m in misses if m.rule == "attention/cached_bhsd_k_bhds_rope")
+    assert best.reason == (
+        "attention reads the key cache as BHSD (key transpose before Q·Kᵀ: Transpose "
+        "[0, 1, 3, 2]), expected BHDS"
+    )
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_pretransposed_key_near_miss_names_the_real_failure(tmp_path):
+    """A K-as-Kᵀ model with a mask that masks nothing: the diagnosis accepts the untransposed
+    [B, H, D, T] key and the reason given is the mask, not a missing key transpose."""
+    model = build_lm("BHSD", mask="where", key_cache="transposed")
+    where = next(n for n in model.graph.node if n.op_type == "Where" and "mask" not in n.name)
+    fill = next(i for i in model.graph.initializer if i.name == where.input[2])
+    fill.CopyFrom(onnx.numpy_helper.from_array(np.array(0.0, np.float32), fill.name))
+    with pytest.raises(PartialFusion) as failure:
+        run(tmp_path, model)
+    reasons = [m.reason for m in failure.value.result.layers[0].near_misses]
+    assert any("does not mask out" in reason for reason in reasons), reasons
+    assert not any("Transpose of K" in reason for reason in reasons), reasons
+
+
 def test_layout_permutations():
     """Layout derives each perm from its letters."""
     assert Layout("BHSD").key_transposed == [0, 1, 3, 2]
@@ -158,5 +248,9 @@ def test_layout_permutations():
     assert Layout("SBHD").key_transposed == [1, 2, 3, 0]
     assert Layout("BHSD").to_cache == [0, 2, 1, 3] and Layout("BSHD").to_cache == [0, 1, 2, 3]
     assert [layout.seq_axis for layout in LAYOUTS] == [2, 1, 0]
+    assert KEY_PRETRANSPOSED.key_transposed == [0, 1, 2, 3]  # Q·K reads the cache as it is
+    assert KEY_PRETRANSPOSED.to_key_cache == [0, 2, 3, 1] and KEY_PRETRANSPOSED.key_seq_axis == 3
+    assert KEY_PRETRANSPOSED.cache_to_key == [0, 1, 3, 2]
+    assert KEY_PRETRANSPOSED.label == "bhsd_k_bhds" and Layout("BSHD").label == "bshd"
     with pytest.raises(ValueError, match="permutation of BHSD"):
         Layout("BHS")

@@ -16,6 +16,11 @@ its outputs 1 and 2. Rotary may be applied before or after the transpose into th
 layout (it acts on D only). The mask is dropped: the fused op is causal over the valid
 positions, which is what the model's mask builder computed from `attention_mask`.
 
+A key cached pre-transposed (`Layout("BHSD", key="BHDS")`: K cached as [B, Hkv, D, T], grown on
+its last axis) is rotated, transposed once more into that order and concatenated on axis 3;
+attention then reads it with no transpose. The fused op takes k_flat like any other: the
+retained-state conversion gives every target its usual [B, Hkv, max_context, D] key buffer.
+
 Falcon (new_decoder_architecture) repeats K and V to every query head right after the
 projection reshape, so its export caches H heads made of Hkv: the fused op caches the Hkv
 heads of k_flat/v_flat (the same attention, less memory), after checking that the export's
@@ -28,7 +33,7 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
 from kvfuse.patterns.attention.sdpa import maybe_transpose, static_dim
-from kvfuse.rewriter.layout import LAYOUTS, Layout
+from kvfuse.rewriter.layout import RULE_LAYOUTS, Layout, is_identity
 from kvfuse.rewriter.rules import KVFUSE_DOMAIN, Rule, fail, like, ok
 
 
@@ -38,13 +43,16 @@ class CachedAttentionRule(Rule):
     def __init__(self, layout: Layout, rotary: bool) -> None:
         # remove_nodes=False: the mask builder still reads shapes of the matched K/V (e.g.
         # Shape(repeated key) to slice the mask); it dies with the mask once we are done.
-        name = f"attention/cached_{layout.name.lower()}{'_rope' if rotary else ''}"
+        name = f"attention/cached_{layout.label}{'_rope' if rotary else ''}"
         super().__init__(name, remove_nodes=False)
         self.layout, self.rotary = layout, rotary
 
-    def _heads(self, op, flat, shape, cos, sin, rotate: bool, tag: str, repeat: bool = False):
-        """flat projection → heads in the cache layout, rotated before or after the transpose;
-        with `repeat`, kv heads may be repeated to every query head before they are cached."""
+    def _heads(self, op, flat, shape, cos, sin, rotate: bool, tag: str, repeat=False, order=""):
+        """flat projection → heads in `order` (default the cache layout; K: the key cache's),
+        rotated in the projection or in the cache layout; with `repeat`, kv heads may be
+        repeated to every query head before they are cached."""
+        layout = self.layout
+        to_order = layout.perm(layout.projection, order or layout.name)
         projected = op.Reshape(flat, shape)
         if repeat:  # Falcon (new_decoder_architecture) caches K/V repeated to every head
             projected = pattern.OrValue(
@@ -56,18 +64,15 @@ class CachedAttentionRule(Rule):
                 tag_values=[1, 0],
             )
         if not rotate:
-            return maybe_transpose(op, projected, self.layout.to_cache)
+            return maybe_transpose(op, projected, to_order)
+        in_cache = maybe_transpose(op, projected, layout.to_cache)
+        at_cache = op.Rotary(in_cache, cos, sin, _domain=KVFUSE_DOMAIN)
+        at_projection = op.Rotary(projected, cos, sin, _domain=KVFUSE_DOMAIN)
         return pattern.OrValue(
             [
-                op.Rotary(
-                    maybe_transpose(op, projected, self.layout.to_cache),
-                    cos,
-                    sin,
-                    _domain=KVFUSE_DOMAIN,
-                ),
-                maybe_transpose(
-                    op, op.Rotary(projected, cos, sin, _domain=KVFUSE_DOMAIN), self.layout.to_cache
-                ),
+                maybe_transpose(op, at_cache, layout.perm(layout.name, order or layout.name)),
+                # one transpose after: the axis rules compose a pair written in two steps
+                maybe_transpose(op, at_projection, to_order),
             ],
             tag_var=f"{tag}_rotary_at",
             tag_values=["cache", "projection"],
@@ -76,8 +81,10 @@ class CachedAttentionRule(Rule):
     def pattern(self, op, q_flat, k_flat, v_flat, past_k, past_v, cos, sin, shapes, out_shape):
         # `shapes`: one variable for the three projection reshapes (exporters share the target)
         query = self._heads(op, q_flat, shapes, cos, sin, self.rotary, "q")
-        new_k = self._heads(op, k_flat, pattern.ANY_VALUE, cos, sin, self.rotary, "k", True)
-        present_k = op.Concat(past_k, new_k, axis=self.layout.seq_axis, _outputs=["present_k"])
+        new_k = self._heads(
+            op, k_flat, pattern.ANY_VALUE, cos, sin, self.rotary, "k", True, self.layout.key_order
+        )
+        present_k = op.Concat(past_k, new_k, axis=self.layout.key_seq_axis, _outputs=["present_k"])
         new_v = self._heads(op, v_flat, pattern.ANY_VALUE, cos, sin, False, "v", True)
         present_v = op.Concat(past_v, new_v, axis=self.layout.seq_axis, _outputs=["present_v"])
         key = pattern.OrValue(
@@ -122,11 +129,10 @@ class CachedAttentionRule(Rule):
             if not present.is_graph_output():
                 return fail(f"cache concat {present.name} is not a graph output", present)
 
-        attention = attended.producer()
-        if attention.attributes.get_string("layout") != self.layout.name:
-            found = attention.attributes.get_string("layout")
-            return fail(f"attention reads the cache as {found}, expected {self.layout.name}")
-        head_dim = static_dim(past_k, self.layout.name.index("D"))
+        read = self._check_read_layout(attended)
+        if read is not None:
+            return read
+        head_dim = static_dim(past_k, self.layout.key_order.index("D"))
         if static_dim(past_v, self.layout.name.index("D")) != head_dim:
             return fail(f"value head dim {past_v.shape} differs from key head dim {head_dim}")
         # (a failed MatchResult is falsy: test for None, never chain these with `or`)
@@ -146,10 +152,28 @@ class CachedAttentionRule(Rule):
             return fail(f"attention output merged to {found}, not like the query {q_flat.shape}")
         return ok()
 
+    def _check_read_layout(self, attended: ir.Value) -> pattern.MatchResult | None:
+        """Attention must read the caches in this rule's orders: a key transposed again before
+        Q·Kᵀ (or not transposed when it should be) is not the product the cache was built for."""
+        attributes = attended.producer().attributes
+        found = Layout(attributes.get_string("layout"), key=attributes.get_string("key_layout"))
+        if found.name != self.layout.name:
+            return fail(f"attention reads the cache as {found.name}, expected {self.layout.name}")
+        if found.key_order == self.layout.key_order:
+            return None
+        how = (
+            f"Transpose {found.key_transposed}" if not is_identity(found.key_transposed) else "none"
+        )
+        return fail(
+            f"attention reads the key cache as {found.key_order} (key transpose before Q·Kᵀ: "
+            f"{how}), expected {self.layout.key_order}",
+            attended,
+        )
+
     def _kv_heads(self, past_k: ir.Value, bound: dict) -> int | None:
         """Kv heads as the fused op caches them: those of the key projection (the export's cache
         holds more when the model repeats them before caching)."""
-        head_dim = static_dim(past_k, self.layout.name.index("D"))
+        head_dim = static_dim(past_k, self.layout.key_order.index("D"))
         width = static_dim(bound["k_flat"], -1)
         return width // head_dim if width is not None and head_dim else None
 
@@ -166,7 +190,8 @@ class CachedAttentionRule(Rule):
             if axis != head_axis:
                 return fail(f"heads repeated on axis {axis}, expected {head_axis}", repeat)
             expected = static_dim(repeat, head_axis)
-        cached = static_dim(past, self.layout.head_axis)
+        order = self.layout.key_order if tag == "k" else self.layout.name
+        cached = static_dim(past, order.index("H"))
         if cached != expected:
             return fail(f"cache {past.name} holds {cached} heads, expected {expected}", past)
         return None
@@ -187,7 +212,7 @@ class CachedAttentionRule(Rule):
         out_shape=None,
         **bound,
     ):
-        head_dim = static_dim(past_k, self.layout.name.index("D"))
+        head_dim = static_dim(past_k, self.layout.key_order.index("D"))
         rotary = [cos, sin] if self.rotary else []
         k_flat_rotated = present_k.producer().inputs[1]
         outputs = op.CachedAttention(
@@ -249,4 +274,6 @@ def _rotary_style(node: ir.Node | None) -> tuple[int, int]:
     return node.attributes.get_int("interleaved", 0), node.attributes.get_int("rotary_dim", 0)
 
 
-RULES = [CachedAttentionRule.rule(layout, rotary) for layout in LAYOUTS for rotary in (True, False)]
+RULES = [
+    CachedAttentionRule.rule(layout, rotary) for layout in RULE_LAYOUTS for rotary in (True, False)
+]

@@ -5,6 +5,8 @@ matched". For every Softmax left after fusion this module walks the usual attent
 names the first constraint that does not hold, with the nodes involved:
 
     MatMul(q, [scale] Transpose(k)) ─ [scale] ─ [mask] ─ [Cast] ─ Softmax ─ [guard] ─ MatMul(·, v)
+
+(or MatMul(q, [scale] k) with k already [B, H, D, T]: a key cached pre-transposed.)
 """
 
 from __future__ import annotations
@@ -64,8 +66,15 @@ def _key_transpose(softmax):
     matmul = _walk_up(softmax.inputs[0])
     key = _walk_up(matmul.inputs[1], through=("Mul", "Div"))
     if key is None or key.op_type != "Transpose":
+        query_dim, key_dim = _last_dim(matmul.inputs[0]), _dim(matmul.inputs[1], -2)
+        if query_dim is not None and key_dim == query_dim:
+            return None  # k is [.., D, T] already: a key cached pre-transposed
         found = key.op_type if key is not None else "a graph input"
-        return f"Q·Kᵀ takes its key from {found}, expected a Transpose of K", [matmul]
+        return (
+            f"Q·Kᵀ takes its key from {found}, expected a Transpose of K or a key cached as "
+            f"[B, H, D, T] (found key dims {matmul.inputs[1].shape})",
+            [matmul],
+        )
     perm = list(key.attributes.get_ints("perm", []))
     expected = {tuple(layout.key_transposed): layout.name for layout in LAYOUTS}
     if tuple(perm) not in expected:
@@ -99,6 +108,10 @@ def _walk_up(value: ir.Value | None, through=PASS_THROUGH) -> ir.Node | None:
 
 
 def _last_dim(value: ir.Value | None) -> int | None:
-    if value is None or value.shape is None or not isinstance(value.shape[-1], int):
+    return _dim(value, -1)
+
+
+def _dim(value: ir.Value | None, axis: int) -> int | None:
+    if value is None or value.shape is None or len(value.shape) < -axis:
         return None
-    return value.shape[-1]
+    return value.shape[axis] if isinstance(value.shape[axis], int) else None

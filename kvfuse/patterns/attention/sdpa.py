@@ -9,7 +9,8 @@ Legend: B batch, H heads, S new tokens, T total (past + new) positions, D head d
 out = softmax(q·kᵀ·scale + mask)·v with scale = s_q·s_k·s (each a Mul or a Div, or absent).
 Optimum's TorchScript export multiplies q and kᵀ by sqrt(1/sqrt(D)) each and guards the softmax
 with IsNaN/Where; other exporters scale the product once. The key arrives in the cache layout
-`k_L` and is transposed to [B, H, D, T] by one perm that the `Layout` derives.
+`k_L` and is transposed to [B, H, D, T] by one perm that the `Layout` derives — none when the
+key is cached pre-transposed (`Layout("BHSD", key="BHDS")`): Q·K then reads the cache as it is.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
 from kvfuse.patterns.norm import is_constant
-from kvfuse.rewriter.layout import LAYOUTS, Layout, is_identity
+from kvfuse.rewriter.layout import RULE_LAYOUTS, Layout, is_identity
 from kvfuse.rewriter.rules import KVFUSE_DOMAIN, Rule, fail, like, ok
 
 
@@ -37,11 +38,11 @@ class SDPARule(Rule):
     """`attention/sdpa_<layout>`: the decomposed attention core → kvfuse Attention."""
 
     def __init__(self, layout: Layout) -> None:
-        super().__init__(f"attention/sdpa_{layout.name.lower()}")
+        super().__init__(f"attention/sdpa_{layout.label}")
         self.layout = layout
 
     def pattern(self, op, query, key, value, mask, q_scale, k_scale, qk_scale, zero, fill):
-        key_t = op.Transpose(key, perm=self.layout.key_transposed)
+        key_t = maybe_transpose(op, key, self.layout.key_transposed)
         scores = op.MatMul(scaled(op, query, q_scale, "q_how"), scaled(op, key_t, k_scale, "k_how"))
         scores = scaled(op, scores, qk_scale, "qk_how")
         scores = pattern.OrValue(
@@ -73,9 +74,19 @@ class SDPARule(Rule):
         head_dim = static_dim(query, -1)
         if head_dim is None:
             return fail(f"query {query.name} has no static head dim", query)
-        key_dim = static_dim(key, self.layout.name.index("D"))
+        key_dim = static_dim(key, self.layout.key_order.index("D"))
         if key_dim is not None and key_dim != head_dim:
             return fail(f"key head dim {key_dim} differs from query head dim {head_dim}", key)
+        transposed = key.producer()
+        if (
+            is_identity(self.layout.key_transposed)
+            and transposed
+            and transposed.op_type == "Transpose"
+        ):
+            # a key transposed right before Q·Kᵀ is the usual layouts' form (their rules ran
+            # first); read as pre-transposed it would hide a wrong perm from the diagnosis
+            perm = list(transposed.attributes.get_ints("perm", []))
+            return fail(f"key transposed by perm {perm} before Q·Kᵀ, not read as cached", key)
         if attention_scale(bound) is None:
             return fail("attention scale factors are not constant scalars", query)
         if bound["nan_guard"] and not is_constant(bound["zero"], 0.0):
@@ -94,6 +105,7 @@ class SDPARule(Rule):
                 *inputs,
                 scale=attention_scale(bound),
                 layout=self.layout.name,
+                key_layout=self.layout.key_order,
                 mask_kind=bound["mask_how"],
                 _domain=KVFUSE_DOMAIN,
             ),
@@ -130,4 +142,4 @@ def static_dim(value: ir.Value, axis: int) -> int | None:
     return dim if isinstance(dim, int) else None
 
 
-RULES = [SDPARule.rule(layout) for layout in LAYOUTS]
+RULES = [SDPARule.rule(layout) for layout in RULE_LAYOUTS]
