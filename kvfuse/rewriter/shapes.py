@@ -330,13 +330,18 @@ def remove_full_slices(graph: ir.Graph) -> int:
         (start,), (end,), (axis,) = (v if len(v) == 1 else (None,) for v in values)
         size = source.shape[axis] if axis is not None else None
         if start == 0 and isinstance(size, int) and isinstance(end, int) and end >= size:
-            output = node.outputs[0]
-            if output.is_graph_output():
-                continue
-            ir.convenience.replace_all_uses_with(output, source)
-            graph.remove(node, safe=True)
-            removed += 1
+            removed += _bypass(graph, node)
     return removed
+
+
+def _bypass(graph: ir.Graph, node: ir.Node) -> int:
+    """Let `node`'s readers read its input instead and drop it (1), unless its output is a
+    graph output (0)."""
+    if node.outputs[0].is_graph_output():
+        return 0
+    ir.convenience.replace_all_uses_with(node.outputs[0], node.inputs[0])
+    graph.remove(node, safe=True)
+    return 1
 
 
 def remove_identity_reshapes(graph: ir.Graph) -> int:
@@ -348,21 +353,14 @@ def remove_identity_reshapes(graph: ir.Graph) -> int:
         if node.op_type not in ("Reshape", "Identity") or node.domain not in ("", "ai.onnx"):
             continue
         source, output = node.inputs[0], node.outputs[0]
-        if output.is_graph_output():
-            continue
         if node.op_type == "Identity":
-            ir.convenience.replace_all_uses_with(output, source)
-            graph.remove(node, safe=True)
-            removed += 1
+            removed += _bypass(graph, node)
             continue
         if source.shape is None or output.shape is None:
             continue
         dims_in, dims_out = [_dim(d) for d in source.shape], [_dim(d) for d in output.shape]
-        if None in dims_in or dims_in != dims_out:
-            continue
-        ir.convenience.replace_all_uses_with(output, source)
-        graph.remove(node, safe=True)
-        removed += 1
+        if None not in dims_in and dims_in == dims_out:
+            removed += _bypass(graph, node)
     return removed
 
 

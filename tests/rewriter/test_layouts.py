@@ -71,12 +71,17 @@ def test_where_mask_fuses(tmp_path, layout):
     assert result.verification.passed
 
 
-def test_where_mask_with_a_harmless_fill_is_not_a_mask(tmp_path):
-    """Where(allowed, scores, 0.0) does not mask anything out: refused, with the reason."""
-    model = build_lm("BHSD", mask="where")
+def _with_harmless_fill(model):
+    """The scores' Where fills with 0.0 instead of −inf: it masks nothing out."""
     where = next(n for n in model.graph.node if n.op_type == "Where" and "mask" not in n.name)
     fill = next(i for i in model.graph.initializer if i.name == where.input[2])
     fill.CopyFrom(onnx.numpy_helper.from_array(np.array(0.0, np.float32), fill.name))
+    return model
+
+
+def test_where_mask_with_a_harmless_fill_is_not_a_mask(tmp_path):
+    """Where(allowed, scores, 0.0) does not mask anything out: refused, with the reason."""
+    model = _with_harmless_fill(build_lm("BHSD", mask="where"))
     with pytest.raises(PartialFusion) as failure:
         run(tmp_path, model)
     reasons = [m.reason for m in failure.value.result.layers[0].near_misses]
@@ -230,10 +235,7 @@ def test_pretransposed_key_read_through_a_transpose_is_not_fused(tmp_path, kv_he
 def test_pretransposed_key_near_miss_names_the_real_failure(tmp_path):
     """A K-as-Kᵀ model with a mask that masks nothing: the diagnosis accepts the untransposed
     [B, H, D, T] key and the reason given is the mask, not a missing key transpose."""
-    model = build_lm("BHSD", mask="where", key_cache="transposed")
-    where = next(n for n in model.graph.node if n.op_type == "Where" and "mask" not in n.name)
-    fill = next(i for i in model.graph.initializer if i.name == where.input[2])
-    fill.CopyFrom(onnx.numpy_helper.from_array(np.array(0.0, np.float32), fill.name))
+    model = _with_harmless_fill(build_lm("BHSD", mask="where", key_cache="transposed"))
     with pytest.raises(PartialFusion) as failure:
         run(tmp_path, model)
     reasons = [m.reason for m in failure.value.result.layers[0].near_misses]
