@@ -1,17 +1,13 @@
 """Architecture × exporter, end to end: export → optimize → every layer fused → verified →
-16 greedy tokens of the optimized model (kvfuse runtime) equal PyTorch's.
-
-Exports that do not fuse yet are strict xfails carrying the near miss kvfuse reports
-(`kvfuse.models.architectures`): the day one starts to fuse, the test says so.
-"""
+16 greedy tokens of the optimized model (kvfuse runtime) equal PyTorch's."""
 
 from __future__ import annotations
 
 import pytest
 
-from kvfuse.models.architectures import EXPORTERS, expected_fusions, fuses, gap
+from kvfuse.models.architectures import EXPORTERS, expected_fusions
 from kvfuse.models.tiny import TINY_CONFIGS
-from kvfuse.rewriter.optimize import PartialFusion, optimize
+from kvfuse.rewriter.optimize import optimize
 
 PROMPT = [72, 101, 108, 108, 111, 44, 32, 119]  # "Hello, w": varied greedy tokens in every model
 NEW_TOKENS = 16
@@ -20,12 +16,7 @@ NEW_TOKENS = 16
 def _cases():
     for name in sorted(TINY_CONFIGS):
         for exporter in EXPORTERS:
-            marks = []
-            if not fuses(name, exporter):
-                marks = pytest.mark.xfail(
-                    strict=True, raises=PartialFusion, reason=gap(name, exporter)
-                )
-            yield pytest.param(name, exporter, marks=marks, id=f"{name}-{exporter}")
+            yield pytest.param(name, exporter, id=f"{name}-{exporter}")
 
 
 @pytest.fixture(scope="module")

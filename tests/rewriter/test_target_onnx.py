@@ -15,7 +15,7 @@ from kvfuse.runtime.shared_weights import SharedWeights, _external_tensors
 
 # every architecture the pattern library fuses: RoPE half/partial, sliding window, learned
 # positions, MHA/GQA/MQA, packed and per-head interleaved projections
-ARCHITECTURES = sorted(name for name, facts in FACTS.items() if facts["fuses"])
+ARCHITECTURES = sorted(FACTS)
 PREFILL_LEN = 16
 
 
