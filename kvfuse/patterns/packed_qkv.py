@@ -18,7 +18,13 @@ import json
 import numpy as np
 import onnx_ir as ir
 
-from kvfuse.rewriter.rules import KVFUSE_DOMAIN, REPLACED_TAG, RULE_TAG, replaced_by
+from kvfuse.rewriter.rules import (
+    KVFUSE_DOMAIN,
+    REPLACED_TAG,
+    RULE_TAG,
+    add_initializer,
+    replaced_by,
+)
 
 RULE = "fuse/packed_qkv"
 
@@ -45,18 +51,18 @@ def _pack(graph: ir.Graph, attention: ir.Node, projections) -> None:
     weights = [p[1].const_value.numpy() for p in projections]
     widths = [w.shape[1] for w in weights]
     name = f"{attention.name}/packed_qkv"
-    fused = _constant(graph, f"{name}.weight", np.concatenate(weights, axis=1))
+    fused = add_initializer(graph, f"{name}.weight", np.concatenate(weights, axis=1))
     nodes = [ir.node("MatMul", [hidden, fused], name=f"{name}/MatMul")]
     output = nodes[-1].outputs[0]
     if projections[0][2] is not None:
         biases = np.concatenate([p[2].const_value.numpy() for p in projections])
-        nodes.append(ir.node("Add", [output, _constant(graph, f"{name}.bias", biases)]))
+        nodes.append(ir.node("Add", [output, add_initializer(graph, f"{name}.bias", biases)]))
         output = nodes[-1].outputs[0]
     query = attention.inputs[0]
     output.dtype = query.dtype
     if query.shape is not None:
         output.shape = ir.Shape([*query.shape[:-1], sum(widths)])
-    sizes = _constant(graph, f"{name}.split", np.array(widths, dtype=np.int64))
+    sizes = add_initializer(graph, f"{name}.split", np.array(widths, dtype=np.int64))
     split = ir.node("Split", [output, sizes], attributes={"axis": -1}, num_outputs=3)
     nodes.append(split)
     replaced = [entry for p in projections for node in p[3] for entry in replaced_by(node)]
@@ -91,10 +97,3 @@ def _projection(value: ir.Value | None):
     if node.inputs[1].const_value.numpy().ndim != 2:
         return None
     return node.inputs[0], node.inputs[1], bias, nodes
-
-
-def _constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
-    value.shape, value.dtype = ir.Shape(array.shape), ir.DataType.from_numpy(array.dtype)
-    graph.register_initializer(value)
-    return value

@@ -32,6 +32,7 @@ import math
 import numpy as np
 import onnx_ir as ir
 
+from kvfuse.rewriter.rules import add_constant, add_initializer
 from kvfuse.rewriter.shapes import (
     Dim,
     _dim,
@@ -99,22 +100,16 @@ def _slice_grid_split(graph: ir.Graph, split: ir.Node) -> None:
         return
     start = 0
     for output, width in zip(split.outputs, widths, strict=True):
-        bounds = [_int64(graph, split, v) for v in ([start], [start + width], [axis])]
+        bounds = [
+            add_constant(graph, split, np.array(v, np.int64))
+            for v in ([start], [start + width], [axis])
+        ]
         sliced = ir.node("Slice", [source, *bounds], name=f"{split.name}/slice_{start}")
         graph.insert_before(split, sliced)
         sliced.outputs[0].shape, sliced.outputs[0].dtype = output.shape, output.dtype
         ir.convenience.replace_all_uses_with(output, sliced.outputs[0])
         start += width
     graph.remove(split, safe=True)
-
-
-def _int64(graph: ir.Graph, anchor: ir.Node, values: list[int]) -> ir.Value:
-    tensor = ir.tensor(np.array(values, np.int64))
-    node = ir.node("Constant", [], attributes={"value": tensor})
-    graph.insert_before(anchor, node)
-    output = node.outputs[0]
-    output.const_value, output.shape, output.dtype = tensor, ir.Shape([len(values)]), tensor.dtype
-    return output
 
 
 def _grid(reshape: ir.Node) -> list[int] | None:
@@ -201,7 +196,7 @@ def _gather_columns(graph: ir.Graph, reshape: ir.Node, columns: np.ndarray) -> i
     source = reshape.inputs[0]
     if np.array_equal(columns, np.arange(len(columns))):
         return source  # already contiguous and in order (Falcon multi-query)
-    indices = _constant(graph, reshape, columns.astype(np.int64))
+    indices = add_constant(graph, reshape, columns.astype(np.int64))
     gather = ir.node("Gather", [source, indices], attributes={"axis": -1})
     gather.outputs[0].shape = ir.Shape([*source.shape[:-1], len(columns)])
     gather.outputs[0].dtype = source.dtype
@@ -221,11 +216,11 @@ def _rewrite_part(graph, source: ir.Value, part: _Part, grid, offset: int, width
         unit_axes = []
     dense_grid = [d for i, d in enumerate(part_grid) if i not in unit_axes]
     bounds = [[offset], [offset + width], [-1], [0] * len(lead) + dense_grid]
-    first, last, axis, target = (_constant(graph, anchor, np.array(b, np.int64)) for b in bounds)
+    first, last, axis, target = (add_constant(graph, anchor, np.array(b, np.int64)) for b in bounds)
     sliced = _insert(graph, anchor, "Slice", [source, first, last, axis], [*lead, width], source)
     value = _insert(graph, anchor, "Reshape", [sliced, target], [*lead, *dense_grid], source)
     if unit_axes:
-        axes = _constant(graph, anchor, np.array([len(lead) + i for i in unit_axes], np.int64))
+        axes = add_constant(graph, anchor, np.array([len(lead) + i for i in unit_axes], np.int64))
         value = _insert(graph, anchor, "Unsqueeze", [value, axes], [*lead, *part_grid], source)
     if part.perm is not None:
         dims = [*lead, *part_grid]
@@ -257,13 +252,13 @@ def fold_column_gathers(graph: ir.Graph) -> int:
         matmul, add, columns = found
         weight = matmul.inputs[1]
         permuted = weight.const_value.numpy()[:, columns]
-        matmul.replace_input_with(1, _initializer(graph, f"{weight.name}.columns", permuted))
+        matmul.replace_input_with(1, add_initializer(graph, f"{weight.name}.columns", permuted))
         output = matmul.outputs[0]
         if add is not None:
             index = next(i for i, v in enumerate(add.inputs) if v.const_value is not None)
             bias = add.inputs[index]
             permuted = bias.const_value.numpy()[columns]
-            add.replace_input_with(index, _initializer(graph, f"{bias.name}.columns", permuted))
+            add.replace_input_with(index, add_initializer(graph, f"{bias.name}.columns", permuted))
             output = add.outputs[0]
         if gather.outputs[0].shape is not None:
             for value in (matmul.outputs[0], output):
@@ -297,26 +292,6 @@ def _projection_of(gather: ir.Node):
     if weight is None or weight.numpy().ndim != 2 or value.is_graph_output():
         return None
     return node, add, columns.numpy()
-
-
-def _constant(graph: ir.Graph, anchor: ir.Node, array: np.ndarray) -> ir.Value:
-    node = ir.node("Constant", [], attributes={"value": ir.tensor(array)})
-    graph.insert_before(anchor, node)
-    node.outputs[0].shape = ir.Shape(array.shape)
-    node.outputs[0].dtype = ir.DataType.from_numpy(array.dtype)
-    return node.outputs[0]
-
-
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    # one tensor may serve several projections (exporters share equal tensors, e.g. the
-    # zero biases of a random model): each permuted copy gets its own name
-    base, index = name, 1
-    while name in graph.initializers:
-        name, index = f"{base}.{index}", index + 1
-    value = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(array), name=name))
-    value.shape, value.dtype = ir.Shape(array.shape), ir.DataType.from_numpy(array.dtype)
-    graph.register_initializer(value)
-    return value
 
 
 def split_parts_stage(model: ir.Model) -> dict[str, int]:

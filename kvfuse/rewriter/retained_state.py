@@ -18,12 +18,11 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-import numpy as np
 import onnx_ir as ir
 
 from kvfuse.errors import KvfuseError
 from kvfuse.rewriter import rotary_cache
-from kvfuse.rewriter.rules import KVFUSE_DOMAIN
+from kvfuse.rewriter.rules import KVFUSE_DOMAIN, add_initializer
 
 SEQLENS = "seqlens_k"
 TOTAL_LENGTH = "total_sequence_length"
@@ -123,17 +122,10 @@ def _rotary_caches(graph, node, max_context, caches):
         cos_half, sin_half = rotary_cache.half_tables(cos_table, sin_table, interleaved)
         index = len(caches)
         caches[key] = (
-            _initializer(graph, f"kvfuse.rotary_cos_{index}", cos_half),
-            _initializer(graph, f"kvfuse.rotary_sin_{index}", sin_half),
+            add_initializer(graph, f"kvfuse.rotary_cos_{index}", cos_half),
+            add_initializer(graph, f"kvfuse.rotary_sin_{index}", sin_half),
         )
     return caches[key]
-
-
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
-    value.shape, value.dtype = ir.Shape(array.shape), ir.DataType.FLOAT
-    graph.register_initializer(value)
-    return value
 
 
 def _remove_dead(model: ir.Model) -> None:

@@ -12,6 +12,7 @@ import dataclasses
 import json
 from collections.abc import Sequence
 
+import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import _basics, pattern
 
@@ -50,6 +51,29 @@ def take_over(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
             new.name = name
             graph.outputs[index] = new
     ir.convenience.replace_all_uses_with(old, new)
+
+
+def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """Register `array` as an initializer named `name` (or `name.1`, … if that is taken: an
+    exporter may share one tensor between layers, each rewrite of it needs its own)."""
+    base, index = name, 1
+    while name in graph.initializers:
+        name, index = f"{base}.{index}", index + 1
+    value = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(array), name=name))
+    value.shape, value.dtype = ir.Shape(array.shape), ir.DataType.from_numpy(array.dtype)
+    graph.register_initializer(value)
+    return value
+
+
+def add_constant(graph: ir.Graph, anchor: ir.Node, array: np.ndarray) -> ir.Value:
+    """A Constant node holding `array`, inserted before `anchor`; its output carries the value
+    (so shape plumbing can read it before constant folding runs)."""
+    tensor = ir.tensor(np.asarray(array))
+    node = ir.node("Constant", [], attributes={"value": tensor})
+    graph.insert_before(anchor, node)
+    output = node.outputs[0]
+    output.const_value, output.shape, output.dtype = tensor, ir.Shape(tensor.shape), tensor.dtype
+    return output
 
 
 def ok() -> pattern.MatchResult:

@@ -15,6 +15,8 @@ import math
 import numpy as np
 import onnx_ir as ir
 
+from kvfuse.rewriter.rules import add_constant
+
 Dim = int | str | None  # a static size, a symbolic size, or unknown
 
 
@@ -407,7 +409,7 @@ def split_heads_after_projection(graph: ir.Graph) -> int:
             continue
         start, end = heads
         bounds = [[start * head_dim], [end * head_dim], [-1], [0, 0, end - start, head_dim]]
-        first, last, axis, shape = (_constant(graph, node, np.array(b, np.int64)) for b in bounds)
+        first, last, axis, shape = (add_constant(graph, node, np.array(b)) for b in bounds)
         sliced = ir.node("Slice", [source, first, last, axis])
         target = ir.node("Reshape", [sliced.outputs[0], shape])
         graph.insert_before(node, [sliced, target])
@@ -450,10 +452,3 @@ def _head_range(node: ir.Node, shaped: ir.Value) -> tuple[int, int] | None:
     start = start % heads if start < 0 else start
     end = min(heads, end % heads if end < 0 else end)
     return (start, end) if 0 <= start < end else None
-
-
-def _constant(graph: ir.Graph, anchor: ir.Node, array: np.ndarray) -> ir.Value:
-    node = ir.node("Constant", [], attributes={"value": ir.tensor(array)})
-    graph.insert_before(anchor, node)
-    node.outputs[0].shape, node.outputs[0].dtype = ir.Shape(array.shape), ir.DataType.INT64
-    return node.outputs[0]
