@@ -31,10 +31,9 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir import tape
 
-from kvfuse.patterns.lower_ort import transposed_weight_check
+from kvfuse.patterns.lower_ort import RMSNormRule, transposed_weight_check
 from kvfuse.rewriter.pipeline import layer_of
 from kvfuse.rewriter.rules import (
-    KVFUSE_DOMAIN,
     REPLACED_TAG,
     RULE_TAG,
     Rule,
@@ -48,21 +47,7 @@ OPSET = 24  # TensorScatter; Attention, RotaryEmbedding and RMSNormalization sin
 INPUT_IDS = "input_ids"
 
 
-class RMSNormRule(Rule):
-    """`lower/rms_standard`: RMSNorm → RMSNormalization (fp32 statistics)."""
-
-    def __init__(self) -> None:
-        super().__init__("lower/rms_standard")
-
-    def pattern(self, op, x, weight):
-        return op.RMSNorm(x, weight, _domain=KVFUSE_DOMAIN, _outputs=["normed"])
-
-    def rewrite(self, op, x, weight, normed, **_):
-        epsilon = normed.producer().attributes.get_float("epsilon")
-        return op.RMSNormalization(x, weight, axis=-1, epsilon=epsilon, stash_type=1)
-
-
-NORM_RULES = [RMSNormRule.rule()]
+NORM_RULES = [RMSNormRule.rule("lower/rms_standard", "RMSNormalization")]
 
 
 class TransposedWeightRule(Rule):

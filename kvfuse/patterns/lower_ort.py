@@ -83,17 +83,20 @@ def _same_shape(a: ir.Value, b: ir.Value) -> bool:
 
 
 class RMSNormRule(Rule):
-    """`lower/rms`: RMSNorm → SimplifiedLayerNormalization."""
+    """`lower/rms` (onnxruntime's SimplifiedLayerNormalization) or `lower/rms_standard` (ONNX
+    RMSNormalization, opset 23): the two ops take the same inputs and attributes."""
 
-    def __init__(self) -> None:
-        super().__init__("lower/rms")
+    def __init__(self, name: str = "lower/rms", op_type: str = "SimplifiedLayerNormalization"):
+        super().__init__(name)
+        self.op_type = op_type
 
     def pattern(self, op, x, weight):
         return op.RMSNorm(x, weight, _domain=KVFUSE_DOMAIN, _outputs=["normed"])
 
     def rewrite(self, op, x, weight, normed, **_):
         epsilon = normed.producer().attributes.get_float("epsilon")
-        return op.SimplifiedLayerNormalization(x, weight, axis=-1, epsilon=epsilon, stash_type=1)
+        lowered = getattr(op, self.op_type)  # fp32 statistics
+        return lowered(x, weight, axis=-1, epsilon=epsilon, stash_type=1)
 
 
 NORM_RULES = [RMSNormRule.rule()]
