@@ -95,8 +95,9 @@ class Session:
         session, binding = self._graphs[key]
         self._seqlens[:] = lengths_after - 1
         self._total[...] = lengths_after.max()
-        ids = np.zeros((self.batch, width), np.int64)
-        ids[:, :steps] = input_ids
+        ids = np.ascontiguousarray(input_ids, np.int64)
+        if width > steps:  # a first prompt right-padded into the static prefill graph
+            ids = np.pad(ids, [(0, 0), (0, width - steps)])
         binding.bind_cpu_input("input_ids", ids)
         inputs = self.spec.inputs
         binding.bind_cpu_input("seqlens_k", self._seqlens)
