@@ -23,22 +23,18 @@ def test_chat_answer_through_the_api(optimized_smollm2):
 
 
 def test_kvfuse_run_streams_and_reports(optimized_smollm2):
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "kvfuse",
-            "run",
-            str(optimized_smollm2.output),
-            "--prompt",
-            "What is the capital of France?",
-            "--max-new-tokens",
-            "24",
-        ],
+    done = ask_paris(optimized_smollm2.output)
+    assert done.returncode == 0, done.stderr
+    assert "Paris" in done.stdout
+    assert "tokens/s" in done.stderr and "prefill" in done.stderr and "KV 11.2 MiB" in done.stderr
+
+
+def ask_paris(model) -> subprocess.CompletedProcess:
+    """`kvfuse run MODEL --prompt "What is the capital of France?"` in a fresh process."""
+    command = [sys.executable, "-m", "kvfuse", "run", str(model), "--max-new-tokens", "24"]
+    return subprocess.run(
+        [*command, "--prompt", "What is the capital of France?"],
         capture_output=True,
         text=True,
         timeout=600,
     )
-    assert done.returncode == 0, done.stderr
-    assert "Paris" in done.stdout
-    assert "tokens/s" in done.stderr and "prefill" in done.stderr and "KV 11.2 MiB" in done.stderr

@@ -11,6 +11,7 @@ import pytest
 
 from kvfuse.rewriter import static
 from kvfuse.runtime.generate import GenerationConfig, load
+from tests.runtime.test_smollm2_runtime import ask_paris
 
 pytestmark = pytest.mark.slow
 
@@ -56,22 +57,7 @@ def test_answers_with_one_copy_of_the_weights(static_smollm2):
 
 
 def test_kvfuse_run_cli_on_the_pair(static_smollm2):
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "kvfuse",
-            "run",
-            str(static_smollm2.output.parent / "model-static.onnx"),
-            "--prompt",
-            "What is the capital of France?",
-            "--max-new-tokens",
-            "24",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    done = ask_paris(static_smollm2.output.parent / "model-static.onnx")
     assert done.returncode == 0, done.stderr
     assert "Paris" in done.stdout and "tokens/s" in done.stderr
 
