@@ -12,7 +12,6 @@ from kvfuse.rewriter.pipeline import Stage
 
 FUSION_STAGES = [
     Stage("canonicalize axis swaps and head selections", rules=axes.RULES),
-    Stage("split heads taken from fused projections", run=shapes.split_heads),
     Stage("fused projections' parts as column blocks", run=packed_heads.split_parts_stage),
     Stage("fuse RMSNorm", rules=norm.RULES),
     Stage("fuse RoPE", rules=rotary.RULES),

@@ -15,8 +15,6 @@ import math
 import numpy as np
 import onnx_ir as ir
 
-from kvfuse.rewriter.rules import add_constant
-
 Dim = int | str | None  # a static size, a symbolic size, or unknown
 
 
@@ -386,69 +384,3 @@ def collapse_reshape(node: ir.Node) -> bool:
         return False
     node.replace_input_with(0, source)
     return True
-
-
-def split_heads_after_projection(graph: ir.Graph) -> int:
-    """Falcon and other fused-QKV exports take heads out of the reshaped projection:
-    `Slice|Gather(Reshape(x, [.., N, D]), heads, axis=-2)`. Rewrite each as the projection
-    sliced first — `Reshape(Slice(x, heads·D, axis=-1), [.., n, D])` — the form every other
-    exporter writes, so one attention rule covers both."""
-    rewritten = 0
-    for node in list(graph):
-        if node.op_type not in ("Slice", "Gather") or node.domain not in ("", "ai.onnx"):
-            continue
-        reshape = node.inputs[0].producer()
-        if reshape is None or reshape.op_type != "Reshape":
-            continue
-        heads = _head_range(node, reshape.outputs[0])
-        source, shaped = reshape.inputs[0], reshape.outputs[0]
-        if heads is None or source.shape is None or len(shaped.shape or []) != 4:
-            continue
-        head_dim = shaped.shape[3]
-        if not isinstance(head_dim, int) or len(source.shape) != 3:
-            continue
-        start, end = heads
-        bounds = [[start * head_dim], [end * head_dim], [-1], [0, 0, end - start, head_dim]]
-        first, last, axis, shape = (add_constant(graph, node, np.array(b)) for b in bounds)
-        sliced = ir.node("Slice", [source, first, last, axis])
-        target = ir.node("Reshape", [sliced.outputs[0], shape])
-        graph.insert_before(node, [sliced, target])
-        sliced.outputs[0].shape = ir.Shape([*source.shape[:2], (end - start) * head_dim])
-        sliced.outputs[0].dtype = source.dtype
-        target.outputs[0].shape = ir.Shape([*shaped.shape[:2], end - start, head_dim])
-        target.outputs[0].dtype = shaped.dtype
-        ir.convenience.replace_all_uses_with(node.outputs[0], target.outputs[0])
-        graph.remove(node, safe=True)
-        rewritten += 1
-    return rewritten
-
-
-def split_heads(model: ir.Model) -> dict[str, int]:
-    """`split_heads_after_projection` as a pipeline stage, for heads that canonicalization
-    rules (e.g. `layout/index_as_slice`) turned into slices after the clean-up ran."""
-    return {"shape/heads_after_projection": split_heads_after_projection(model.graph)}
-
-
-def _head_range(node: ir.Node, shaped: ir.Value) -> tuple[int, int] | None:
-    """[start, end) of heads a Slice/Gather takes on axis 2 of a 4-D tensor, if static."""
-    if shaped.shape is None or len(shaped.shape) != 4 or not isinstance(shaped.shape[2], int):
-        return None
-    heads = shaped.shape[2]
-    if node.op_type == "Gather":
-        index = node.inputs[1].const_value
-        if node.attributes.get_int("axis", 0) % 4 != 2 or index is None or index.numpy().size != 1:
-            return None
-        if index.numpy().ndim != 1:  # a scalar index drops the axis: not a head tensor
-            return None
-        first = int(index.numpy().reshape(-1)[0]) % heads
-        return first, first + 1
-    values = [symbolic_ints(v) for v in node.inputs[1:4]]
-    steps = symbolic_ints(node.inputs[4]) if len(node.inputs) > 4 else [1]
-    if any(v is None or len(v) != 1 for v in values) or steps != [1]:
-        return None
-    (start,), (end,), (axis,) = values
-    if axis % 4 != 2:
-        return None
-    start = start % heads if start < 0 else start
-    end = min(heads, end % heads if end < 0 else end)
-    return (start, end) if 0 <= start < end else None
