@@ -99,8 +99,8 @@ def optimize(
 ) -> None:
     """Fuse attention + KV cache into fixed, in-place KV buffers (GroupQueryAttention for
     --target ort; TensorScatter + Attention for --target onnx)."""
-    from kvfuse.rewriter.optimize import PartialFusion
-    from kvfuse.rewriter.optimize import optimize as run_optimize
+    from kvfuse.optimize import PartialFusion
+    from kvfuse.optimize import optimize as run_optimize
 
     try:
         result = run_optimize(

@@ -42,7 +42,7 @@ def smollm2_export(tmp_path_factory):
 @pytest.fixture(scope="session")
 def optimized_smollm2(smollm2_export):
     """SmolLM2's export optimized for `ort` with a 256-position context, beside its tokenizer."""
-    from kvfuse.rewriter.optimize import optimize
+    from kvfuse.optimize import optimize
 
     return optimize(
         smollm2_export.out_dir,
@@ -56,7 +56,7 @@ def optimized_smollm2(smollm2_export):
 def static_smollm2(smollm2_export):
     """SmolLM2 optimized for `onnx --static`: prefill graph S = 64, decode graph S = 1, 256
     positions, one shared weights file."""
-    from kvfuse.rewriter.optimize import optimize
+    from kvfuse.optimize import optimize
 
     return optimize(
         smollm2_export.out_dir,

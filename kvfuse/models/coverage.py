@@ -23,7 +23,7 @@ def coverage_row(name: str, work: Path, exporter: str = "optimum") -> str:
     """One table row: build the tiny model, export it with `exporter`, optimize, verify."""
     from kvfuse.exporters.export import export
     from kvfuse.models.tiny import build_tiny_model
-    from kvfuse.rewriter.optimize import PartialFusion, optimize
+    from kvfuse.optimize import PartialFusion, optimize
 
     hf_dir = work / name
     if not (hf_dir / "config.json").is_file():

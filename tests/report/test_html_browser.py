@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from kvfuse.optimize import optimize
 from kvfuse.report import write_all
 from kvfuse.report.diff import build_report
-from kvfuse.rewriter.optimize import optimize
 
 FLAGS = [
     "--headless",

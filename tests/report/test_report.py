@@ -10,9 +10,9 @@ import jsonschema
 import onnx
 import pytest
 
+from kvfuse.optimize import optimize
 from kvfuse.report import render, write_all
 from kvfuse.report.diff import build_report, diff
-from kvfuse.rewriter.optimize import optimize
 from tests.exporters.test_export_errors import run_cli
 from tests.rewriter.synthetic import build_lm
 
@@ -122,7 +122,7 @@ def test_optimize_report_flag(tiny_export, tmp_path):
 
 def test_every_format_renders_a_partial_fusion(tmp_path):
     """A report of a model whose attention did not fuse lists the near misses."""
-    from kvfuse.rewriter.optimize import PartialFusion
+    from kvfuse.optimize import PartialFusion
 
     model = build_lm("BHSD")
     probs = next(n for n in model.graph.node if n.op_type == "Softmax").output[0]

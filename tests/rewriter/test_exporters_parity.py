@@ -7,7 +7,7 @@ import pytest
 
 from kvfuse.models.architectures import EXPORTERS, expected_fusions
 from kvfuse.models.tiny import TINY_CONFIGS
-from kvfuse.rewriter.optimize import optimize
+from kvfuse.optimize import optimize
 
 PROMPT = [72, 101, 108, 108, 111, 44, 32, 119]  # "Hello, w": varied greedy tokens in every model
 NEW_TOKENS = 16

@@ -9,8 +9,8 @@ import pytest
 
 from kvfuse.errors import KvfuseError
 from kvfuse.exporters.reference import ConcatCacheRunner
+from kvfuse.optimize import PartialFusion, optimize
 from kvfuse.rewriter.layout import KEY_PRETRANSPOSED, LAYOUTS, Layout
-from kvfuse.rewriter.optimize import PartialFusion, optimize
 from tests.rewriter.synthetic import build_lm
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from kvfuse.exporters.reference import ConcatCacheRunner
 from kvfuse.models.architectures import ARCHITECTURES, expected_fusions
-from kvfuse.rewriter.optimize import optimize
+from kvfuse.optimize import optimize
 from kvfuse.rewriter.verify import FixedCacheRunner
 
 FUSING = sorted(ARCHITECTURES)

@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import pytest
 
-from kvfuse.rewriter.optimize import PartialFusion, optimize
+from kvfuse.optimize import PartialFusion, optimize
 from tests.rewriter.synthetic import build_lm
 
 

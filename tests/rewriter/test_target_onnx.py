@@ -9,8 +9,8 @@ import pytest
 
 from kvfuse.errors import KvfuseError
 from kvfuse.models.architectures import ARCHITECTURES as FACTS
+from kvfuse.optimize import optimize
 from kvfuse.rewriter import static
-from kvfuse.rewriter.optimize import optimize
 from kvfuse.runtime.shared_weights import SharedWeights, _external_tensors
 
 # every architecture the pattern library fuses: RoPE half/partial, sliding window, learned

@@ -8,7 +8,7 @@ import pytest
 
 from kvfuse.errors import KvfuseError
 from kvfuse.exporters.reference import ConcatCacheRunner
-from kvfuse.rewriter.optimize import optimize
+from kvfuse.optimize import optimize
 from kvfuse.runtime.generate import GenerationConfig, load
 from kvfuse.runtime.sampling import Sampling
 from kvfuse.runtime.session import Session

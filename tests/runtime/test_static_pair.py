@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from kvfuse.errors import KvfuseError
-from kvfuse.rewriter.optimize import optimize
+from kvfuse.optimize import optimize
 from kvfuse.runtime.generate import GenerationConfig, load
 from kvfuse.runtime.session import Session
 

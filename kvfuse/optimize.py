@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import sys
+import types
 from pathlib import Path
 
 import onnx
@@ -436,3 +438,15 @@ def _copy_companions(source: Path, staging: Path, destination: Path) -> None:
     for name in COMPANION_FILES:
         if (source.parent / name).is_file() and not (destination / name).exists():
             shutil.copyfile(source.parent / name, staging / name)
+
+
+class _CallableModule(types.ModuleType):
+    """`import kvfuse.optimize` binds this module to the package attribute `kvfuse.optimize`,
+    shadowing the public function of the same name; calling the module calls the function, so
+    `kvfuse.optimize(...)` works whichever was imported first."""
+
+    def __call__(self, *args, **kwargs) -> OptimizeResult:
+        return optimize(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
