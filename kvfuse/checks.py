@@ -19,21 +19,22 @@ import onnx
 
 from kvfuse.errors import KvfuseError
 
+# onnxruntime ops registered in the ONNX domain that onnx has no schema for (an optimized model
+# holds them); checked as onnxruntime ops, by onnxruntime
+ORT_OPS_IN_ONNX_DOMAIN = {"SimplifiedLayerNormalization"}
 KNOWN_DOMAINS = {"": onnx.defs.onnx_opset_version(), "ai.onnx": onnx.defs.onnx_opset_version()}
 _FIX = "re-export it, or restore the original file"
 
 
-def check_model_file(path: Path, proto: onnx.ModelProto, *, graph: bool = True) -> None:
+def check_model_file(path: Path, proto: onnx.ModelProto) -> None:
     """Raise a one-line `KvfuseError` if `proto` (read from `path` without its external data)
-    is not a model kvfuse can safely read. `graph`: also onnx.checker with strict shape
-    inference (for exports; an optimized model's onnxruntime ops in the ONNX domain, such as
-    SimplifiedLayerNormalization, are unknown to onnx — onnxruntime checks those graphs)."""
+    is not a model kvfuse can safely read."""
     _check_opsets(path, proto)
     check_external_data(path, proto)
     _check_inline_data(path, proto.graph)
     _check_io(path, proto.graph)
-    if graph:
-        _check_graph(path, proto)
+    _check_type_attributes(path, proto.graph)
+    _check_graph(path, proto)
 
 
 def check_external_data(path: Path, proto: onnx.ModelProto) -> None:
@@ -108,12 +109,30 @@ def _check_io(path: Path, graph: onnx.GraphProto) -> None:
             raise KvfuseError(f"{path}: {value.name} has a negative dim; {_FIX}")
 
 
+def _check_type_attributes(path: Path, graph: onnx.GraphProto) -> None:
+    """Attributes naming a tensor type (Cast's `to`, a `dtype`) name one that exists: the
+    checker lets any integer through."""
+    valid = set(onnx.TensorProto.DataType.values()) - {onnx.TensorProto.UNDEFINED}
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.name in ("to", "dtype") and attribute.type == attribute.INT:
+                if attribute.i not in valid:
+                    raise KvfuseError(
+                        f"{path}: node {node.name or node.op_type} has {attribute.name}="
+                        f"{attribute.i}, which is no ONNX tensor type; {_FIX}"
+                    )
+
+
 def _check_graph(path: Path, proto: onnx.ModelProto) -> None:
     try:
         onnx.checker.check_model(_weightless(proto), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
         raise KvfuseError(f"{path} is not a valid ONNX model ({reason}); {_FIX}") from error
+    except UnicodeDecodeError as error:  # the checker quotes a name that is not UTF-8
+        raise KvfuseError(
+            f"{path} is not a valid ONNX model (a name in it is not UTF-8 text); {_FIX}"
+        ) from error
 
 
 def _weightless(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -125,9 +144,19 @@ def _weightless(proto: onnx.ModelProto) -> onnx.ModelProto:
     source, graph = proto.graph, light.graph
     graph.name = source.name
     graph.node.extend(source.node)
+    for node in graph.node:
+        if node.domain in ("", "ai.onnx") and node.op_type in ORT_OPS_IN_ONNX_DOMAIN:
+            node.domain = "com.microsoft"  # a domain onnx.checker leaves to onnxruntime
+    if not any(entry.domain == "com.microsoft" for entry in light.opset_import):
+        light.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     graph.input.extend(source.input)
-    graph.output.extend(source.output)
-    graph.value_info.extend(source.value_info)
+    # Declared output and intermediate shapes are left out: onnxruntime only warns when they
+    # disagree with what the graph computes (stale value_info after hand edits is common), and
+    # onnx.checker wants a shape on every output, which tools adding debug outputs omit
+    graph.output.extend(v for v in source.output if v.type.tensor_type.HasField("shape"))
+    for value in graph.output:
+        for axis, dim in enumerate(value.type.tensor_type.shape.dim):
+            dim.dim_param = f"{value.name}:{axis}"
     declared = {value.name for value in source.input}
     graph.input.extend(
         onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))

@@ -23,7 +23,7 @@ from kvfuse.errors import KvfuseError
 from kvfuse.exporters.metadata import read_metadata
 from kvfuse.files import staged_file
 from kvfuse.patterns import targets
-from kvfuse.progress import Steps
+from kvfuse.progress import Steps, quiet_logs
 from kvfuse.report.summary import load_structure
 from kvfuse.rewriter import packed_heads, pipeline, retained_state, shapes
 from kvfuse.rewriter import static as static_graphs
@@ -77,6 +77,7 @@ class OptimizeResult:
         return counts
 
 
+@quiet_logs()
 def optimize(
     source: str | Path,
     output: str | Path,
@@ -351,7 +352,13 @@ def _load(model_path: Path, in_memory: bool = False) -> ir.Model:
     proto = load_structure(model_path)  # one-line error for a missing or corrupt file
     check_model_file(model_path, proto)  # one line for a damaged or hand-edited one
     del proto  # ir.load reads it again; keep one copy in memory at a time
-    model = ir.load(model_path)
+    try:
+        model = ir.load(model_path)
+    except (ValueError, TypeError, KeyError) as error:  # what the checks above cannot see
+        raise KvfuseError(
+            f"{model_path} cannot be read into onnx_ir ({type(error).__name__}: "
+            f"{str(error)[:200]}); re-export it"
+        ) from error
     external = [v for v in model.graph.initializers.values() if _is_external(v.const_value)]
     if in_memory and external:
         size = sum(v.const_value.nbytes for v in model.graph.initializers.values())

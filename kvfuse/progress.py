@@ -29,6 +29,26 @@ class Steps:
         self.console.print(f"[green]✓[/green] {title} ({time.perf_counter() - start:.1f} s)")
 
 
+LIBRARY_LOGGERS = ("onnx_ir", "onnxscript", "onnx")
+
+
+@contextlib.contextmanager
+def quiet_logs() -> Iterator[None]:
+    """Keep the graph libraries' own log records (e.g. onnx_ir's shape inference warnings,
+    each with a traceback) off the terminal while kvfuse works; kvfuse reports what matters."""
+    loggers = [logging.getLogger(name) for name in LIBRARY_LOGGERS]
+    previous = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, previous, strict=True):
+            logger.setLevel(level)
+
+
 @contextlib.contextmanager
 def quiet_libraries() -> Iterator[None]:
     """Silence the tracer warnings and info logs transformers/Optimum print during export."""

@@ -26,6 +26,7 @@ from kvfuse.errors import KvfuseError
 from kvfuse.progress import quiet_libraries
 
 OPSET = 18
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 # example sizes for tracing: each ≥ 2 and distinct, so torch.export keeps them symbolic
 # (0 and 1 would be specialised) and does not mistake one dim for another
 EXAMPLE_BATCH, EXAMPLE_NEW, EXAMPLE_PAST = 2, 3, 5
@@ -174,7 +175,9 @@ def _save_companions(model: Any, hf_dir: Path, out_dir: Path) -> None:
     model.config.save_pretrained(out_dir)
     if model.generation_config is not None:
         model.generation_config.save_pretrained(out_dir)
+    if not any((hf_dir / name).is_file() for name in TOKENIZER_FILES):
+        return  # the tokenizer is optional: the export is complete without one
     try:
         AutoTokenizer.from_pretrained(hf_dir, local_files_only=True).save_pretrained(out_dir)
-    except (OSError, ValueError, KeyError):
-        pass  # a model directory without a tokenizer: the export is still complete
+    except (OSError, ValueError, KeyError, AttributeError, TypeError):
+        pass  # a tokenizer transformers cannot load: the export is still complete

@@ -26,7 +26,7 @@ class ConcatCacheRunner:
         if session is None:
             options = ort.SessionOptions()
             options.intra_op_num_threads = threads
-            options.log_severity_level = 3
+            options.log_severity_level = 4  # errors come back as exceptions
             session = ort.InferenceSession(
                 str(model_path), options, providers=["CPUExecutionProvider"]
             )

@@ -14,6 +14,7 @@ from typing import Any
 
 import onnx
 
+from kvfuse.checks import check_model_file
 from kvfuse.report.summary import bytes_on_disk, load_structure
 from kvfuse.rewriter.pipeline import layer_of
 from kvfuse.rewriter.rules import REPLACED_TAG, RULE_TAG
@@ -41,6 +42,8 @@ def build_report(a: Path, b: Path, optimize_result: Any = None) -> dict:
     """Compare model `a` (before) with `b` (after); `optimize_result` adds layers, near misses
     and the verification figures when `b` came from `kvfuse.optimize`."""
     model_a, model_b = load_structure(Path(a)), load_structure(Path(b))
+    check_model_file(Path(a), model_a)  # a damaged file is one line, not a half-made report
+    check_model_file(Path(b), model_b)
     report = {
         "schema": SCHEMA,
         "models": {"a": _model_facts(Path(a), model_a), "b": _model_facts(Path(b), model_b)},

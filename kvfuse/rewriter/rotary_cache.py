@@ -110,8 +110,19 @@ def _run(nodes, inputs, outputs, feeds) -> list[np.ndarray]:
     model = onnx.helper.make_model(
         graph, opset_imports=[onnx.helper.make_opsetid("", opset)], ir_version=10
     )
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, feeds)
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # a failure comes back as the exception below
+    try:
+        session = ort.InferenceSession(
+            model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+        )
+        return session.run(None, feeds)
+    except Exception as error:  # onnxruntime's errors share no base class but Exception
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise KvfuseError(
+            f"the model's RoPE table builder does not run in onnxruntime "
+            f"({reason.split(' : ')[-1][:200]}); re-export the model"
+        ) from error
 
 
 def _as_table(array: np.ndarray, max_context: int, value: ir.Value) -> np.ndarray:

@@ -9,12 +9,14 @@ must agree within explicit tolerances and every greedy token must be equal.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+from kvfuse.errors import KvfuseError
 from kvfuse.exporters.reference import ConcatCacheRunner
 
 # fp32 logits through different kernels (fused GQA vs decomposed MatMul/Softmax): the
@@ -132,21 +134,37 @@ def verify(
     `original` step by step. The two run one after the other — the original's logits and greedy
     tokens are recorded, its session closed, then the rewritten model replays those tokens —
     so only one model's weights are in memory at a time."""
-    reference = ConcatCacheRunner(None, session=_session(Path(original)))
-    vocab = _vocab_size(reference.session)
-    ids = np.random.default_rng(seed).integers(3, min(vocab, 1000), size=(batch, prompt_tokens))
-    expected, feeds = [reference.prefill(ids)], [ids]
-    for _ in range(decode_steps):
-        feeds.append(expected[-1][:, -1].argmax(-1)[:, None])
-        expected.append(reference.step(feeds[-1]))
+    with _onnxruntime_errors(f"the original model {original}", "re-export it"):
+        reference = ConcatCacheRunner(None, session=_session(Path(original)))
+        vocab = _vocab_size(reference.session)
+        ids = np.random.default_rng(seed).integers(3, min(vocab, 1000), (batch, prompt_tokens))
+        expected, feeds = [reference.prefill(ids)], [ids]
+        for _ in range(decode_steps):
+            feeds.append(expected[-1][:, -1].argmax(-1)[:, None])
+            expected.append(reference.step(feeds[-1]))
     del reference
-    candidate = FixedCacheRunner(rewritten, pairs, kv_shape)
     steps = []
-    for index, (tokens, logits) in enumerate(zip(feeds, expected, strict=True)):
-        found = candidate.prefill(tokens) if index == 0 else candidate.step(tokens)
-        steps.append(_compare("prefill" if index == 0 else f"decode {index}", logits, found))
+    with _onnxruntime_errors("the rewritten model", "please report this kvfuse bug"):
+        candidate = FixedCacheRunner(rewritten, pairs, kv_shape)
+        for index, (tokens, logits) in enumerate(zip(feeds, expected, strict=True)):
+            found = candidate.prefill(tokens) if index == 0 else candidate.step(tokens)
+            steps.append(_compare("prefill" if index == 0 else f"decode {index}", logits, found))
     passed = all(_step_ok(s) for s in steps)
     return Verification(passed, ATOL, RTOL, prompt_tokens, steps)
+
+
+@contextlib.contextmanager
+def _onnxruntime_errors(what: str, advice: str):
+    """onnxruntime refusing or failing a model → one line (its errors share no base class)."""
+    try:
+        yield
+    except KvfuseError:
+        raise
+    except Exception as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise KvfuseError(
+            f"onnxruntime cannot run {what}: {reason.split(' : ')[-1][:300]}; {advice}"
+        ) from error
 
 
 def _vocab_size(session: ort.InferenceSession) -> int:
@@ -180,7 +198,7 @@ def _session(model, data_folder: Path | None = None) -> ort.InferenceSession:
     a proto or a path; `data_folder` is where a model given as bytes has its external data."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # errors come back as exceptions
     options.add_session_config_entry("session.disable_prepacking", "1")
     if data_folder is not None:
         options.add_session_config_entry(

@@ -65,7 +65,7 @@ class Session:
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # errors come back as exceptions
         if self.weights is not None:
             self.weights.add_to(options)
         session = open_session(path, options)
@@ -108,11 +108,19 @@ class Session:
             start = np.maximum(lengths_after[:, None] - steps, 0)
             binding.bind_cpu_input("position_ids", start + np.arange(width)[None, :])
         logits = self._logits_buffer(binding, key, 1 if self.spec.last_logits_only else width)
-        if key in self._probed:
-            session.run_with_iobinding(binding)
-        else:
-            self._probe(session, binding)
-            self._probed.add(key)
+        try:
+            if key in self._probed:
+                session.run_with_iobinding(binding)
+            else:
+                self._probe(session, binding)
+                self._probed.add(key)
+        except KvfuseError:
+            raise
+        except Exception as error:  # onnxruntime failing a step of a damaged or edited model
+            raise KvfuseError(
+                f"onnxruntime failed running {self.spec.path.name}: {ort_reason(error)}; "
+                "re-run kvfuse optimize"
+            ) from error
         return logits[:, :steps]
 
     def _graph_for(self, steps: int, lengths_after: np.ndarray) -> tuple[int | None, int]:

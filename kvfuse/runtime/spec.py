@@ -109,7 +109,7 @@ def load_header(model_path: Path) -> onnx.ModelProto:
         raise KvfuseError(
             f"{model_path} is not a readable ONNX model; re-run kvfuse optimize"
         ) from error
-    check_model_file(model_path, proto, graph=False)  # onnxruntime checks the graph
+    check_model_file(model_path, proto)
     return proto
 
 

@@ -155,3 +155,19 @@ def test_every_command_has_help():
     for args in (["--help"], ["export", "--help"]):
         done = run_cli(*args)
         assert done.returncode == 0 and "Usage" in done.stdout
+
+
+def test_directory_without_tokenizer_still_exports(tmp_path):
+    """The tokenizer is optional: a model directory without one exports with the dynamo
+    exporter too (it crashed inside transformers' tokenizer conversion), and the record says
+    so. (Optimum's exporter skips a missing tokenizer itself.)"""
+    from kvfuse.models.tiny import build_tiny_model
+
+    hf_dir = build_tiny_model("llama", tmp_path / "hf")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (hf_dir / name).unlink()
+    result = export(hf_dir, tmp_path / "out", quiet=True, exporter="dynamo")
+    assert result.onnx_path.is_file() and result.summary.nodes > 0
+    record = json.loads((tmp_path / "out" / "kvfuse-export.json").read_text())
+    assert record["tokenizer"] == {"present": False, "chat_template": False}
+    assert not (tmp_path / "out" / "tokenizer.json").exists()
