@@ -359,6 +359,12 @@ def _load(model_path: Path, in_memory: bool = False) -> ir.Model:
             f"{model_path} cannot be read into onnx_ir ({type(error).__name__}: "
             f"{str(error)[:200]}); re-export it"
         ) from error
+    if any(v.dtype == ir.DataType.BFLOAT16 for v in model.graph.inputs):
+        raise KvfuseError(
+            f"{model_path} is a bfloat16 model: onnxruntime has no CPU kernels for bfloat16 "
+            "MatMul or attention, so it can be neither verified nor run here; export with "
+            "--dtype float16 or float32"
+        )
     external = [v for v in model.graph.initializers.values() if _is_external(v.const_value)]
     if in_memory and external:
         size = sum(v.const_value.nbytes for v in model.graph.initializers.values())

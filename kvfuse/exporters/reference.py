@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from kvfuse.errors import KvfuseError
+
 PAST_PREFIX = "past_key_values."
 
 
@@ -72,7 +74,20 @@ class ConcatCacheRunner:
         dims = self.inputs[name].shape
         # symbolic dims: the past length starts empty; any other (the batch) is the batch size
         shape = [d if isinstance(d, int) else 0 if _is_past_dim(d) else batch for d in dims]
-        return np.zeros(shape, dtype=np.float32)
+        return np.zeros(shape, dtype=numpy_type(self.inputs[name].type))
+
+
+NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+def numpy_type(ort_type: str) -> type:
+    """The numpy type onnxruntime takes for an input of `ort_type` ("tensor(float16)" …)."""
+    if ort_type not in NUMPY_TYPES:
+        raise KvfuseError(
+            f"onnxruntime's Python API cannot feed a {ort_type} input from numpy; export in "
+            "float32 or float16 to run this model on CPU"
+        )
+    return NUMPY_TYPES[ort_type]
 
 
 def _is_past_dim(dim: int | str | None) -> bool:

@@ -5,7 +5,10 @@
                                                            (or Div(x, Sqrt(·)))
 
 TorchScript exports (Optimum) write `Div(1, Sqrt)` then `Mul(x, ·)`; the dynamo exporter
-writes `Reciprocal(Sqrt)`; some hand-written graphs divide x by the root directly.
+writes `Reciprocal(Sqrt)`; some hand-written graphs divide x by the root directly. fp16/bf16
+exports upcast x to fp32 first and cast the normalized value back before the weight
+(transformers' `hidden_states.to(float32)` … `weight * hidden_states.to(input_dtype)`): the
+fused op takes x in its own type and normalizes in fp32 (onnxruntime's `stash_type` default).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ class RMSNormRule(Rule):
         super().__init__("norm/rms")
 
     def pattern(self, op, x, weight, axes, epsilon, two, one):
+        x = pattern.OrValue([op.Cast(x, _outputs=["up"]), x], tag_var="up_how", tag_values=[1, 0])
         squared = pattern.OrValue(
             [op.Pow(x, two), op.Mul(x, x)], tag_var="square_how", tag_values=["pow", "mul"]
         )
@@ -34,9 +38,22 @@ class RMSNormRule(Rule):
             tag_var="divide_how",
             tag_values=["div", "reciprocal", "direct"],
         )
+        normalized = pattern.OrValue(
+            [op.Cast(normalized, _outputs=["down"]), normalized],
+            tag_var="down_how",
+            tag_values=[1, 0],
+        )
         return op.Mul(normalized, weight)
 
     def check(self, context, x, weight, axes, epsilon, mean, **bound):
+        if bound["up_how"] != bound["down_how"]:
+            return fail("x is cast for the norm but the result is not cast back (or vice versa)", x)
+        if bound["up_how"] and (
+            bound["up"].producer().attributes.get_int("to") != ir.DataType.FLOAT
+            or bound["down"].producer().attributes.get_int("to") != x.dtype
+            or weight.dtype != x.dtype
+        ):
+            return fail("casts around the norm are not x → float32 → x's type", x)
         if bound["square_how"] == "pow" and not is_constant(bound["two"], 2.0):
             return fail("Pow exponent is not 2", bound["two"])
         if bound["divide_how"] == "div" and not is_constant(bound["one"], 1.0):

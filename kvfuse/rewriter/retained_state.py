@@ -120,6 +120,9 @@ def _rotary_caches(graph, node, max_context, caches):
         cos_table, sin_table = rotary_cache.evaluate_rotary_tables(graph, cos, sin, max_context)
         interleaved = bool(node.attributes.get_int("rotary_interleaved", 0))
         cos_half, sin_half = rotary_cache.half_tables(cos_table, sin_table, interleaved)
+        dtype = node.inputs[0].dtype  # the kernel takes its tables in the query's type
+        if dtype is not None and dtype != ir.DataType.FLOAT:
+            cos_half, sin_half = (t.astype(dtype.numpy()) for t in (cos_half, sin_half))
         index = len(caches)
         caches[key] = (
             add_initializer(graph, f"kvfuse.rotary_cos_{index}", cos_half),

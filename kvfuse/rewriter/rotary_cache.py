@@ -103,7 +103,7 @@ def _run(nodes, inputs, outputs, feeds) -> list[np.ndarray]:
         [ir.serde.serialize_node(node) for node in nodes],
         "rotary_builder",
         [onnx.helper.make_tensor_value_info(v.name, v.dtype.value, None) for v in inputs],
-        [onnx.helper.make_tensor_value_info(v.name, onnx.TensorProto.FLOAT, None) for v in outputs],
+        [onnx.helper.make_tensor_value_info(v.name, _elem_type(v), None) for v in outputs],
         initializer=list(initializers.values()),
     )
     opset = outputs[0].graph.opset_imports.get("", 18)
@@ -125,6 +125,11 @@ def _run(nodes, inputs, outputs, feeds) -> list[np.ndarray]:
         ) from error
 
 
+def _elem_type(value: ir.Value) -> int:
+    """The value's ONNX element type (fp16/bf16 exports build their tables in that type)."""
+    return value.dtype.value if value.dtype is not None else onnx.TensorProto.FLOAT
+
+
 def _as_table(array: np.ndarray, max_context: int, value: ir.Value) -> np.ndarray:
     """[T, D] from a table broadcast for any layout ([B,1,T,D], [T,B,1,D], ...): every batch
     row holds the same positions, so row 0 is the table."""
@@ -135,4 +140,4 @@ def _as_table(array: np.ndarray, max_context: int, value: ir.Value) -> np.ndarra
             f"expected one axis of {max_context} positions and the rotary dim last"
         )
     by_position = np.moveaxis(array, axes[-1], 0).reshape(max_context, -1, array.shape[-1])
-    return np.ascontiguousarray(by_position[:, 0, :], dtype=np.float32)
+    return np.ascontiguousarray(by_position[:, 0, :].astype(np.float32))

@@ -17,12 +17,16 @@ import numpy as np
 import onnxruntime as ort
 
 from kvfuse.errors import KvfuseError
-from kvfuse.exporters.reference import ConcatCacheRunner
+from kvfuse.exporters.reference import ConcatCacheRunner, numpy_type
 
 # fp32 logits through different kernels (fused GQA vs decomposed MatMul/Softmax): the
 # difference is summation order only. Absolute on logits, scaled by their magnitude.
 ATOL = 1e-4
 RTOL = 1e-4
+# (atol, rtol) by the logits' type: fp16 keeps 11 significant bits (a step of ~1e-3 relative,
+# 0.016 at a logit of 30) and each kernel rounds its intermediates at its own points, so the
+# bound is ten steps. bf16 models are checked widened to fp32 (see `widen`), at fp32's bound.
+TOLERANCES = {np.dtype(np.float32): (ATOL, RTOL), np.dtype(np.float16): (1e-2, 1e-2)}
 
 
 @dataclasses.dataclass
@@ -77,13 +81,15 @@ class FixedCacheRunner:
         }
         self.session = next(iter(self.sessions.values()))
         self.input_names = {i.name for i in self.session.get_inputs()}
+        types = {i.name: i.type for i in self.session.get_inputs()}
+        self.kv_type = numpy_type(types[pairs[0][0]]) if pairs else np.float32
         self.pairs, self.kv_shape = pairs, kv_shape
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def prefill(self, input_ids: np.ndarray) -> np.ndarray:
         batch = input_ids.shape[0]
         shape = [batch, *self.kv_shape[1:]]
-        self.cache = {past: np.zeros(shape, np.float32) for past, _ in self.pairs}
+        self.cache = {past: np.zeros(shape, self.kv_type) for past, _ in self.pairs}
         self.length = 0
         return self.step(input_ids)
 
@@ -144,13 +150,15 @@ def verify(
             expected.append(reference.step(feeds[-1]))
     del reference
     steps = []
+    atol, rtol = TOLERANCES[expected[0].dtype]
     with _onnxruntime_errors("the rewritten model", "please report this kvfuse bug"):
         candidate = FixedCacheRunner(rewritten, pairs, kv_shape)
         for index, (tokens, logits) in enumerate(zip(feeds, expected, strict=True)):
             found = candidate.prefill(tokens) if index == 0 else candidate.step(tokens)
-            steps.append(_compare("prefill" if index == 0 else f"decode {index}", logits, found))
+            name = "prefill" if index == 0 else f"decode {index}"
+            steps.append(_compare(name, logits, found, atol, rtol))
     passed = all(_step_ok(s) for s in steps)
-    return Verification(passed, ATOL, RTOL, prompt_tokens, steps)
+    return Verification(passed, atol, rtol, prompt_tokens, steps)
 
 
 @contextlib.contextmanager
@@ -173,11 +181,14 @@ def _vocab_size(session: ort.InferenceSession) -> int:
     return vocab if isinstance(vocab, int) else 256
 
 
-def _compare(step: str, expected: np.ndarray, found: np.ndarray) -> StepCheck:
+def _compare(
+    step: str, expected: np.ndarray, found: np.ndarray, atol: float, rtol: float
+) -> StepCheck:
     if found.shape[1] == 1 and expected.shape[1] > 1:  # logits kept for the last position
         expected = expected[:, -1:]
+    expected, found = expected.astype(np.float32), found.astype(np.float32)
     diff = np.abs(expected - found)
-    used = diff / (ATOL + RTOL * np.abs(expected))
+    used = diff / (atol + rtol * np.abs(expected))
     return StepCheck(
         step,
         float(diff.max()),
@@ -251,7 +262,8 @@ def locate_divergence(
     found = dict(zip(candidate.output_names, candidate.last_outputs, strict=True))
     for name in shared:
         a, b = expected[name], found[name]
-        if a.shape != b.shape or not np.allclose(a, b, atol=ATOL, rtol=RTOL):
+        atol, rtol = TOLERANCES.get(a.dtype, (ATOL, RTOL))
+        if a.shape != b.shape or not np.allclose(a, b, atol=atol, rtol=rtol):
             diff = float(np.abs(a - b).max()) if a.shape == b.shape else float("inf")
             return f"first divergence at layer {layers[name]}: {name} (max |Δ| {diff:.2e})"
     return None

@@ -50,8 +50,8 @@ class Session:
             if not prepack:  # else each session reads (and pre-packs) its own copy
                 self.weights = SharedWeights(spec.weights_path, list(graphs.values()))
         shape = (len(spec.pairs), batch, spec.kv_heads, spec.max_context, spec.head_dim)
-        check_fits(int(np.prod(shape)) * np.dtype(np.float32).itemsize, shape)
-        self.arena = np.zeros(shape, dtype=np.float32)  # the only KV memory, allocated once
+        check_fits(int(np.prod(shape)) * np.dtype(spec.kv_dtype).itemsize, shape)
+        self.arena = np.zeros(shape, dtype=spec.kv_dtype)  # the only KV memory, allocated once
         self._kv_values = [ort.OrtValue.ortvalue_from_numpy(self.arena[i]) for i in range(shape[0])]
         self._graphs = {length: self._open(path) for length, path in graphs.items()}
         self.session, self.binding = self._graphs[1 if spec.prefill_path else None]  # decode
@@ -121,6 +121,8 @@ class Session:
                 f"onnxruntime failed running {self.spec.path.name}: {ort_reason(error)}; "
                 "re-run kvfuse optimize"
             ) from error
+        if logits.dtype != np.float32:  # sampling works in float32
+            return logits[:, :steps].astype(np.float32)
         return logits[:, :steps]
 
     def _graph_for(self, steps: int, lengths_after: np.ndarray) -> tuple[int | None, int]:
@@ -173,9 +175,11 @@ class Session:
     def _logits_buffer(self, binding, key, steps: int) -> np.ndarray:
         if (steps, key) not in self._logits:
             shape = (self.batch, steps, self.spec.vocab_size)
-            self._logits[steps, key] = np.empty(shape, np.float32)
+            self._logits[steps, key] = np.empty(shape, self.spec.logits_dtype)
         buffer = self._logits[steps, key]
-        binding.bind_output("logits", "cpu", 0, np.float32, list(buffer.shape), buffer.ctypes.data)
+        binding.bind_output(
+            "logits", "cpu", 0, buffer.dtype, list(buffer.shape), buffer.ctypes.data
+        )
         return buffer
 
 

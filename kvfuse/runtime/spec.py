@@ -36,6 +36,8 @@ class ModelSpec:
     prefill_path: Path | None = None  # a static pair: the graph of `prefill_len` new tokens
     prefill_len: int | None = None
     weights_path: Path | None = None  # a static pair: the one weights file both graphs read
+    kv_dtype: str = "float32"  # the KV buffers' and logits' numpy type (float16 exports)
+    logits_dtype: str = "float32"
 
     @property
     def directory(self) -> Path:
@@ -138,12 +140,29 @@ def _spec(model_path: Path, proto: onnx.ModelProto, record: dict) -> ModelSpec:
         prefill_len=static.get("prefill_len") and _positive(static["prefill_len"]),
         weights_path=directory / _plain_name(static["weights"]) if static else None,
     )
-    graph_inputs = {v.name for v in proto.graph.input}
+    graph_inputs = {v.name: v for v in proto.graph.input}
     graph_outputs = {v.name for v in proto.graph.output}
     for past, present in spec.pairs:
         if past not in graph_inputs or present not in graph_outputs:
             raise KeyError(f"KV pair {past} → {present} is not in the graph")
-    return spec
+    kv_type = graph_inputs[spec.pairs[0][0]].type.tensor_type.elem_type
+    return dataclasses.replace(
+        spec,
+        kv_dtype=_numpy_name(model_path, kv_type),
+        logits_dtype=_numpy_name(model_path, logits.type.tensor_type.elem_type),
+    )
+
+
+def _numpy_name(path: Path, elem_type: int) -> str:
+    """float32 or float16: the types onnxruntime's Python API feeds from numpy on CPU."""
+    names = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16"}
+    if elem_type not in names:
+        kind = onnx.TensorProto.DataType.Name(elem_type).lower()
+        raise KvfuseError(
+            f"{path} keeps its KV cache or logits in {kind}; the CPU runtime takes float32 or "
+            "float16 models (onnxruntime has no CPU kernels for bfloat16 MatMul/attention)"
+        )
+    return names[elem_type]
 
 
 def _positive(value) -> int:
