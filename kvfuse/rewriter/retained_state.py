@@ -40,6 +40,7 @@ class KVSignature:
     inputs: list[str]
     logits: str = "all"  # "last": one position per row
     static: dict | None = None  # a static pair's files and prefill length
+    dtype: str = "float32"  # the KV buffers' (and the graph's) precision; logits stay float32
 
 
 # (graph, CachedAttention, its old presents, seqlens_k, total_sequence_length, rotary tables
