@@ -57,15 +57,35 @@ class Completion:
 class Generator:
     """An optimized model ready to generate; `kvfuse.load(path)` returns one."""
 
-    def __init__(self, path: str | Path, threads: int | None = None, prepack: bool = False) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        threads: int | None = None,
+        prepack: bool = False,
+        device: str = "cpu",
+        cuda_graph: bool = True,
+    ) -> None:
+        if device not in ("cpu", "cuda"):
+            raise KvfuseError(f"device must be 'cpu' or 'cuda', not {device!r}")
         self.spec = read_spec(path)
         self.text = Text(self.spec.directory)
         self.threads, self.prepack = threads, prepack
+        self.device, self.cuda_graph = device, cuda_graph
         self._sessions: dict[int, Session] = {}
+        self._gpu = None  # the one CUDA InferenceSession, shared by every batch size
+        if device == "cuda":
+            from kvfuse.runtime.device import open_cuda_session
+
+            self._gpu = open_cuda_session(self.spec, cuda_graph)
 
     def session(self, batch: int) -> Session:
         if batch not in self._sessions:
-            self._sessions[batch] = Session(self.spec, batch, self.threads, self.prepack)
+            if self._gpu is not None:
+                from kvfuse.runtime.device import CudaSession
+
+                self._sessions[batch] = CudaSession(self.spec, batch, self._gpu, self.cuda_graph)
+            else:
+                self._sessions[batch] = Session(self.spec, batch, self.threads, self.prepack)
         return self._sessions[batch]
 
     def generate(
@@ -218,7 +238,13 @@ class _Run:
         return Completion(self.texts, self.new, [f or "length" for f in self.finish], stats)
 
 
-def load(path: str | Path, threads: int | None = None, prepack: bool = False) -> Generator:
+def load(
+    path: str | Path,
+    threads: int | None = None,
+    prepack: bool = False,
+    device: str = "cpu",
+    cuda_graph: bool = True,
+) -> Generator:
     """Load an optimized model (its `.onnx` or its directory) for generation.
 
     Args:
@@ -226,5 +252,8 @@ def load(path: str | Path, threads: int | None = None, prepack: bool = False) ->
         threads: onnxruntime intra-op threads (default: physical cores).
         prepack: static pair only — let each session load and pre-pack its own copy of the
             weights (faster MatMuls, one weights copy per graph) instead of sharing one copy.
+        device: "cpu", or "cuda" for a `--target cuda` model on onnxruntime-gpu: KV buffers in
+            device memory, decode steps replayed as a CUDA graph (one per batch size).
+        cuda_graph: (device "cuda") capture and replay decode steps; False runs them eagerly.
     """
-    return Generator(path, threads, prepack)
+    return Generator(path, threads, prepack, device, cuda_graph)

@@ -50,7 +50,9 @@ class Session:
             if not prepack:  # else each session reads (and pre-packs) its own copy
                 self.weights = SharedWeights(spec.weights_path, list(graphs.values()))
         shape = (len(spec.pairs), batch, spec.kv_heads, spec.max_context, spec.head_dim)
-        self.arena = np.zeros(shape, dtype=np.float32)  # the only KV memory, allocated once
+        if spec.dtype not in ("float32", "float16"):
+            raise KvfuseError(f"onnxruntime's CPU kernels cannot run this {spec.dtype} model")
+        self.arena = np.zeros(shape, dtype=spec.dtype)  # the only KV memory, allocated once
         self._kv_values = [ort.OrtValue.ortvalue_from_numpy(self.arena[i]) for i in range(shape[0])]
         self._graphs = {length: self._open(path) for length, path in graphs.items()}
         self.session, self.binding = self._graphs[1 if spec.prefill_path else None]  # decode

@@ -35,6 +35,7 @@ class ModelSpec:
     prefill_path: Path | None = None  # a static pair: the graph of `prefill_len` new tokens
     prefill_len: int | None = None
     weights_path: Path | None = None  # a static pair: the one weights file both graphs read
+    dtype: str = "float32"  # the graph's and the KV buffers' precision (logits: float32)
 
     @property
     def directory(self) -> Path:
@@ -119,4 +120,5 @@ def read_spec(path: str | Path) -> ModelSpec:
         prefill_path=directory / static["graphs"]["prefill"] if static else None,
         prefill_len=static.get("prefill_len"),
         weights_path=directory / static["weights"] if static else None,
+        dtype=record.get("dtype", "float32"),
     )
