@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -40,21 +39,12 @@ def prompt(batch: int, length: int) -> np.ndarray:
 
 
 def gpu_memory_mib() -> float | None:
-    """This process's GPU memory as nvidia-smi reports it (context included)."""
+    """The GPU's used memory (nvidia-smi) while this process, the only one on it, runs."""
+    query = ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"]
     try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        ).stdout
-    except (OSError, subprocess.TimeoutExpired):
+        return float(subprocess.run(query, capture_output=True, text=True).stdout.split()[0])
+    except (OSError, ValueError, IndexError):
         return None
-    for line in out.splitlines():
-        pid, used = (part.strip() for part in line.split(","))
-        if int(pid) == os.getpid():
-            return float(used)
-    return None
 
 
 def decode_rate(step, first_tokens, batch: int, new: int) -> float:

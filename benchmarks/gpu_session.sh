@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU machine's part of issue 15, after `assemble.sh` has rebuilt the bundle in /tmp/gpu:
-#   bash benchmarks/gpu_session.sh setup      models into place, versions, GPU tests, kvfuse run
+#   bash benchmarks/gpu_session.sh setup      models into place, versions, GPU tests, kvfuse run,
+#                                             kvfuse's benchmark rows
 #   bash benchmarks/gpu_session.sh bench SYSTEMS OUT.json    benchmarks/bench_gpu.py for SYSTEMS
 # The bundle (made on a CPU machine, see README "Target cuda"): model.onnx of
 # `kvfuse optimize smollm2 … --target cuda`, model.safetensors (SmolLM2 in float16, the same
@@ -16,9 +17,17 @@ if [ "$1" = setup ]; then
   cp "$small"/kv/* /tmp/kv/ && ln -sf /tmp/gpu/model.onnx /tmp/kv/model.onnx
   cp "$small"/hf/* /tmp/hf/ && ln -sf /tmp/gpu/model.safetensors /tmp/hf/model.safetensors
   { nvidia-smi; python3 -c "import onnxruntime as o, torch, transformers; print('onnxruntime', o.__version__, o.get_available_providers()); print('torch', torch.__version__, 'transformers', transformers.__version__)"; } 2>&1 | tee "$out/environment.txt"
+  python3 - > "$out/placement.txt" 2>&1 <<'PY'
+import onnxruntime as ort  # which provider each node is placed on (CUDA graphs need no copies)
+options = ort.SessionOptions(); options.log_severity_level = 0
+ort.InferenceSession("/tmp/kv/model.onnx", options, providers=["CUDAExecutionProvider"])
+PY
+  grep -iE "placed on|memcpy|cannot use" "$out/placement.txt" | head -20
   KVFUSE_CUDA_MODEL=/tmp/kv KVFUSE_CUDA_REFERENCE=$small/reference.npz \
     python3 -m pytest tests/runtime/test_cuda_runtime.py -v -s -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.txt"
   python3 -m kvfuse run /tmp/kv --device cuda --prompt "What is the capital of France?" 2>&1 | tee "$out/kvfuse_run.txt"
+  python3 benchmarks/bench_gpu.py --kvfuse /tmp/kv --hf /tmp/hf --work /tmp/work \
+    --systems kvfuse-graph,kvfuse-eager --out "$out/bench_kvfuse.json" 2>&1 | tee "$out/bench_kvfuse.txt"
 else
   python3 benchmarks/bench_gpu.py --kvfuse /tmp/kv --hf /tmp/hf --work /tmp/work \
     --systems "$2" --out "$out/$3" 2>&1 | tee "$out/${3%.json}.txt"
