@@ -71,20 +71,61 @@ def run_kvfuse(args, cuda_graph: bool) -> dict:
             start = time.perf_counter()
             logits = session.run(ids, np.full([batch], length))
             prefill_ms = (time.perf_counter() - start) * 1e3
-            lengths = [np.full([batch], length)]
-
-            def step(tokens, lengths=lengths, session=session):
-                lengths[0] = lengths[0] + 1
-                out = session.run(tokens[:, None], lengths[0])
-                return out[:, -1].argmax(-1)
-
+            step = _greedy_steps(session, np.full([batch], length))
             rate = decode_rate(step, logits[:, -1].argmax(-1), batch, NEW if length != 512 else 8)
         results[name] = prefill_ms if name == "prefill512" else rate
         if name == "prefill512":
             results["memory_mib"] = gpu_memory_mib()
+    results["kernels_b1"] = kernel_profile(generator.session(1), 64)
+    results["kernels_b1@1024"] = kernel_profile(generator.session(1), 1024)
     if not cuda_graph:
         results["profile"] = profile_kvfuse(args)
     return results
+
+
+def _greedy_steps(session, lengths: np.ndarray):
+    """tokens → next greedy tokens, one decode step each (picked on the device if it can)."""
+    state = [lengths]
+
+    def step(tokens):
+        state[0] = state[0] + 1
+        if session.picks_greedy:
+            return session.next_tokens(tokens[:, None], state[0])
+        return session.run(tokens[:, None], state[0])[:, -1].argmax(-1)
+
+    return step
+
+
+def kernel_profile(session, length: int, steps: int = 32) -> dict:
+    """The GPU kernels of `steps` batch-1 decode steps after `length` tokens, as CUPTI sees them
+    (through torch.profiler): GPU µs per step by kernel, kernels per step, wall µs per step."""
+    try:
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+
+        logits = session.run(prompt(1, length), np.array([length]))
+        step = _greedy_steps(session, np.array([length]))
+        token = step(logits[:, -1].argmax(-1))
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            start = time.perf_counter()
+            for _ in range(steps):
+                token = step(token)
+            wall = (time.perf_counter() - start) / steps * 1e6
+        torch.cuda.synchronize()
+        kernels = {}
+        for event in prof.key_averages():
+            gpu = getattr(event, "device_time_total", 0) or getattr(event, "cuda_time_total", 0)
+            if gpu > 0:
+                kernels[event.key[:90]] = (round(gpu / steps, 2), event.count / steps)
+        top = dict(sorted(kernels.items(), key=lambda kv: -kv[1][0])[:25])
+        return {
+            "wall_us_per_step": round(wall, 1),
+            "gpu_us_per_step": round(sum(v[0] for v in kernels.values()), 1),
+            "kernels_per_step": sum(v[1] for v in kernels.values()),
+            "top_kernels_us_count": top,
+        }
+    except Exception as error:  # CUPTI missing or not tracing graph kernels
+        return {"error": str(error)[:200]}
 
 
 def profile_kvfuse(args) -> dict:
@@ -103,10 +144,10 @@ def profile_kvfuse(args) -> dict:
     session = ort.InferenceSession(str(spec.path), options, providers=provider)
     runner = device.CudaSession(spec, 1, session, cuda_graph=False)
     logits = runner.run(prompt(1, 64), np.array([64]))
-    token, length = logits[:, -1].argmax(-1), 64
+    step = _greedy_steps(runner, np.array([64]))
+    token = logits[:, -1].argmax(-1)
     for _ in range(32):
-        length += 1
-        token = runner.run(token[:, None], np.array([length]))[:, -1].argmax(-1)
+        token = step(token)
     events = json.loads(Path(session.end_profiling()).read_text())
     per_op: dict[str, float] = {}
     runs = [e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"]
@@ -133,6 +174,7 @@ def run_torch(args, compiled: bool) -> dict:
         from transformers import StaticCache  # (torch.compile, mode "reduce-overhead": CUDA
 
         cache = StaticCache(config=model.config, max_cache_len=1024 + NEW)  # graphs)
+        results_note = "static cache, generate's torch.compile (reduce-overhead)"
     configs = CONFIGS[:3] if compiled else CONFIGS  # batch 1: one compile (~1 min) per shape
 
     def generate(ids, new):
@@ -155,7 +197,7 @@ def run_torch(args, compiled: bool) -> dict:
         torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    results = {}
+    results = {"note": results_note} if compiled else {}
     for name, batch, length in configs:
         ids = prompt(batch, length)
         generate(ids, NEW if compiled else 4)  # warm-up (compiles the static-cache forward)

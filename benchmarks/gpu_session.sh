@@ -23,6 +23,7 @@ options = ort.SessionOptions(); options.log_severity_level = 0
 ort.InferenceSession("/tmp/kv/model.onnx", options, providers=["CUDAExecutionProvider"])
 PY
   grep -iE "placed on|memcpy|cannot use" "$out/placement.txt" | head -20
+  which nsys ncu 2>&1 | tee -a "$out/environment.txt"
   KVFUSE_CUDA_MODEL=/tmp/kv KVFUSE_CUDA_REFERENCE=$small/reference.npz \
     python3 -m pytest tests/runtime/test_cuda_runtime.py -v -s -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.txt"
   python3 -m kvfuse run /tmp/kv --device cuda --prompt "What is the capital of France?" 2>&1 | tee "$out/kvfuse_run.txt"

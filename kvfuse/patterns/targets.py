@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from kvfuse.patterns import axes, lower_onnx, lower_ort, norm, packed_qkv, rotary
 from kvfuse.patterns.attention import cached, diagnose, repeat_kv, sdpa
-from kvfuse.rewriter import packed_heads, shapes
+from kvfuse.rewriter import last_logits, packed_heads, shapes
 from kvfuse.rewriter.pipeline import Stage
 
 FUSION_STAGES = [
@@ -70,6 +70,15 @@ ONNX = Target(
 # the `ort` ops for onnxruntime's CUDA provider, in half precision (GroupQueryAttention runs
 # only in float16/bfloat16 there); nodes whose values leave float16's range stay float32,
 # chosen by the range check after lowering (kvfuse.rewriter.range_check)
-CUDA = dataclasses.replace(ORT, name="cuda", dtype="float16", positions_on_device=True)
+CUDA = dataclasses.replace(
+    ORT,
+    name="cuda",
+    finishing=[
+        *ORT.finishing,
+        Stage("pick the greedy token on the device", run=last_logits.add_greedy_token),
+    ],
+    dtype="float16",
+    positions_on_device=True,
+)
 
 TARGETS = {target.name: target for target in (ORT, ONNX, CUDA)}

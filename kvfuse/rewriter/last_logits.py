@@ -93,3 +93,24 @@ def _add(nodes: list[ir.Node], op_type: str, inputs: list[ir.Value], **attribute
 
 def _const(nodes: list[ir.Node], array: np.ndarray) -> ir.Value:
     return _add(nodes, "Constant", [], value=ir.tensor(array))
+
+
+GREEDY_OUTPUT = "next_token"
+
+
+def add_greedy_token(model: ir.Model) -> dict[str, int]:
+    """`next_token` = ArgMax(logits) of each row's last position, int64 [B, 1]: a greedy decoder
+    on a GPU copies back 8 bytes a row instead of the whole vocabulary's logits."""
+    graph = model.graph
+    logits = next((v for v in graph.outputs if v.name == "logits"), None)
+    if logits is None or logits.shape is None or logits.shape[1] != 1:
+        return {"logits/greedy_token": 0}  # logits of every position: the host picks
+    argmax = ir.node("ArgMax", [logits], attributes={"axis": 2, "keepdims": 0})
+    argmax.name = "kvfuse/greedy_token"
+    argmax.metadata_props[RULE_TAG] = "logits/greedy_token"
+    graph.append(argmax)
+    token = argmax.outputs[0]
+    token.name, token.dtype = GREEDY_OUTPUT, ir.DataType.INT64
+    token.shape = ir.Shape([logits.shape[0], 1])
+    graph.outputs.append(token)
+    return {"logits/greedy_token": 1}

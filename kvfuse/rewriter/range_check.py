@@ -67,6 +67,8 @@ def choose_precision(
     probe = _with_all_outputs(onnx.load_from_string(lowered))
     reference = run_prefill(probe.SerializeToString())
     order = [(n.name, n.op_type, list(n.input), list(n.output)) for n in probe.graph.node]
+    if dtype == "float16":
+        reference.update(_weights(probe))  # a weight beyond float16's range counts too
     kept = _overflowing(order, reference) if dtype == "float16" else []
     for rounds in range(1, MAX_ROUNDS + 1):
         candidate, counts = _convert(lowered, dtype, kept)
@@ -83,7 +85,8 @@ def choose_precision(
         if offender.op_type in HALF_ONLY:
             raise KvfuseError(
                 f"{offender.node} ({offender.op_type}) {offender.reason} in {dtype} and has no "
-                "float32 kernel on CUDA; try --dtype bfloat16 (float32's range); nothing was written"
+                "float32 kernel on CUDA; try --dtype bfloat16 (float32's range); nothing was "
+                "written"
             )
         kept.append(offender)
     raise KvfuseError(f"{dtype}: still diverging after keeping {len(kept)} nodes in float32")
@@ -108,10 +111,22 @@ def _with_all_outputs(proto: onnx.ModelProto) -> onnx.ModelProto:
     return proto
 
 
+def _weights(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """The float32 initializers, as arrays (only their range is read)."""
+    from onnx import numpy_helper
+
+    return {
+        t.name: numpy_helper.to_array(t)
+        for t in proto.graph.initializer
+        if t.data_type == onnx.TensorProto.FLOAT
+    }
+
+
 def _overflowing(order, reference: dict[str, np.ndarray]) -> list[KeptNode]:
     """Producers and readers of float32 tensors beyond float16's safe range."""
     kept: dict[str, KeptNode] = {}
     large: set[str] = set()
+    produced = {output for _, _, _, outputs in order for output in outputs}
     for name, op, _, outputs in order:
         for output in outputs:
             value = reference.get(output)
@@ -122,6 +137,14 @@ def _overflowing(order, reference: dict[str, np.ndarray]) -> list[KeptNode]:
                 reason = f"overflow: {output} reaches |x| {peak:.3g} (float16 max 65504)"
                 kept.setdefault(name, KeptNode(name, op, reason))
                 large.add(output)
+    large |= {
+        name
+        for name, value in reference.items()
+        if name not in produced
+        and value.dtype == np.float32
+        and value.size
+        and float(np.abs(value).max()) > HALF_SAFE
+    }
     for name, op, inputs, _ in order:
         tensor = next((t for t in inputs if t in large), None)
         if tensor is not None and name not in kept:

@@ -1,4 +1,4 @@
-"""A retained-state model on onnxruntime's CUDA provider: KV in device memory, decode as a CUDA graph.
+"""A retained-state model on the CUDA provider: KV in device memory, decode as a CUDA graph.
 
     one device allocation: the arena [2·layers, B, Hkv, max_context, D] (float16)
     layer i's past and present ─ bound to the same address inside it (IOBinding, raw pointer)
@@ -8,6 +8,11 @@
               scalar (GroupQueryAttention reads it on the CPU); logits land in a device buffer.
               With `cuda_graph`, onnxruntime captures the step once per batch size (graph id =
               batch) and replays it; every bound address stays fixed, which capture requires.
+              GroupQueryAttention sizes its work from total_sequence_length on the host, so a
+              captured step would keep the capture's value: graph decode feeds the buffer length
+              (max_context) instead, and the real lengths come from seqlens_k on the device (as
+              onnxruntime-genai does with its static attention mask). Measured: feeding the real
+              total froze every replay at the capture's positions.
 
 One InferenceSession (one copy of the weights) serves every batch size; a `CudaSession` per
 batch size holds that size's arena and bindings. Positions past a row's valid length hold
@@ -99,6 +104,11 @@ class CudaSession:
         self._decode.bind_ortvalue_input("total_sequence_length", self._total)
         self._decode_logits = self._device(np.zeros((batch, 1, spec.vocab_size), np.float32))
         self._decode.bind_ortvalue_output("logits", self._decode_logits)
+        self._next = None  # the greedy token on the device, when the graph picks it
+        if spec.greedy_output is not None:
+            self._next = self._device(np.zeros((batch, 1), np.int64))
+            self._decode.bind_ortvalue_output(spec.greedy_output, self._next)
+            self._prefill.bind_ortvalue_output(spec.greedy_output, self._next)
         self._prefill_logits: dict[int, ort.OrtValue] = {}
         self._last_width = width
         self._decode_options = ort.RunOptions()
@@ -147,15 +157,35 @@ class CudaSession:
         self.session.run_with_iobinding(binding, self._eager_options)
         return self._prefill_logits[width].numpy()
 
+    @property
+    def picks_greedy(self) -> bool:
+        """Whether `next_tokens` can pick greedy tokens on the device."""
+        return self._next is not None
+
+    def next_tokens(self, input_ids: np.ndarray, lengths_after: np.ndarray) -> np.ndarray:
+        """A decode step whose greedy pick is made on the device: returns the next token of
+        each row [B] (8 bytes a row copied back, not the logits)."""
+        if int(lengths_after.max()) > self.spec.max_context:
+            raise KvfuseError(f"context of {self.spec.max_context} positions is full")
+        seqlens = np.ascontiguousarray(lengths_after - 1, np.int32)
+        self._launch(np.ascontiguousarray(input_ids, np.int64), seqlens, lengths_after.max())
+        return self._next.numpy()[:, 0]
+
     def _step(self, ids: np.ndarray, seqlens: np.ndarray, total: np.ndarray) -> np.ndarray:
+        """A decode step returning its logits (a host copy)."""
+        self._launch(ids, seqlens, total)
+        return self._decode_logits.numpy()
+
+    def _launch(self, ids: np.ndarray, seqlens: np.ndarray, total) -> None:
         """A decode step: the per-step inputs rewritten in place, then run (or replayed)."""
         self._ids.update_inplace(ids)
         self._seqlens.update_inplace(seqlens)
-        self._total.update_inplace(total)
+        if self.cuda_graph:  # frozen into the captured graph: the bound of every row's length
+            total = self.spec.max_context
+        self._total.update_inplace(np.array(total, np.int32))
         options = self._decode_options if self.cuda_graph else self._eager_options
         self.session.run_with_iobinding(self._decode, options)
         self.decode_runs += 1
-        return self._decode_logits.numpy()
 
     def check_in_place(self) -> None:
         """Fail loudly if onnxruntime wrote a present output anywhere but its arena slice."""

@@ -142,8 +142,10 @@ class _Run:
         logits, lengths = self._prefill()
         self.prefill_ms = (time.perf_counter() - start) * 1e3
         decode_start, decoded = time.perf_counter(), 0
+        on_device = self._greedy_on_device()
+        picked = None
         while True:
-            tokens = self.sampler.pick(logits, self._seen())
+            tokens = picked if picked is not None else self.sampler.pick(logits, self._seen())
             delta = self._accept(tokens)
             if delta:
                 yield delta
@@ -153,12 +155,21 @@ class _Run:
                 self._context_full()
                 break
             lengths = lengths + 1
-            logits = self.session.run(tokens[:, None], lengths)[:, 0]
+            if on_device:  # the graph picks the greedy token: no logits copied back
+                picked = self.session.next_tokens(tokens[:, None], lengths)
+            else:
+                logits = self.session.run(tokens[:, None], lengths)[:, 0]
             decoded += 1
             if decoded == 1:
                 self.session.check_in_place()  # the cache must not have moved
         seconds = time.perf_counter() - decode_start
         self.decode_rate = decoded / seconds if decoded and seconds > 0 else 0.0
+
+    def _greedy_on_device(self) -> bool:
+        """Greedy decoding on a session that picks the token itself (target cuda on a GPU)."""
+        sampling = self.config.sampling
+        greedy = sampling.temperature == 0.0 and sampling.repetition_penalty == 1.0
+        return greedy and getattr(self.session, "picks_greedy", False)
 
     def _seen(self) -> list[list[int]] | None:
         """Each row's tokens so far — only the repetition penalty needs them."""

@@ -36,6 +36,7 @@ class ModelSpec:
     prefill_len: int | None = None
     weights_path: Path | None = None  # a static pair: the one weights file both graphs read
     dtype: str = "float32"  # the graph's and the KV buffers' precision (logits: float32)
+    greedy_output: str | None = None  # int64 [B, 1] ArgMax of the logits (target cuda)
 
     @property
     def directory(self) -> Path:
@@ -121,4 +122,5 @@ def read_spec(path: str | Path) -> ModelSpec:
         prefill_len=static.get("prefill_len"),
         weights_path=directory / static["weights"] if static else None,
         dtype=record.get("dtype", "float32"),
+        greedy_output=next((o.name for o in proto.graph.output if o.name == "next_token"), None),
     )

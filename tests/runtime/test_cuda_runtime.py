@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from kvfuse.rewriter.verify import HALF_TOLERANCE
-from tests.runtime.cuda_trace import greedy_trace
+from tests.runtime.cuda_trace import QUESTION, greedy_trace
 
 pytestmark = pytest.mark.cuda
 
@@ -64,7 +64,9 @@ def test_greedy_parity_with_cpu_float32(cuda_model, traces):
         print(f"\nfirst mismatch at token {first}: reference margin {margin:.3f}")
         assert margin <= HALF_TOLERANCE["float16"][0] * 2, (first, margin)
     else:
-        print(f"\n{len(tokens)} greedy tokens equal; smallest margin {reference['margins'].min():.3f}")
+        print(
+            f"\n{len(tokens)} greedy tokens equal; smallest margin {reference['margins'].min():.3f}"
+        )
 
 
 def test_buffers_stay_where_they_were_put(traces):
@@ -75,7 +77,8 @@ def test_buffers_stay_where_they_were_put(traces):
     session.check_in_place()
     presents = {value.data_ptr() for value in session._decode.get_outputs()}
     assert set(session.kv_addresses) <= presents
-    assert presents - set(session.kv_addresses) == {session._decode_logits.data_ptr()}
+    others = {session._decode_logits.data_ptr(), session._next.data_ptr()}
+    assert presents - set(session.kv_addresses) == others
     greedy_trace(generator, steps=4)
     assert (session._ids.data_ptr(), session._seqlens.data_ptr()) == addresses
     assert session.decode_runs >= 36
@@ -88,3 +91,17 @@ def test_cuda_graph_replay_equals_eager(traces):
     difference = np.abs(graph["logits"] - eager["logits"]).max()
     print(f"\nreplay vs eager: max |Δlogits| {difference:.3e}")
     assert difference <= 1e-3
+
+
+def test_greedy_picked_on_the_device(traces):
+    """`generate` with greedy sampling takes the graph's own ArgMax (8 bytes back per step)
+    and gets the tokens the host's argmax over the copied logits gets."""
+    from kvfuse.runtime.generate import GenerationConfig
+
+    generator, trace = traces["graph"]
+    assert generator.session(1).picks_greedy
+    completion = generator.generate(
+        QUESTION, GenerationConfig(max_new_tokens=len(trace["tokens"]), ignore_eos=True)
+    )
+    assert completion.tokens[0] == trace["tokens"].tolist()
+    print(f"\n{completion.texts[0]!r} at {completion.stats.decode_tokens_per_s:.0f} tokens/s")
