@@ -59,10 +59,12 @@ def decode_rate(step, first_tokens, batch: int, new: int) -> float:
 # ---- kvfuse -------------------------------------------------------------------------------
 
 
-def run_kvfuse(args, cuda_graph: bool) -> dict:
+def run_kvfuse(args, cuda_graph: bool, options: str = "") -> dict:
+    """`options`: extra CUDA provider options, "key=value;key=value" (kvfuse-graph[...])."""
     from kvfuse.runtime.generate import load
 
-    generator = load(args.kvfuse, device="cuda", cuda_graph=cuda_graph)
+    extra = dict(item.split("=", 1) for item in options.split(";")) if options else None
+    generator = load(args.kvfuse, device="cuda", cuda_graph=cuda_graph, provider_options=extra)
     results = {}
     for name, batch, length in CONFIGS:
         session = generator.session(batch)
@@ -288,6 +290,7 @@ def main() -> None:
     parser.add_argument("--work", help="scratch dir (genai model, profiles)")
     parser.add_argument("--out", help="results JSON")
     parser.add_argument("--merge", nargs="+", help="print the table of these results files")
+    parser.add_argument("--write", action="store_true", help="(--merge) into RESULTS.md")
     parser.add_argument("--systems", default=",".join(SYSTEMS))
     parser.add_argument("--one", help=argparse.SUPPRESS)  # run one system in this process
     parser.add_argument("--timeout", type=int, default=240)
@@ -296,11 +299,19 @@ def main() -> None:
         merged = {}
         for path in args.merge:
             merged.update(json.loads(Path(path).read_text()))
-        print(f"GPU: {merged.get('gpu')}\n\n{table(merged)}")
+        text = section(merged)
+        print(text)
+        if args.write:
+            _write_section(text)
         return
     Path(args.work).mkdir(parents=True, exist_ok=True)
     if args.one:
-        print("RESULT " + json.dumps(RUNNERS[args.one](args)), flush=True)
+        name, _, options = args.one.partition("[")
+        if options:  # kvfuse-graph[sdpa_kernel=1]: the same system with provider options
+            result = run_kvfuse(args, name == "kvfuse-graph", options.rstrip("]"))
+        else:
+            result = RUNNERS[name](args)
+        print("RESULT " + json.dumps(result), flush=True)
         return
     results = {"gpu": _describe_gpu()}
     for system in args.systems.split(","):
@@ -337,13 +348,70 @@ def table(results: dict) -> str:
     head = "| system | decode b1 @64 | decode b1 @1024 | b8 aggregate | b32 aggregate | "
     head += "prefill 512 (ms) | GPU memory (MiB) |\n|---|---|---|---|---|---|---|"
     rows = [head]
-    for system in SYSTEMS:
+    for system in [*SYSTEMS, *(s for s in results if "[" in s)]:
         if system not in results:
             continue
         r = results[system]
         cells = [_cell(r.get(k)) for k in ("b1@64", "b1@1024", "b8@64", "b32@64", "prefill512")]
         rows.append(f"| {system} | " + " | ".join(cells) + f" | {_cell(r.get('memory_mib'))} |")
     return "\n".join(rows)
+
+
+GPU_MARK = "<!-- gpu: benchmarks/bench_gpu.py -->"
+
+
+def section(results: dict) -> str:
+    """RESULTS.md's GPU part: the machine, the table, the targets, the kernel profile."""
+    graph, torch_eager = results.get("kvfuse-graph", {}), results.get("torch-eager", {})
+    compiled, genai = results.get("torch-compiled", {}), results.get("genai-graph", {})
+    rate = graph.get("b1@64")
+    lines = [
+        GPU_MARK,
+        "## GPU: SmolLM2-135M-Instruct in float16 on one NVIDIA H200",
+        "",
+        f"GPU: {results.get('gpu')}. One process per system, run back to back on the same "
+        "machine; greedy, random prompt tokens, EOS ignored; decode rate = tokens after the "
+        "first / time after the first (batch 1: 128 new tokens after a 64- or 1,024-token "
+        "prompt; batch 8 and 32: aggregate tokens/s, 64-token prompts); prefill of 512 tokens "
+        "at batch 1; GPU memory: the device's used memory (nvidia-smi) after the batch-1 runs.",
+        "",
+        table(results),
+        "",
+        "Targets (batch 1, after 64 tokens):",
+    ]
+    checks = [
+        ("≥ 1,000 decode tokens/s with the CUDA graph", rate, 1000.0),
+        ("≥ 5× PyTorch eager", rate, 5 * (torch_eager.get("b1@64") or float("inf"))),
+        ("≥ PyTorch static cache + torch.compile", rate, compiled.get("b1@64")),
+        ("≥ onnxruntime-genai-cuda (its CUDA graph)", rate, genai.get("b1@64")),
+    ]
+    for what, value, bound in checks:
+        if value is None or not isinstance(bound, float | int):
+            lines.append(f"- {what}: not measured")
+            continue
+        verdict = "met" if value >= bound else "**missed**"
+        lines.append(f"- {what}: {verdict} ({value:,.0f} against {bound:,.0f})")
+    profile = graph.get("kernels_b1", {})
+    if "top_kernels_us_count" in profile:
+        lines += [
+            "",
+            f"kvfuse CUDA graph, batch 1, per decode step (CUPTI through torch.profiler): "
+            f"{profile['kernels_per_step']:.0f} kernels, {profile['gpu_us_per_step']:.0f} µs of "
+            f"GPU time (wall under the profiler {profile['wall_us_per_step']:.0f} µs):",
+            "",
+            "| kernel | µs per step | launches per step |",
+            "|---|---|---|",
+        ]
+        for name, (us, count) in list(profile["top_kernels_us_count"].items())[:10]:
+            lines.append(f"| `{name[:70]}` | {us:.0f} | {count:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _write_section(text: str) -> None:
+    out = Path(__file__).with_name("RESULTS.md")
+    previous = out.read_text() if out.exists() else ""
+    kept = previous[: previous.index(GPU_MARK)] if GPU_MARK in previous else previous
+    out.write_text(kept.rstrip("\n") + "\n\n" + text)
 
 
 def _cell(value) -> str:

@@ -27,8 +27,12 @@ PY
   KVFUSE_CUDA_MODEL=/tmp/kv KVFUSE_CUDA_REFERENCE=$small/reference.npz \
     python3 -m pytest tests/runtime/test_cuda_runtime.py -v -s -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.txt"
   python3 -m kvfuse run /tmp/kv --device cuda --prompt "What is the capital of France?" 2>&1 | tee "$out/kvfuse_run.txt"
+  ORT_ENABLE_ATTENTION_KERNEL_DEBUG_INFO=1 python3 -m kvfuse run /tmp/kv --device cuda \
+    --max-new-tokens 3 --prompt "Hi" 2>&1 | grep -oE "SdpaKernel=[A-Z_]+|AttentionKernelOptions.*" \
+    | sort | uniq -c | tee "$out/attention_kernels.txt"
   python3 benchmarks/bench_gpu.py --kvfuse /tmp/kv --hf /tmp/hf --work /tmp/work \
-    --systems kvfuse-graph,kvfuse-eager --out "$out/bench_kvfuse.json" 2>&1 | tee "$out/bench_kvfuse.txt"
+    --systems "${KVFUSE_SYSTEMS:-kvfuse-graph,kvfuse-eager}" --out "$out/bench_kvfuse.json" \
+    2>&1 | tee "$out/bench_kvfuse.txt"
 else
   python3 benchmarks/bench_gpu.py --kvfuse /tmp/kv --hf /tmp/hf --work /tmp/work \
     --systems "$2" --out "$out/$3" 2>&1 | tee "$out/${3%.json}.txt"

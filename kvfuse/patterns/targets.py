@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from kvfuse.patterns import axes, lower_onnx, lower_ort, norm, packed_qkv, rotary
+from kvfuse.patterns import axes, lower_onnx, lower_ort, norm, packed_mlp, packed_qkv, rotary
 from kvfuse.patterns.attention import cached, diagnose, repeat_kv, sdpa
 from kvfuse.rewriter import last_logits, packed_heads, shapes
 from kvfuse.rewriter.pipeline import Stage
@@ -75,6 +75,7 @@ CUDA = dataclasses.replace(
     name="cuda",
     finishing=[
         *ORT.finishing,
+        Stage("pack the MLP's gate and up projections", run=packed_mlp.pack_sibling_projections),
         Stage("pick the greedy token on the device", run=last_logits.add_greedy_token),
     ],
     dtype="float16",

@@ -45,13 +45,16 @@ def _device_count() -> int:
         return 1
 
 
-def open_cuda_session(spec: ModelSpec, cuda_graph: bool, device_id: int = 0):
+def open_cuda_session(
+    spec: ModelSpec, cuda_graph: bool, device_id: int = 0, provider_options: dict | None = None
+):
     """The one InferenceSession over the model's weights on the GPU.
 
     Args:
         spec: a `--target cuda` model (float16/bfloat16 GroupQueryAttention).
         cuda_graph: enable onnxruntime's CUDA-graph capture (`enable_cuda_graph`).
         device_id: which GPU.
+        provider_options: more CUDA provider options (e.g. {"sdpa_kernel": "1"}).
 
     Returns:
         An `onnxruntime.InferenceSession` on the CUDA provider.
@@ -70,6 +73,7 @@ def open_cuda_session(spec: ModelSpec, cuda_graph: bool, device_id: int = 0):
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
     provider = {"device_id": str(device_id), "enable_cuda_graph": "1" if cuda_graph else "0"}
+    provider.update({key: str(value) for key, value in (provider_options or {}).items()})
     return ort.InferenceSession(
         str(spec.path), options, providers=[(CUDA, provider), "CPUExecutionProvider"]
     )

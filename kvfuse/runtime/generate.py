@@ -64,6 +64,7 @@ class Generator:
         prepack: bool = False,
         device: str = "cpu",
         cuda_graph: bool = True,
+        provider_options: dict | None = None,
     ) -> None:
         if device not in ("cpu", "cuda"):
             raise KvfuseError(f"device must be 'cpu' or 'cuda', not {device!r}")
@@ -76,7 +77,7 @@ class Generator:
         if device == "cuda":
             from kvfuse.runtime.device import open_cuda_session
 
-            self._gpu = open_cuda_session(self.spec, cuda_graph)
+            self._gpu = open_cuda_session(self.spec, cuda_graph, 0, provider_options)
 
     def session(self, batch: int) -> Session:
         if batch not in self._sessions:
@@ -255,6 +256,7 @@ def load(
     prepack: bool = False,
     device: str = "cpu",
     cuda_graph: bool = True,
+    provider_options: dict | None = None,
 ) -> Generator:
     """Load an optimized model (its `.onnx` or its directory) for generation.
 
@@ -266,5 +268,6 @@ def load(
         device: "cpu", or "cuda" for a `--target cuda` model on onnxruntime-gpu: KV buffers in
             device memory, decode steps replayed as a CUDA graph (one per batch size).
         cuda_graph: (device "cuda") capture and replay decode steps; False runs them eagerly.
+        provider_options: (device "cuda") more CUDA provider options for onnxruntime.
     """
-    return Generator(path, threads, prepack, device, cuda_graph)
+    return Generator(path, threads, prepack, device, cuda_graph, provider_options)

@@ -48,13 +48,14 @@ def overflowing_llama(tmp_path_factory):
 
 
 def test_cuda_lowering_is_the_ort_graph_in_float16(cuda_llama):
-    """GQA with shared buffers, skip norms, packed QKV, last-position logits and the greedy
+    """GQA with shared buffers, skip norms, packed QKV and gate/up, last-position logits, the greedy
     token; KV in float16, logits float32; every float weight in float16 (nothing out of range
     here); no host-side shape op (a CUDA graph takes none); the checker accepts it."""
     model = onnx.load(cuda_llama.output)
     ops = cuda_llama.ops_after
     assert ops["GroupQueryAttention"] == 2 and ops["SkipSimplifiedLayerNormalization"] >= 3
     assert cuda_llama.rule_counts["lower/packed_qkv"] == 2
+    assert cuda_llama.rule_counts["fuse/packed_siblings"] == 2  # each MLP's gate and up
     assert cuda_llama.rule_counts["logits/last_position"] == 1
     assert "Shape" not in ops and "Size" not in ops
     types = {
