@@ -233,6 +233,10 @@ def _lower(model: ir.Model, plan: _Plan, result: OptimizeResult) -> None:
         sliding_window=window,
     )
     signature.logits = plan.logits
+    for outcome in result.layers:
+        record = signature.lowerings.get(outcome.layer, {})
+        outcome.lowering = record.get("lowering", "")
+        outcome.lowering_reason = record.get("reason", "")
     if plan.logits == "last":
         records += pipeline.run_stages(
             model, [Stage("logits for the last position", run=gather_last_logits)]
@@ -426,6 +430,10 @@ def _write_sidecar(path: Path, source: Path, result, shared=None) -> None:
         "rule_counts": result.rule_counts,
         "nodes_before": result.nodes_before,
         "nodes_after": result.nodes_after,
+        "layers": [
+            {"layer": o.layer, "lowering": o.lowering, "reason": o.lowering_reason}
+            for o in result.layers
+        ],
     }
     if result.verification is not None:
         sidecar["verification"] = dataclasses.asdict(result.verification)

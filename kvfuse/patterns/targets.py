@@ -46,7 +46,7 @@ ORT = Target(
         Stage("lower RMSNorm to onnxruntime ops", rules=lower_ort.NORM_RULES),
         Stage("pack Q/K/V projections", run=packed_qkv.pack_qkv_projections),
     ],
-    attention=lambda max_context: lower_ort.lower_cached_attention,
+    attention=lower_ort.AttentionLowering,
     finishing=[
         Stage("hand GQA its packed Q/K/V", run=lower_ort.hand_packed_qkv),
         Stage("read transposed weights in place", rules=lower_ort.WEIGHT_RULES),

@@ -43,6 +43,8 @@ class LayerOutcome:
     layer: str
     fused: bool
     near_misses: list[NearMiss]
+    lowering: str = ""  # the target's lowering of the fused layer (e.g. "gqa-rotary")
+    lowering_reason: str = ""  # why that lowering (e.g. the kernel limit another avoids)
 
 
 def run_stages(model: ir.Model, stages: Sequence[Stage]) -> list[StageRecord]:

@@ -252,6 +252,35 @@ def fold_static_dims(graph: ir.Graph) -> int:
     return replaced
 
 
+def fold_copied_dims(graph: ir.Graph) -> int:
+    """Reshape targets whose symbolic dims are the reshaped tensor's own dims at the same
+    positions (GPT-J's `x.flatten(-2)`: `Concat(Shape(x)[:-2], [-1])`) become constants that
+    copy those dims (0, as Reshape reads it); returns how many targets were replaced."""
+    replaced = 0
+    for node in list(graph):
+        if node.op_type != "Reshape" or node.domain not in ("", "ai.onnx"):
+            continue
+        if node.attributes.get_int("allowzero", 0) or node.inputs[0].shape is None:
+            continue
+        target = symbolic_ints(node.inputs[1])
+        if target is None or all(isinstance(d, int) for d in target):
+            continue
+        source = [_dim(d) for d in node.inputs[0].shape]
+        copied = [
+            0 if isinstance(d, str) and i < len(source) and source[i] == d else d
+            for i, d in enumerate(target)
+        ]
+        if not all(isinstance(d, int) for d in copied):
+            continue
+        constant = ir.node("Constant", [], attributes={"value": ir.tensor(np.array(copied))})
+        graph.insert_before(node, constant)
+        constant.outputs[0].shape = ir.Shape([len(copied)])
+        constant.outputs[0].dtype = ir.DataType.INT64
+        node.replace_input_with(1, constant.outputs[0])
+        replaced += 1
+    return replaced
+
+
 def resolve_shapes(model: ir.Model, max_rounds: int = 6) -> int:
     """Alternate ONNX shape inference (with data propagation) and the symbolic Reshape pass,
     folding the dims that become static, until nothing changes. Returns values folded."""
@@ -262,7 +291,7 @@ def resolve_shapes(model: ir.Model, max_rounds: int = 6) -> int:
     for _ in range(max_rounds):
         ShapeInferencePass(strict_mode=False)(model)
         changed = propagate_reshape_shapes(model.graph)
-        folded = fold_static_dims(model.graph)
+        folded = fold_static_dims(model.graph) + fold_copied_dims(model.graph)
         folded_total += folded
         if folded:
             optimizer.fold_constants(model)
