@@ -24,7 +24,7 @@ from kvfuse.files import staged_file
 from kvfuse.patterns import targets
 from kvfuse.progress import Steps
 from kvfuse.report.summary import load_structure
-from kvfuse.rewriter import packed_heads, pipeline, retained_state, shapes
+from kvfuse.rewriter import packed_heads, pipeline, retained_state, shape_probe, shapes
 from kvfuse.rewriter import static as static_graphs
 from kvfuse.rewriter.last_logits import gather_last_logits
 from kvfuse.rewriter.pipeline import Stage
@@ -197,7 +197,8 @@ def _fuse(model: ir.Model, plan: _Plan, steps: Steps) -> OptimizeResult:
     batch = plan.batch_size
     with steps.step("Cleaning up shape plumbing"):
         specialize = Stage("fix batch size", run=lambda m: shapes.specialize_batch(m, batch))
-        records = pipeline.run_stages(model, [specialize, Stage("clean up", run=_clean_up)])
+        probe = Stage("measure position-only shapes", run=_probe_shapes)
+        records = pipeline.run_stages(model, [specialize, Stage("clean up", run=_clean_up), probe])
     with steps.step("Fusing attention, RoPE and norms"):
         records += pipeline.run_stages(model, targets.FUSION_STAGES)
     layers = pipeline.attention_outcomes(model, candidates, targets.EXPLAIN_RULES, targets.DIAGNOSE)
@@ -374,6 +375,17 @@ def _clean_up(model: ir.Model) -> dict[str, int]:
         "shape/packed_parts": parts,
         "shape/column_gathers": gathers,
     }
+
+
+def _probe_shapes(model: ir.Model) -> dict[str, int]:
+    """Measure the shapes inference cannot see in position-only subgraphs (GLM's RoPE
+    tables), then fold the plumbing they unblock."""
+    counts = shape_probe.probe_position_shapes(model)
+    if counts["shape/probed"]:  # fold before shape inference forgets the measured shapes
+        counts["shape/static_dims"] = shapes.fold_static_dims(model.graph)
+        optimizer.fold_constants(model)
+        counts |= {k: v + counts.get(k, 0) for k, v in _clean_up(model).items()}
+    return counts
 
 
 def _stamp_metadata(model, signature, target, source) -> None:

@@ -22,42 +22,48 @@ def evaluate_rotary_tables(
     graph: ir.Graph, cos: ir.Value, sin: ir.Value, max_context: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """cos and sin as [max_context, D] float32 tables, evaluated from the graph's own builder
-    as at the first step of a `max_context`-token prompt.
+    as at the first step of a `max_context`-token prompt (see `evaluate_at_prompt`)."""
+    cos_table, sin_table = evaluate_at_prompt(graph, [cos, sin], max_context)
+    return _as_table(cos_table, max_context, cos), _as_table(sin_table, max_context, sin)
 
-    The builder may read `position_ids`' values (Llama: cos/sin gathered or computed from them),
-    and any tensor's shape or dtype only (Gemma's Optimum export builds the positions from
-    Shape(past key) and Shape(embeddings); other builders cast to the hidden state's dtype):
-    those tensors are replaced by zeros of their first-step shape, so the builder never runs
-    the model itself."""
-    nodes, data_inputs, stand_ins = _ancestors([cos, sin])
+
+def evaluate_at_prompt(
+    graph: ir.Graph, outputs: list[ir.Value], new_tokens: int, rows: int = 1
+) -> list[np.ndarray]:
+    """`outputs` as at the first step of a prompt of `new_tokens` tokens in `rows` rows.
+
+    They may read `position_ids`' values (0..new_tokens-1 per row: Llama's cos/sin computed or
+    gathered from them) and any tensor's shape or dtype only (Gemma's Optimum export builds
+    the positions from Shape(past key) and Shape(embeddings); other builders cast to the
+    hidden state's dtype): such tensors are replaced by zeros of their first-step shape, so the
+    model itself never runs. Values of any other input are refused (`KvfuseError`)."""
+    nodes, data_inputs, stand_ins = _ancestors(outputs)
     other = sorted(name for name in data_inputs if name != POSITIONS)
     if other:
         raise KvfuseError(
             f"RoPE cos/sin are computed from the values of {other}, not only from position_ids "
             "(or tensor shapes); this exporter's rotary builder is not supported"
         )
-    dims = _prompt_dims(graph, max_context)
+    dims = _prompt_dims(graph, new_tokens, rows)
     feeds = {name: _zeros(value, dims) for name, value in stand_ins.items()}
     if POSITIONS in data_inputs:
         positions = data_inputs[POSITIONS]
         batch = positions.shape[0] if positions.shape else 1
-        rows = batch if isinstance(batch, int) else dims.get(_dim_name(positions, 0), 1)
-        feeds[POSITIONS] = np.tile(np.arange(max_context, dtype=np.int64), (rows, 1))
-    inputs = [*data_inputs.values(), *stand_ins.values()]
-    cos_table, sin_table = _run(nodes, inputs, [cos, sin], feeds)
-    return _as_table(cos_table, max_context, cos), _as_table(sin_table, max_context, sin)
+        batch = batch if isinstance(batch, int) else dims.get(_dim_name(positions, 0), rows)
+        feeds[POSITIONS] = np.tile(np.arange(new_tokens, dtype=np.int64), (batch, 1))
+    return _run(nodes, [*data_inputs.values(), *stand_ins.values()], outputs, feeds)
 
 
 POSITIONS = "position_ids"
 
 
-def _prompt_dims(graph: ir.Graph, max_context: int) -> dict[str, int]:
-    """Sizes of the named dims at the first step of a `max_context`-token prompt: the batch
-    (input_ids' first dim) holds one row (its static size if fixed), the new tokens are all
-    `max_context` positions; any other named dim (a past length) is 0."""
+def _prompt_dims(graph: ir.Graph, new_tokens: int, rows: int) -> dict[str, int]:
+    """Sizes of the named dims at the first step of a prompt: the batch (input_ids' first dim)
+    holds `rows` rows (its static size if fixed), the new tokens are `new_tokens`; any other
+    named dim (a past length) is 0."""
     ids = next((v for v in graph.inputs if v.name in ("input_ids", POSITIONS)), None)
     batch, new = (_dim_name(ids, 0), _dim_name(ids, 1)) if ids is not None else (None, None)
-    return {name: size for name, size in ((batch, 1), (new, max_context)) if name is not None}
+    return {name: size for name, size in ((batch, rows), (new, new_tokens)) if name is not None}
 
 
 def _dim_name(value: ir.Value, axis: int) -> str | None:
@@ -156,7 +162,7 @@ def _run(nodes, inputs, outputs, feeds) -> list[np.ndarray]:
         [proto for node in nodes for proto in _standard(node)],
         "rotary_builder",
         [onnx.helper.make_tensor_value_info(v.name, v.dtype.value, None) for v in inputs],
-        [onnx.helper.make_tensor_value_info(v.name, onnx.TensorProto.FLOAT, None) for v in outputs],
+        [onnx.helper.make_tensor_value_info(v.name, v.dtype.value, None) for v in outputs],
         initializer=list(initializers.values()),
     )
     opset = outputs[0].graph.opset_imports.get("", 18)
