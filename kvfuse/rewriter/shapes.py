@@ -393,6 +393,17 @@ def remove_identity_reshapes(graph: ir.Graph) -> int:
     return removed
 
 
+def collapse_reshapes(graph: ir.Graph) -> int:
+    """Reshape(Reshape(x, a), b) → Reshape(x, b) everywhere it is exact (CodeGen splits its
+    projection into [B, S, mp, H/mp, D] groups and merges them straight back into heads):
+    the attention rules then see one head reshape of the projection."""
+    return sum(
+        collapse_reshape(node)
+        for node in list(graph)
+        if node.op_type == "Reshape" and node.domain in ("", "ai.onnx")
+    )
+
+
 def collapse_reshape(node: ir.Node) -> bool:
     """Reshape(Reshape(x, a), b) → Reshape(x, b), unless b copies (0) a dim that differs
     between x and Reshape(x, a). Returns whether `node` (the outer Reshape) was changed."""
