@@ -22,7 +22,6 @@ from collections.abc import Callable
 
 import onnx_ir as ir
 
-from kvfuse.errors import KvfuseError
 from kvfuse.patterns.write_positions import build_write_positions
 from kvfuse.rewriter.pipeline import layer_of
 from kvfuse.rewriter.rules import (
@@ -180,9 +179,9 @@ def lower_cached_attention(
     """Replace one CachedAttention node by GroupQueryAttention, which also takes over the
     layer's `present` graph outputs (so far the old Concats'); returns the new presents.
 
-    RoPE is fused into GQA where its kernel can rotate the layer's dims; otherwise (and only
-    with `positions`, the new tokens' [B, S] positions) it is applied by RotaryEmbedding on
-    Q and K first."""
+    RoPE is fused into GQA where its kernel can rotate the layer's dims; otherwise it is
+    applied by RotaryEmbedding on Q and K first, at `positions()` (the new tokens' [B, S]
+    positions; built for this layer when not given)."""
     graph.opset_imports.setdefault(MS_DOMAIN, 1)
     attributes = node.attributes
     q, k, v, past_k, past_v = node.inputs[:5]
@@ -192,9 +191,12 @@ def lower_cached_attention(
         limit = gqa_rotary_limit(2 * rotary_caches[0].shape[-1], past_v.shape[-1])
         kind, reason = ("gqa-rotary", "RoPE fused into GroupQueryAttention (do_rotary)")
         if limit is not None:
-            if positions is None:
-                raise KvfuseError(f"{limit}, and this lowering has no separate RoPE op")
             kind, reason = "rotary-op+gqa", f"{limit}: RoPE applied by RotaryEmbedding first"
+    if positions is None:  # called alone: this layer builds its own positions
+
+        def positions() -> ir.Value:
+            return build_write_positions(graph, node, seqlens_k)[1]
+
     seq_first = attributes.get_string("layout") == "SBHD"
     if seq_first:  # GQA takes [B, S, H·D]; sequence-first projections are [S, B, H·D]
         q, k, v = (_transpose(graph, node, x, [1, 0, 2]) for x in (q, k, v))
