@@ -123,7 +123,8 @@ def attention_outcomes(
     misses: dict[str | None, list[NearMiss]] = collections.defaultdict(list)
     diagnoses: dict[str, NearMiss] = {}
     for node in model.graph:
-        if diagnose is not None and node.op_type == "Softmax":
+        attention = node.domain == KVFUSE_DOMAIN and node.op_type == "Attention"
+        if diagnose is not None and (node.op_type == "Softmax" or attention):
             found = diagnose(node)
             if found is not None:
                 diagnoses[node_layer(node) or node.name] = found

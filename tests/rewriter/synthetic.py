@@ -58,6 +58,7 @@ def build_lm(
     positions: str = "ids",
     qk_norm: str | None = None,
     flatten: str = "constant",
+    qk_norm_at: str = "before",
 ):
     """One attention layer LM; `scale` is "split" (√s on q and kᵀ), "qk" or "div"; `mask`
     is "add" (additive −inf mask) or "where" (Where(allowed, scores, −inf)); `rope` is
@@ -75,8 +76,9 @@ def build_lm(
     position_ids, GPT-J) or "shapes" (Range(past length, past + new) from the shapes of the
     past key and the embeddings, Gemma's Optimum export: no position_ids input at all);
     `qk_norm` ("rms" or "layer") normalises Q and K per head after the head reshape, before
-    RoPE (Qwen3); `flatten` is how the interleaved pairs are flattened back: a "constant"
-    Reshape target or one built from the stacked tensor's "shape" (GPT-J's flatten(-2))."""
+    RoPE (Qwen3) — or, with `qk_norm_at="after"`, after it (a negative case); `flatten` is
+    how the interleaved pairs are flattened back: a "constant" Reshape target or one built
+    from the stacked tensor's "shape" (GPT-J's flatten(-2))."""
     global HEAD_DIM
     HEAD_DIM = head_dim
     L, g = Layout(layout, key="BHDS" if key_cache == "transposed" else ""), _Graph(seed)
@@ -101,7 +103,7 @@ def build_lm(
         """Projection → heads in `order` (L, or the key cache's), rotated on the way."""
         flat = g.op("MatMul", emb, g.weight(HIDDEN, width))
         proj = g.op("Reshape", flat, g.const([0, 0, n_heads, HEAD_DIM], np.int64))
-        if qk_norm and rotary:
+        if qk_norm and rotary and qk_norm_at == "before":
             proj = _head_norm(g, proj, qk_norm)
         if early:
             proj = _repeat(g, Layout(L.projection), proj, n_heads)
@@ -109,6 +111,8 @@ def build_lm(
             return _transpose(g, rotate(g, proj, cos, sin), L.perm(L.projection, order))
         cached = _transpose(g, proj, L.to_cache)
         cached = rotate(g, cached, cos, sin) if rotary else cached
+        if qk_norm and rotary and qk_norm_at == "after":
+            cached = _head_norm(g, cached, qk_norm)
         return _transpose(g, cached, L.perm(L.name, order))
 
     early_k, early_v = repeat in ("before_cache", "mixed"), repeat == "before_cache"

@@ -116,3 +116,17 @@ def test_per_head_qk_norm_before_rope_fuses(tmp_path, norm, layout):
     lowered = "SimplifiedLayerNormalization" if norm == "rms" else "LayerNormalization"
     assert result.ops_after[lowered] == 2  # q and k, per head
     assert result.verification.passed, result.verification.summary()
+
+
+def test_per_head_norm_after_rope_is_explained_in_words(tmp_path):
+    """A per-head norm on the rotated heads is not matched (it does not commute with RoPE):
+    the model is refused naming that structure, not the matcher's "OpType mismatch"."""
+    from kvfuse.optimize import PartialFusion
+
+    with pytest.raises(PartialFusion) as refusal:
+        run(tmp_path, build_lm("BHSD", qk_norm="rms", qk_norm_at="after"))
+    (layer,) = refusal.value.result.layers
+    assert not layer.fused
+    assert layer.near_misses[0].reason.startswith("per-head RMSNorm on K after RoPE is not matched")
+    assert "OpType mismatch" not in str(refusal.value)
+    assert not (tmp_path / "out.onnx").exists()
