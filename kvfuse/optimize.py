@@ -363,6 +363,7 @@ def _clean_up(model: ir.Model) -> dict[str, int]:
     axes = shapes.canonicalize_concat_axes(model.graph)
     slices = shapes.remove_full_slices(model.graph)
     reshapes = shapes.remove_identity_reshapes(model.graph) + shapes.collapse_reshapes(model.graph)
+    reshapes += shapes.read_through_sibling_reshapes(model.graph)
     parts = packed_heads.split_packed_parts(model.graph)
     optimizer.remove_unused_nodes(model)  # the replaced grid's shape reads: the weight is free
     gathers = packed_heads.fold_column_gathers(model.graph)

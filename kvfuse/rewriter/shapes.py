@@ -400,8 +400,58 @@ def collapse_reshapes(graph: ir.Graph) -> int:
     return sum(
         collapse_reshape(node)
         for node in list(graph)
-        if node.op_type == "Reshape" and node.domain in ("", "ai.onnx")
+        if node.op_type == "Reshape"
+        and node.domain in ("", "ai.onnx")
+        and _single_use_reshape(node.inputs[0])
     )
+
+
+def _single_use_reshape(value: ir.Value) -> bool:
+    """A Reshape output read once (a Reshape read elsewhere too is a tensor of its own)."""
+    node = value.producer()
+    return node is not None and node.op_type == "Reshape" and len(value.uses()) == 1
+
+
+def _copies_agree(node: ir.Node, source: ir.Value, other: ir.Value) -> bool:
+    """Whether every dim `node`'s target copies (a 0) is the same in `source` and `other`."""
+    target = symbolic_ints(node.inputs[1])
+    if target is None:
+        return False
+    if node.attributes.get_int("allowzero", 0):
+        return True
+    copied = [i for i, d in enumerate(target) if d == 0]
+    return all(
+        _dim(source.shape[i]) is not None and _dim(source.shape[i]) == _dim(other.shape[i])
+        for i in copied
+    )
+
+
+def read_through_sibling_reshapes(graph: ir.Graph) -> int:
+    """Reshape(e, flat) → Reshape(Reshape(e, heads), flat) where the graph also reshapes e into
+    `heads`, one rank lower than e (the same elements in the same order, so exact). The dynamo
+    exporter repeats Gemma's single KV head as Expand [B, 1, n, T, D] → [B, n, T, D] and
+    flattens the Expand straight to [B·n, T, D] for Q·Kᵀ: read through, the head repeat and
+    the key transpose are each what their rules know. Returns how many were rewired."""
+    rewired = 0
+    for node in list(graph):
+        if node.op_type != "Reshape" or node.domain not in ("", "ai.onnx"):
+            continue
+        source, output = node.inputs[0], node.outputs[0]
+        if source.shape is None or output.shape is None:
+            continue
+        for user, _ in source.uses():
+            sibling = user.outputs[0]
+            if (
+                user is not node
+                and user.op_type == "Reshape"
+                and sibling.shape is not None
+                and len(sibling.shape) == len(source.shape) - 1 > len(output.shape)
+                and _copies_agree(node, source, sibling)
+            ):
+                node.replace_input_with(0, sibling)
+                rewired += 1
+                break
+    return rewired
 
 
 def collapse_reshape(node: ir.Node) -> bool:
