@@ -43,7 +43,8 @@ ARCHITECTURES: dict[str, dict] = {
 
 
 # --- rotary coverage (issue 11): RoPE of any width and style, per-head Q/K norms, the
-# lowering each layer takes per target ("lowering"), which exporters can export the family
+# lowering each layer takes per target ("lowering": one for every layer, or a list per layer),
+# which exporters can export the family
 # ("exporters", default all) and which one the default test run proves it with
 # ("parity_exporters"; `python -m kvfuse.models.coverage` runs every one).
 _ROTARY_LOWERED = {"ort": "rotary-op+gqa", "onnx": "rotary-op+attention"}  # GQA cannot rotate
@@ -102,6 +103,15 @@ ROTARY_ARCHITECTURES: dict[str, dict] = {
         "rms_norms_per_layer": 4,
         "lowering": _ROTARY_FUSED,
         "parity_exporters": ("dynamo",),
+    },
+    # NoPE layers: layer 1 of 2 has no RoPE, so its attention takes the plain lowering
+    "smollm3": {
+        **_ROPE_LLAMA,
+        "lowering": {
+            "ort": ["gqa-rotary", "gqa"],
+            "onnx": ["rotary-op+attention", "attention"],
+        },
+        "parity_exporters": ("optimum",),
     },
 }
 ARCHITECTURES.update(ROTARY_ARCHITECTURES)

@@ -125,6 +125,13 @@ ROTARY_CONFIGS: dict[str, dict[str, Any]] = {
     "starcoder2": {"model_type": "starcoder2", **_LLAMA_LIKE, "sliding_window": None},
     # Qwen3: per-head RMSNorm on Q and K after the head reshape, before RoPE
     "qwen3": {"model_type": "qwen3", **_LLAMA_LIKE, "head_dim": 16},
+    # SmolLM3: every 4th layer without RoPE (NoPE); here layer 1 of 2
+    "smollm3": {
+        "model_type": "smollm3",
+        **_LLAMA_LIKE,
+        "no_rope_layers": [1, 0],
+        "pad_token_id": 0,
+    },
 }
 TINY_CONFIGS.update(ROTARY_CONFIGS)
 
