@@ -104,6 +104,13 @@ ROTARY_ARCHITECTURES: dict[str, dict] = {
         "lowering": _ROTARY_FUSED,
         "parity_exporters": ("dynamo",),
     },
+    # whole-width RMSNorm on the Q and K projections (before the head reshape), post-norms
+    "olmo2": {
+        **_ROPE_LLAMA,
+        "rms_norms_per_layer": 4,
+        "lowering": _ROTARY_FUSED,
+        "parity_exporters": ("optimum",),
+    },
     # NoPE layers: layer 1 of 2 has no RoPE, so its attention takes the plain lowering
     "smollm3": {
         **_ROPE_LLAMA,
