@@ -2,6 +2,7 @@
 running it.
 
     python -m kvfuse.models.coverage [--work DIR] [--exporter optimum|dynamo ...]
+                                     [--architecture NAME ...]
 
 For each tiny model and exporter: build (seeded random weights), export (Optimum, or
 torch.onnx's dynamo exporter), optimize for `ort` and for `onnx --static` (a prefill graph of
@@ -80,11 +81,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--exporter", action="append", choices=EXPORTERS, default=None)
+    parser.add_argument("--architecture", action="append", choices=sorted(ARCHITECTURES))
     args = parser.parse_args()
     exporters = args.exporter or list(EXPORTERS)
+    names = args.architecture or list(ARCHITECTURES)
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
-        rows = [coverage_row(name, work, e) for name in ARCHITECTURES for e in exporters]
+        rows = [coverage_row(name, work, e) for name in names for e in exporters]
     print(
         "| architecture (tiny) | exporter | positions | layers fused | lowering (`ort` / `onnx`) "
         "| `ort`: verified, nodes | `onnx --static`: verified, nodes (decode graph) | why not |"
