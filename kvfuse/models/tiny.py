@@ -126,7 +126,8 @@ ROTARY_CONFIGS: dict[str, dict[str, Any]] = {
     # Qwen3: per-head RMSNorm on Q and K after the head reshape, before RoPE
     "qwen3": {"model_type": "qwen3", **_LLAMA_LIKE, "head_dim": 16},
     # OLMo2: RMSNorm over the whole Q and K projections, before the head reshape
-    "olmo2": {"model_type": "olmo2", **_LLAMA_LIKE, "pad_token_id": 0},
+    # (post-norms make the default 0.02-init random model repeat one token)
+    "olmo2": {"model_type": "olmo2", **_LLAMA_LIKE, "pad_token_id": 0, "initializer_range": 0.1},
     # SmolLM3: every 4th layer without RoPE (NoPE); here layer 1 of 2
     "smollm3": {
         "model_type": "smollm3",
