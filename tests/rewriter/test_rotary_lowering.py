@@ -130,3 +130,18 @@ def test_per_head_norm_after_rope_is_explained_in_words(tmp_path):
     assert layer.near_misses[0].reason.startswith("per-head RMSNorm on K after RoPE is not matched")
     assert "OpType mismatch" not in str(refusal.value)
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_optimize_summary_and_explain_say_which_lowering_and_why(tmp_path):
+    """`kvfuse optimize --explain`: the summary names each lowering with its layers and reason,
+    the per-layer table repeats it."""
+    from tests.exporters.test_export_errors import run_cli
+
+    onnx.save(build_lm("BHSD", rotary_dim=4), tmp_path / "in.onnx")
+    args = [str(tmp_path / "in.onnx"), str(tmp_path / "out.onnx"), "--max-context", "32"]
+    done = run_cli("optimize", *args, "--explain")
+    assert done.returncode == 0, done.stderr
+    assert "lowering rotary-op+gqa: layers 0 (GroupQueryAttention's fused rotary" in " ".join(
+        done.stdout.split()
+    )
+    assert "rotary-op+gqa" in done.stderr  # the --explain table (on stderr)
