@@ -43,6 +43,9 @@ def export(
     exporter: Annotated[
         str, typer.Option(help="optimum (TorchScript via Optimum) or dynamo (torch.onnx).")
     ] = "optimum",
+    dtype: Annotated[
+        str, typer.Option(help="float32, float16 or bfloat16 (bfloat16 needs --exporter dynamo).")
+    ] = "float32",
 ) -> None:
     """Export a causal LM to ONNX with past KV (text-generation-with-past I/O)."""
     from kvfuse.exporters.export import export as run_export
@@ -54,6 +57,7 @@ def export(
         trust_remote_code=trust_remote_code,
         quiet=quiet,
         exporter=exporter,
+        dtype=dtype,
     )
     if not quiet:
         _print_export_summary(result)
