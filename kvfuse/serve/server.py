@@ -27,7 +27,9 @@ class Server:
         deadline = time.monotonic() + 30
         while not self._server.started:
             if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise KvfuseError(f"the server could not listen on {host}:{port}; pick another --port")
+                raise KvfuseError(
+                    f"the server could not listen on {host}:{port}; pick another --port"
+                )
             time.sleep(0.02)
         bound = self._server.servers[0].sockets[0].getsockname()
         self.host, self.port = bound[0], bound[1]
