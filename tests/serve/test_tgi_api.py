@@ -101,7 +101,8 @@ def test_raw_routes_and_shapes(server):
         lines = [line for line in stream.iter_lines() if line]
     assert lines[0].startswith(":")  # a comment before the first token: proxies see a byte
     events = [json.loads(line[len("data:") :]) for line in lines if line.startswith("data:")]
-    assert len(events) == len(lines) - 1 and events[-1]["generated_text"] == single["generated_text"]
+    assert len(events) == len(lines) - 1
+    assert events[-1]["generated_text"] == single["generated_text"]
     info = httpx.get(server.url + "/info").json()
     assert info["max_total_tokens"] == 128 and info["model_id"] == server.engine.name
     assert httpx.get(server.url + "/health").status_code == 200
