@@ -120,6 +120,7 @@ class CudaSession:
         self._eager_options = ort.RunOptions()
         self._eager_options.add_run_config_entry("gpu_graph_id", EAGER)
         self.decode_runs = 0
+        self.held: list[int] = []  # tokens row 0 holds, left by the last single-prompt run
 
     def _device(self, array: np.ndarray) -> ort.OrtValue:
         return ort.OrtValue.ortvalue_from_numpy(array, *self.device)
@@ -203,4 +204,6 @@ class CudaSession:
                     )
 
     def reset(self) -> None:
-        """Nothing to clear: positions past each row's valid length are never attended to."""
+        """Forget what the rows hold; the device memory needs no clearing: positions past each
+        row's valid length are never attended to."""
+        self.held = []
