@@ -11,7 +11,9 @@ exact). Precision follows the nodes, not the tensors:
     graph inputs                      half (the KV buffers); `logits` stays float32
 
 Outputs that an op defines as float whatever its input type (the mean / inverse standard
-deviation of the layer norms) keep float.
+deviation of the layer norms) keep float. Values are read by their declared types; an untyped
+value is left to onnxruntime's inference (a boundary missed that way fails at session creation,
+so verification refuses it — it cannot pass silently).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 import onnx_ir as ir
 
 PRECISION_TAG = "kvfuse.precision"  # node metadata: "float32" keeps the node in float32
+CAST_PREFIX = "kvfuse.precision"  # the names of the Casts this pass inserts
 FLOAT_OUTPUTS = {  # (op type) → output positions that are float32 for any input type
     "SkipSimplifiedLayerNormalization": (1, 2),
     "SimplifiedLayerNormalization": (1,),
@@ -47,7 +50,7 @@ def to_half(model: ir.Model, dtype: str = "float16", keep: frozenset[str] = froz
     weights = _convert_weights(graph, half, kept)
     converted = 0
     for node in list(graph):
-        if node in kept or node.op_type == "Cast" and node.name.startswith("kvfuse.precision"):
+        if node in kept or _inserted(node):
             continue
         converted += 1
         _retype_node(node, half)
@@ -59,6 +62,11 @@ def to_half(model: ir.Model, dtype: str = "float16", keep: frozenset[str] = froz
         "precision/casts": casts,
         "precision/half_weights": weights,
     }
+
+
+def _inserted(node: ir.Node) -> bool:
+    """A Cast this pass inserted (it already has the precision it needs)."""
+    return node.name.startswith(CAST_PREFIX)
 
 
 def _stays_float(node: ir.Node, keep: frozenset[str]) -> bool:
@@ -129,7 +137,7 @@ def _cast_edges(graph: ir.Graph, half: ir.DataType, kept: set[ir.Node]) -> int:
     """Where a value's precision differs from its reader's, read it through a Cast."""
     casts = 0
     for node in list(graph):
-        if node.name.startswith("kvfuse.precision"):
+        if _inserted(node):
             continue
         producer_kept = node in kept
         float_only = FLOAT_OUTPUTS.get(node.op_type, ())
@@ -137,7 +145,7 @@ def _cast_edges(graph: ir.Graph, half: ir.DataType, kept: set[ir.Node]) -> int:
             if index in float_only or value.dtype not in (ir.DataType.FLOAT, half):
                 continue
             readers = [(user, i) for user, i in value.uses() if (user in kept) != producer_kept]
-            readers = [(u, i) for u, i in readers if not u.name.startswith("kvfuse.precision")]
+            readers = [(u, i) for u, i in readers if not _inserted(u)]
             if readers:
                 _insert_cast(graph, value, half if producer_kept else ir.DataType.FLOAT, readers)
                 casts += 1
@@ -153,7 +161,7 @@ def _float_outputs(graph: ir.Graph, half: ir.DataType) -> int:
         name = value.name
         value.name = f"{name}.half"
         cast = ir.node(
-            "Cast", [value], attributes={"to": ir.DataType.FLOAT}, name="kvfuse.precision/logits"
+            "Cast", [value], attributes={"to": ir.DataType.FLOAT}, name=f"{CAST_PREFIX}/logits"
         )
         cast.outputs[0].name, cast.outputs[0].shape = name, value.shape
         cast.outputs[0].dtype = ir.DataType.FLOAT
@@ -165,8 +173,9 @@ def _float_outputs(graph: ir.Graph, half: ir.DataType) -> int:
 
 def _insert_cast(graph: ir.Graph, value: ir.Value, to: ir.DataType, readers) -> None:
     name = "to_float" if to == ir.DataType.FLOAT else "to_half"
-    cast = ir.node("Cast", [value], attributes={"to": to}, name=f"kvfuse.precision/{name}")
-    cast.name = f"kvfuse.precision/{value.name}/{name}"
+    cast = ir.node(
+        "Cast", [value], attributes={"to": to}, name=f"{CAST_PREFIX}/{value.name}/{name}"
+    )
     cast.outputs[0].name, cast.outputs[0].shape = f"{value.name}.{name}", value.shape
     cast.outputs[0].dtype = to
     producer = value.producer()

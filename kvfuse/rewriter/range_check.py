@@ -24,7 +24,7 @@ import onnx
 import onnx_ir as ir
 
 from kvfuse.errors import KvfuseError
-from kvfuse.rewriter.precision import to_half
+from kvfuse.rewriter.precision import CAST_PREFIX, to_half
 
 HALF_SAFE = 32768.0  # half of float16's largest value: room for the rounding of a sum
 DIVERGENCE = 0.1  # |Δ|max / |float32|max of one tensor; float16's own error is ~1e-3
@@ -102,7 +102,7 @@ def _with_all_outputs(proto: onnx.ModelProto) -> onnx.ModelProto:
     """Every node output (but the precision casts') also a graph output, to be compared."""
     present = {o.name for o in proto.graph.output}
     for node in proto.graph.node:
-        if node.name.startswith("kvfuse.precision"):
+        if node.name.startswith(CAST_PREFIX):
             continue
         for name in node.output:
             if name and name not in present:
