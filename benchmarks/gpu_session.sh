@@ -3,6 +3,8 @@
 #   bash benchmarks/gpu_session.sh setup      models into place, versions, GPU tests, kvfuse run,
 #                                             kvfuse's benchmark rows
 #   bash benchmarks/gpu_session.sh bench SYSTEMS OUT.json    benchmarks/bench_gpu.py for SYSTEMS
+#   bash benchmarks/gpu_session.sh serve      the GPU tests, then `kvfuse serve --device cuda`
+#                                             answering one OpenAI chat request over HTTP
 # The bundle (made on a CPU machine, see README "Target cuda"): model.onnx of
 # `kvfuse optimize smollm2 … --target cuda`, model.safetensors (SmolLM2 in float16, the same
 # weights as a Hugging Face dir), wheels; /tmp/bundle/small holds the small files beside them
@@ -12,6 +14,19 @@ set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1
 out=${OUT:-/tmp/out}; mkdir -p "$out"
 small=/tmp/bundle/small
+if [ "$1" = serve ]; then
+  mkdir -p /tmp/kv && cp "$small"/kv/* /tmp/kv/ && ln -sf /tmp/gpu/model.onnx /tmp/kv/model.onnx
+  KVFUSE_CUDA_MODEL=/tmp/kv KVFUSE_CUDA_REFERENCE=$small/reference.npz \
+    python3 -m pytest tests/runtime/test_cuda_runtime.py -v -s -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.txt"
+  python3 -m kvfuse serve /tmp/kv --device cuda --port 8099 > "$out/serve.log" 2>&1 &
+  server=$!
+  for _ in $(seq 90); do curl -sf localhost:8099/health > /dev/null && break; sleep 1; done
+  curl -s localhost:8099/v1/chat/completions -H 'content-type: application/json' \
+    -d '{"model":"kv","messages":[{"role":"user","content":"What is the capital of France?"}],"max_tokens":16,"temperature":0}' \
+    | tee "$out/serve_chat.json"; echo
+  kill "$server"; wait "$server" 2>/dev/null
+  exit 0
+fi
 if [ "$1" = setup ]; then
   mkdir -p /tmp/kv /tmp/hf
   cp "$small"/kv/* /tmp/kv/ && ln -sf /tmp/gpu/model.onnx /tmp/kv/model.onnx

@@ -226,6 +226,9 @@ def serve(
     request_timeout: Annotated[
         float, typer.Option(help="End a request running longer than this many seconds.")
     ] = 600.0,
+    device: Annotated[
+        str, typer.Option(help="'cpu', or 'cuda' (a --target cuda model, KV in device memory).")
+    ] = "cpu",
 ) -> None:
     """Serve the model over HTTP: OpenAI /v1/chat/completions, /v1/completions, /v1/models;
     TGI /generate, /generate_stream, /, /info, /health; Prometheus /metrics."""
@@ -241,6 +244,7 @@ def serve(
         prefill_chunk=prefill_chunk,
         default_max_new_tokens=max_new_tokens,
         request_timeout_s=request_timeout,
+        device=device,
     )
 
 

@@ -134,6 +134,15 @@ class CudaSession:
         return binding
 
     @property
+    def kv_location(self) -> tuple[str, int]:
+        return self.device
+
+    def row_address(self, index: int, row: int) -> int:
+        """The device address of layer-buffer `index`'s row `row` in the arena."""
+        row_bytes = int(np.prod(self.kv_shape[1:])) * np.dtype(self.kv_dtype).itemsize
+        return self.kv_addresses[index] + row * row_bytes
+
+    @property
     def kv_bytes(self) -> int:
         return len(self.kv_addresses) * int(np.prod(self.kv_shape)) * 2
 

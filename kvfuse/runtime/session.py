@@ -82,6 +82,16 @@ class Session:
     def kv_bytes(self) -> int:
         return self.arena.nbytes
 
+    kv_location = ("cpu", 0)  # where the arena lies, for bindings by pointer (rows.py)
+
+    @property
+    def kv_dtype(self):
+        return self.arena.dtype
+
+    def row_address(self, index: int, row: int) -> int:
+        """The address of layer-buffer `index`'s row `row` in the arena."""
+        return self.arena[index, row].ctypes.data
+
     @property
     def prefill_len(self) -> int | None:
         """New tokens per prefill step of a static pair (None: any length)."""

@@ -196,3 +196,37 @@ def _register_ort_schemas() -> None:
         ],
     )
     defs.register_schema(schema)
+
+
+def test_server_rows_over_the_device_session(cuda_llama):
+    """The server's row steps (spans of arena rows bound by pointer) over the GPU runtime's
+    arena, driven through the CPU provider: two rows prefilled one at a time, then decoded
+    together, give the tokens of the same steps over the CPU session's arena."""
+    import onnxruntime as ort
+
+    from kvfuse.runtime.device import CudaSession
+    from kvfuse.runtime.rows import RowSteps
+    from kvfuse.runtime.session import Session
+    from kvfuse.runtime.spec import read_spec
+
+    spec = read_spec(cuda_llama.output)
+    session = ort.InferenceSession(str(spec.path), providers=["CPUExecutionProvider"])
+    sessions = {
+        "device": CudaSession(spec, 2, session, cuda_graph=False, device=("cpu", 0)),
+        "host": Session(spec, 2),
+    }
+    prompts = [np.array([5, 17, 99, 3, 42, 7]), np.array([11, 2, 250, 64])]
+    tokens = {}
+    for name, owner in sessions.items():
+        rows = RowSteps(owner)
+        picked = [
+            int(rows.step(i, p[None, :], np.array([len(p)]))[0].argmax())
+            for i, p in enumerate(prompts)
+        ]
+        lengths, seen = np.array([len(p) for p in prompts]), [list(picked)]
+        for _ in range(6):
+            lengths = lengths + 1
+            picked = rows.step(0, np.array(picked)[:, None], lengths).argmax(-1).tolist()
+            seen.append(picked)
+        tokens[name] = seen
+    assert tokens["device"] == tokens["host"]

@@ -105,3 +105,21 @@ def test_greedy_picked_on_the_device(traces):
     )
     assert completion.tokens[0] == trace["tokens"].tolist()
     print(f"\n{completion.texts[0]!r} at {completion.stats.decode_tokens_per_s:.0f} tokens/s")
+
+
+def test_server_engine_on_the_gpu(cuda_model, traces):
+    """`kvfuse serve --device cuda`'s engine (KV rows in device memory, eager steps) gives a
+    request the greedy tokens `generate` gives on the GPU."""
+    from kvfuse.serve.engine import Engine, Params
+
+    model, _ = cuda_model
+    trace = traces["graph"][1]
+    engine = Engine(model, slots=2, device="cuda")
+    try:
+        _, events = engine.generate(
+            trace["prompt"].tolist(), Params(max_new_tokens=16, ignore_eos=True)
+        )
+    finally:
+        engine.close()
+    tokens = [e.token for e in events if e.token is not None]
+    assert tokens == trace["tokens"][:16].tolist()
