@@ -195,6 +195,14 @@ def _add_optimize_result(report: dict, result: Any) -> None:
             "steps": [dataclasses.asdict(step) for step in verification.steps],
             "first_divergence": None,
         }
+    precision = getattr(result, "precision", None)
+    if precision is not None:  # a half-precision target: what stayed float32, and why
+        rewrite = result.rewrite_verification
+        report["precision"] = {
+            "dtype": precision.dtype,
+            "kept": [dataclasses.asdict(kept) for kept in precision.kept],
+            "rewrite_verification": dataclasses.asdict(rewrite) if rewrite else None,
+        }
 
 
 def _picture(a: onnx.ModelProto, b: onnx.ModelProto, rewrites: list[dict]) -> dict | None:

@@ -52,7 +52,7 @@ def to_markdown(report: dict) -> str:
             f"`{report['io']['aliases'][0]['output']}` ≡ "
             f"`{report['io']['aliases'][0]['input']}`.",
         ]
-    lines += _rewrites(report) + _layers(report) + _numerics(report)
+    lines += _rewrites(report) + _layers(report) + _numerics(report) + _precision(report)
     structural = report["structural"]
     lines += [
         "",
@@ -108,6 +108,18 @@ def _layers(report: dict) -> list[str]:
                 f"- layer {layer['layer']} lowered as **{layer['lowering']}** — "
                 f"{layer['lowering_reason']}"
             )
+    return lines
+
+
+def _precision(report: dict) -> list[str]:
+    precision = report.get("precision")
+    if precision is None:
+        return []
+    kept = precision["kept"]
+    lines = ["", "## Precision", "", f"{precision['dtype']}; {len(kept)} nodes kept in float32."]
+    if kept:
+        lines += ["", "| node | op | why |", "|---|---|---|"]
+        lines += [f"| `{k['node']}` | {k['op_type']} | {k['reason']} |" for k in kept]
     return lines
 
 

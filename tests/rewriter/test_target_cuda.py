@@ -5,17 +5,23 @@ checker) and numerically through onnxruntime's CPU kernels, which run every op o
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import jsonschema
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, defs
 
+import kvfuse
 from kvfuse.errors import KvfuseError
 from kvfuse.optimize import optimize
+from kvfuse.report.diff import build_report
+from kvfuse.report.markdown import to_markdown
 from kvfuse.rewriter.verify import HALF_TOLERANCE, verify
 
 FLOAT, HALF = TensorProto.FLOAT, TensorProto.FLOAT16
+SCHEMA = "report/schema.json"
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +111,10 @@ def test_values_beyond_float16_stay_float32(overflowing_llama, tmp_path):
     assert "GroupQueryAttention" in half_ops
     sidecar = json.loads(result.output.with_suffix(".kvfuse.json").read_text())
     assert {k["node"] for k in sidecar["precision"]["kept"]} == set(kept)
+    report = build_report(overflowing_llama / "model.onnx", result.output, result)
+    jsonschema.validate(report, json.loads((Path(kvfuse.__file__).parent / SCHEMA).read_text()))
+    assert {k["node"] for k in report["precision"]["kept"]} == set(kept)
+    assert "## Precision" in to_markdown(report) and "65504" in to_markdown(report)
 
     unchecked = optimize(  # --no-verify: every node in float16, no range check
         overflowing_llama,
