@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import datetime
 import json
 from pathlib import Path
 from typing import Any
 
 import onnx
 
+from kvfuse import __version__
 from kvfuse.report.summary import bytes_on_disk, load_structure
 from kvfuse.rewriter.pipeline import layer_of
 from kvfuse.rewriter.rules import REPLACED_TAG, RULE_TAG
@@ -51,6 +53,7 @@ def build_report(a: Path, b: Path, optimize_result: Any = None) -> dict:
         "layers": [],
         "near_misses": [],
         "numerics": None,
+        "meta": _meta(model_b),
     }
     report["rewrites_by_rule"] = dict(collections.Counter(r["rule"] for r in report["rewrites"]))
     report["picture"] = _picture(model_a, model_b, report["rewrites"])
@@ -167,8 +170,70 @@ def _structural(a: onnx.ModelProto, b: onnx.ModelProto) -> dict:
     }
 
 
+def _meta(model: onnx.ModelProto) -> dict:
+    """Who wrote the report and when; the target and KV buffers the model's metadata names."""
+    metadata = {p.key: p.value for p in model.metadata_props}
+    record = json.loads(metadata["kvfuse"]) if "kvfuse" in metadata else {}
+    return {
+        "kvfuse_version": __version__,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "target": record.get("target"),
+        "model_kvfuse_version": record.get("kvfuse_version"),
+        "kv": _kv_facts(model, record) if record.get("kv_pairs") else None,
+    }
+
+
+def _kv_facts(model: onnx.ModelProto, record: dict) -> dict:
+    """The fixed KV buffers: how many, their shape and dtype, and bytes per batch row."""
+    past = record["kv_pairs"][0]["past"]
+    value = next((v for v in model.graph.input if v.name == past), None)
+    dtype = value.type.tensor_type.elem_type if value is not None else onnx.TensorProto.FLOAT
+    width = _BYTES.get(dtype, 4)
+    buffers = len(record["kv_pairs"])
+    per_buffer = record["kv_heads"] * record["max_context"] * record["head_dim"] * width
+    return {
+        "buffers": buffers,
+        "batch_size": record.get("batch_size"),
+        "kv_heads": record["kv_heads"],
+        "max_context": record["max_context"],
+        "head_dim": record["head_dim"],
+        "dtype": onnx.helper.tensor_dtype_to_np_dtype(dtype).name,
+        "bytes_per_row": buffers * per_buffer,
+        "in_place": True,
+    }
+
+
+def _plain(value: Any) -> Any:
+    """A dataclass or mapping as a JSON-ready dict (other values as they are)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    return dict(value) if isinstance(value, dict) else value
+
+
+def _lowering(layer: Any) -> dict | None:
+    """The lowering a layer took, as {"name", "reason"}: `LayerOutcome.lowering` may be a
+    name, a mapping or a dataclass with a name/kind and a reason."""
+    lowering = _plain(getattr(layer, "lowering", None))
+    if lowering is None:
+        return None
+    if isinstance(lowering, str):
+        return {"name": lowering, "reason": None}
+    name = next((lowering[k] for k in ("name", "lowering", "kind") if lowering.get(k)), None)
+    reason = next((lowering[k] for k in ("reason", "why") if lowering.get(k)), None)
+    return {"name": str(name) if name is not None else "lowered", "reason": reason}
+
+
 def _add_optimize_result(report: dict, result: Any) -> None:
-    report["layers"] = [{"layer": layer.layer, "fused": layer.fused} for layer in result.layers]
+    report["layers"] = []
+    for layer in result.layers:
+        entry = {"layer": layer.layer, "fused": layer.fused}
+        lowering = _lowering(layer)
+        if lowering is not None:
+            entry["lowering"] = lowering
+        report["layers"].append(entry)
+    quantization = _plain(getattr(result, "quantization", None))
+    if quantization:
+        report["quantization"] = quantization
     report["near_misses"] = [
         {"layer": layer.layer, **dataclasses.asdict(miss)}
         for layer in result.layers
