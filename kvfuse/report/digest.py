@@ -177,7 +177,15 @@ def fold_io(report: dict) -> list[dict]:
     groups: dict[tuple, dict] = {}
     for kind in ("inputs", "outputs"):
         for row in report["io"][kind]:
-            key = (kind, row["change"], str(row["a"]), str(row["b"]), row["name"] in aliased)
+            family = _family(row["name"])
+            key = (
+                kind,
+                row["change"],
+                str(row["a"]),
+                str(row["b"]),
+                row["name"] in aliased,
+                family,
+            )
             group = groups.setdefault(
                 key,
                 {
@@ -196,6 +204,13 @@ def fold_io(report: dict) -> list[dict]:
         group["pattern"] = name_pattern(group["names"])
         group["aliases_of"] = name_pattern([aliased[n] for n in group["names"] if n in aliased])
     return folded
+
+
+def _family(name: str) -> str:
+    """Names of one family differ only in their numbers and their last part:
+    past_key_values.3.key and past_key_values.7.value are both `past_key_values.*`."""
+    template = _NUMBER.sub("*", name)
+    return template.rsplit(".", 1)[0] if template != name else name
 
 
 def name_pattern(names: list[str]) -> str:
@@ -272,7 +287,15 @@ def quantization_figures(quantization: dict) -> list[tuple[str, str]]:
 
 
 def mib(count: int | float) -> str:
+    """Bytes in KiB, MiB or GiB, whichever reads best."""
+    if count < 2**20:
+        return f"{count / 2**10:,.1f} KiB"
     return f"{count / 2**20:,.1f} MiB" if count < 2**30 else f"{count / 2**30:,.2f} GiB"
+
+
+def share(fraction: float) -> str:
+    """A fraction as a per cent with two significant digits: 67%, 3.2%, 0.12%."""
+    return f"{float(f'{fraction * 100:.2g}'):g}%"
 
 
 def megabytes(count: int | float) -> str:

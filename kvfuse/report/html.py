@@ -40,7 +40,7 @@ details{margin:.3em 0}summary{cursor:pointer;color:#245}.bad{color:#b00;font-wei
 .tile{border:1px solid #e6e6e6;border-radius:6px;padding:6px 10px;background:#fcfcfc}
 .tile .k{font-size:11px;text-transform:uppercase;letter-spacing:.04em;color:#777}
 .tile .v{font-size:17px;font-weight:600;white-space:nowrap}.tile .s{font-size:12px;color:#555}
-.tile.good .v{color:#2e7d32}.tile.bad .v{color:#c62828}
+.tile.t-good .v{color:#2e7d32}.tile.t-bad .v{color:#c62828}
 .blockers{margin:8px 0 2px;padding:6px 10px;background:#fff4f4;border:1px solid #f1c6c6;
  border-radius:6px}.blockers li{margin:2px 0}
 nav{margin:10px 0 0;font-size:13px}nav a{margin-right:14px;color:#245}
@@ -141,7 +141,9 @@ def _cells(report: dict) -> str:
             f"<a class='{css}' href='#{anchor(cell['layer'])}'{style} "
             f"title='layer {_e(cell['layer'])}: {_e(how)}'>{_e(cell['layer'])}</a>"
         )
-    legend = [("fused", LOWERING_COLOURS[0])] if not lowerings else list(colour.items())
+    legend = list(colour.items())
+    if any(c["fused"] and not c["lowering"] for c in cells):
+        legend.insert(0, ("fused", LOWERING_COLOURS[0]))
     if any(not c["fused"] for c in cells):
         legend.append(("not fused", "#c62828"))
     keys = "".join(f"<i style='background:{c}'></i>{_e(name)}" for name, c in legend)
@@ -152,6 +154,7 @@ def _cells(report: dict) -> str:
 
 
 def _tile(key: str, value: str, sub: str = "", css: str = "") -> str:
+    css = " ".join(f"t-{c}" if c in ("good", "bad") else c for c in css.split())
     return (
         f"<div class='tile {css}'><div class='k'>{_e(key)}</div><div class='v'>{value}</div>"
         f"<div class='s'>{sub}</div></div>"
@@ -168,7 +171,11 @@ def _tiles(report: dict) -> list[str]:
             _tile(
                 "layers fused",
                 f"{fused}/{total}",
-                _e(digest.lowering_summary(report) or "attention, one fused op each"),
+                _e(
+                    f"{total - fused} not fused"
+                    if fused < total
+                    else digest.lowering_summary(report) or "attention, one fused op each"
+                ),
                 "good" if fused == total else "bad",
             )
         )
@@ -214,7 +221,7 @@ def _verification_tile(report: dict) -> str:
         "verification " + ("passed" if numerics["passed"] else "FAILED"),
         f"{'✓' if numerics['passed'] else '✗'} max |Δlogits| {numerics['max_abs_diff']:.1e}",
         f"{tokens} · tolerance {numerics['atol']:g} + {numerics['rtol']:g}·|logit|, worst step "
-        f"at {worst:.0%} of it · prefill of {numerics['prompt_tokens']} + "
+        f"at {digest.share(worst)} of it · prefill of {numerics['prompt_tokens']} + "
         f"{len(numerics['steps']) - 1} decode steps",
         "good wide" if numerics["passed"] else "bad wide",
     )
@@ -253,13 +260,13 @@ def _blockers(report: dict) -> str:
         culprits = ", ".join(f"<code>{_e(c)}</code>" for c in group["culprits"][:4])
         closest = (
             f" Closest rule: <b>{_e(group['closest_rule'])}</b> ({group['closest_matched']} "
-            f"nodes matched; stopped at: {_e(group['closest_reason'])})."
+            f"nodes matched; stopped at: {_e(group['closest_reason'].rstrip('.'))})."
             if group["closest_rule"]
             else ""
         )
         items.append(
             f"<li><a href='#{anchor(group['layers'][0])}'>"
-            f"{_e(digest.layer_list(group['layers']))}</a>: {_e(group['reason'])}."
+            f"{_e(digest.layer_list(group['layers']))}</a>: {_e(group['reason'].rstrip('.'))}."
             + (f" Culprits: {culprits}." if culprits else "")
             + closest
             + "</li>"

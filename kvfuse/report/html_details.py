@@ -56,7 +56,7 @@ def _io(report: dict) -> str:
     ]
     return (
         "<section id='io'><h2>Inputs and outputs</h2>"
-        + table(["what", "names", "change", "before", "after", "note"], rows, "io", raw=True)
+        + table(["what", "names", "change", "before", "after", "note"], rows, "io-folded", raw=True)
         + f"<details id='io-all'><summary>all {len(full)} inputs and outputs, one by one"
         "</summary>"
         + table(

@@ -103,13 +103,13 @@ def _blockers(report: dict) -> list[str]:
         return []
     lines = ["", "**Why not:**", ""]
     for group in groups:
-        text = f"- {digest.layer_list(group['layers'])}: {group['reason']}."
+        text = f"- {digest.layer_list(group['layers'])}: {group['reason'].rstrip('.')}."
         if group["culprits"]:
             text += " Culprits: " + ", ".join(f"`{c}`" for c in group["culprits"][:4]) + "."
         if group["closest_rule"]:
             text += (
                 f" Closest rule: **{group['closest_rule']}** ({group['closest_matched']} nodes "
-                f"matched; stopped at: {group['closest_reason']})."
+                f"matched; stopped at: {group['closest_reason'].rstrip('.')})."
             )
         lines.append(text)
     return lines
@@ -137,7 +137,7 @@ def _numerics(report: dict) -> list[str]:
         "|---|---|---|---|---|",
     ]
     lines += [
-        f"| {s['step']} | {s['max_abs_diff']:.2e} | {s['tolerance_used']:.0%} | "
+        f"| {s['step']} | {s['max_abs_diff']:.2e} | {digest.share(s['tolerance_used'])} | "
         f"{s['token_original']} | {s['token_rewritten']} |"
         for s in numerics["steps"]
     ]
