@@ -49,8 +49,8 @@ def bar_chart(rows: list[tuple[str, int, int]], chart_id: str, width: int = 640)
     for index, (label, before, after) in enumerate(rows):
         y = 24 + index * row_h
         body.append(
-            f"<text x='{label_w - 8}' y='{y + 15}' font-size='12' text-anchor='end' "
-            f"fill='{INK}'>{_e(label[:32])}</text>"
+            f"<text x='{label_w - 8}' y='{y + 15}' font-size='11' text-anchor='end' "
+            f"fill='{INK}'>{_e(label if len(label) <= 30 else label[:29] + '…')}</text>"
         )
         for offset, count, colour in ((2, before, BEFORE), (13, after, AFTER)):
             length = max(bar_w * count / top, 1 if count else 0)
@@ -59,7 +59,7 @@ def bar_chart(rows: list[tuple[str, int, int]], chart_id: str, width: int = 640)
                 f"fill='{colour}' data-value='{count}'><title>{_e(label)}: {count:,}</title></rect>"
             )
         delta = after - before
-        colour = "#2e7d32" if delta < 0 else LIMIT if delta > 0 else MUTED
+        colour = "#2e7d32" if delta < 0 else AFTER if delta > 0 else MUTED
         signed = f"{delta:+,}".replace("-", "−")
         body.append(
             f"<text x='{label_w + bar_w + 8}' y='{y + 15}' font-size='12' fill='{MUTED}'>"
@@ -195,7 +195,7 @@ def _y_grid(scale, log: bool, percent: bool, left: float, plot_w: float, y_of) -
 
 
 def layer_drawing(
-    drawing: dict, box_w: int = 118, box_h: int = 24, gap_x: int = 12, gap_y: int = 26
+    drawing: dict, box_w: int = 112, box_h: int = 20, gap_x: int = 10, gap_y: int = 16
 ) -> str:
     """A layered drawing: each node one level below its deepest producer."""
     nodes, edges = drawing["nodes"], drawing["edges"]
@@ -220,7 +220,7 @@ def layer_drawing(
     boxes = [
         f"<g><title>{_e(node['name'])}</title><rect x='{position[i][0]}' y='{position[i][1]}' "
         f"width='{box_w}' height='{box_h}' rx='4' fill='{_colour(node['op'])}' stroke='#555'/>"
-        f"<text x='{position[i][0] + box_w / 2}' y='{position[i][1] + 16}' font-size='11' "
+        f"<text x='{position[i][0] + box_w / 2}' y='{position[i][1] + 14}' font-size='10' "
         f"text-anchor='middle'>{_e(node['op'][:18])}</text></g>"
         for i, node in enumerate(nodes)
     ]

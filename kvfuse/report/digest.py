@@ -201,6 +201,9 @@ def fold_io(report: dict) -> list[dict]:
             group["names"].append(row["name"])
     folded = list(groups.values())
     for group in folded:
+        count, kind = len(group["names"]), group["kind"]
+        kv = group["in_place"] or "past_key_values" in group["names"][0]
+        group["label"] = f"{count} KV {kind}s" if kv else f"{count} {kind}s" if count > 1 else kind
         group["pattern"] = name_pattern(group["names"])
         group["aliases_of"] = name_pattern([aliased[n] for n in group["names"] if n in aliased])
     return folded

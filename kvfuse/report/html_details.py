@@ -24,9 +24,6 @@ def _dims(dims) -> str:
 def _io(report: dict) -> str:
     rows = []
     for group in digest.fold_io(report):
-        count = len(group["names"])
-        what = f"{count} KV {group['kind']}s" if group["in_place"] or _is_kv(group) else None
-        label = what or (f"{count} {group['kind']}s" if count > 1 else group["kind"])
         notes = []
         if group["became_static"]:
             notes.append("axis " + ", ".join(map(str, group["became_static"])) + " became fixed")
@@ -34,7 +31,7 @@ def _io(report: dict) -> str:
             notes.append(f"same buffer as <code>{_e(group['aliases_of'])}</code>: bound in place")
         rows.append(
             [
-                _e(label),
+                _e(group["label"]),
                 f"<code>{_e(group['pattern'])}</code>",
                 _e(group["change"]),
                 _e(_dims(group["a"])),
@@ -67,10 +64,6 @@ def _io(report: dict) -> str:
         )
         + "</details></section>"
     )
-
-
-def _is_kv(group: dict) -> bool:
-    return any(word in group["pattern"] for word in ("past_key_values", "present"))
 
 
 def _rewrites(report: dict) -> str:

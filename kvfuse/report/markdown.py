@@ -165,13 +165,13 @@ def _io(report: dict) -> list[str]:
     lines = ["", "## Inputs and outputs", "", "| what | names | change | before | after |"]
     lines.append("|---|---|---|---|---|")
     for group in digest.fold_io(report):
-        count = len(group["names"])
-        what = f"{count} {group['kind']}s" if count > 1 else group["kind"]
         after = str(group["b"]) if group["b"] is not None else "—"
         if group["in_place"]:
             after += f", same buffer as `{group['aliases_of']}` (bound in place)"
         before = str(group["a"]) if group["a"] is not None else "—"
-        lines.append(f"| {what} | `{group['pattern']}` | {group['change']} | {before} | {after} |")
+        lines.append(
+            f"| {group['label']} | `{group['pattern']}` | {group['change']} | {before} | {after} |"
+        )
     return lines
 
 
