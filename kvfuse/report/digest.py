@@ -25,12 +25,23 @@ def lowering_name(layer: dict) -> str | None:
     return lowering.get("name") if isinstance(lowering, dict) else None
 
 
+def layers(report: dict) -> list[dict]:
+    """The attention layers: as the optimizer recorded them, or (a diff of two files) the
+    layers whose attention a kvfuse rule rewrote, read from the rewrites' provenance."""
+    if report["layers"]:
+        return report["layers"]
+    rewritten = [
+        r["layer"]
+        for r in report["rewrites"]
+        if r["rule"].startswith("attention/") and r["layer"] is not None
+    ]
+    return [{"layer": label, "fused": True} for label in dict.fromkeys(rewritten)]
+
+
 def lowering_summary(report: dict) -> str | None:
     """ "lowered as X ×28, Y ×2" when the layers record their lowering, else None."""
     names = collections.Counter(
-        lowering_name(layer)
-        for layer in report["layers"]
-        if layer["fused"] and lowering_name(layer)
+        lowering_name(layer) for layer in layers(report) if layer["fused"] and lowering_name(layer)
     )
     if not names:
         return None
@@ -41,7 +52,7 @@ def layer_cells(report: dict) -> list[dict]:
     """One cell per attention layer, in layer order: label, fused, lowering, why not."""
     blocked = {b_layer: b for b in blockers(report) for b_layer in b["layers"]}
     cells = []
-    for layer in sorted(report["layers"], key=lambda item: layer_key(item["layer"])):
+    for layer in sorted(layers(report), key=lambda item: layer_key(item["layer"])):
         lowering = layer.get("lowering") if isinstance(layer.get("lowering"), dict) else {}
         reason = blocked[layer["layer"]]["reason"] if layer["layer"] in blocked else None
         cells.append(
@@ -61,17 +72,18 @@ def status(report: dict) -> str:
     numerics = report.get("numerics")
     if numerics is not None and not numerics["passed"]:
         return "failed"
-    if report["layers"] and not all(layer["fused"] for layer in report["layers"]):
+    found = layers(report)
+    if found and not all(layer["fused"] for layer in found):
         return "partial"
-    if not report["layers"] and not report["rewrites"]:
+    if not found:
         return "diff"
     return "ok" if numerics is not None else "unverified"
 
 
 def headline(report: dict) -> str:
     """The verdict in one sentence: what kvfuse did and whether it held."""
-    layers = report["layers"]
-    fused = sum(layer["fused"] for layer in layers)
+    found = layers(report)
+    fused = sum(layer["fused"] for layer in found)
     state = status(report)
     if state == "diff":
         a, b = report["models"]["a"]["nodes"], report["models"]["b"]["nodes"]
@@ -80,15 +92,15 @@ def headline(report: dict) -> str:
     kv = (report.get("meta") or {}).get("kv")
     cache = f" with a fixed {kv['max_context']:,}-position KV cache updated in place" if kv else ""
     if state == "partial":
-        return f"Not optimized: {fused} of {len(layers)} attention layers fused; see why below."
+        return f"Not optimized: {fused} of {len(found)} attention layers fused; see why below."
     a, b = report["models"]["a"]["nodes"], report["models"]["b"]["nodes"]
     did = (
-        f"Fused {fused}/{len(layers)} attention layers into {attention}{cache}: {a:,} → {b:,} nodes"
+        f"Fused {fused}/{len(found)} attention layers into {attention}{cache}: {a:,} → {b:,} nodes"
     )
     if state == "failed":
         return f"{did}, but verification FAILED: the numbers did not hold."
     if state == "unverified":
-        return f"{did}; not verified."
+        return f"{did}; not verified in this report."
     tokens = "greedy tokens equal" if report["numerics"]["tokens_equal"] else "tokens differ"
     return f"{did}; verified against the original ({tokens})."
 
@@ -127,7 +139,7 @@ def blockers(report: dict) -> list[dict]:
         for culprit in (diagnosis or {}).get("culprits", []) + (closest or {}).get("culprits", []):
             if culprit not in group["culprits"]:
                 group["culprits"].append(culprit)
-    for layer in report["layers"]:  # a layer that failed with no rule coming close at all
+    for layer in layers(report):  # a layer that failed with no rule coming close at all
         if not layer["fused"] and layer["layer"] not in by_layer:
             groups[("none", layer["layer"])] = {
                 "layers": [layer["layer"]],

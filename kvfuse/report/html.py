@@ -27,6 +27,7 @@ details{margin:.3em 0}summary{cursor:pointer;color:#245}.bad{color:#b00;font-wei
 #verdict.partial,#verdict.failed{border-left-color:#c62828}
 #verdict.unverified,#verdict.diff{border-left-color:#b7791f}
 .top{display:flex;justify-content:space-between;gap:1em;color:#666;font-size:12px}
+.top span{white-space:nowrap}.top .paths{overflow:hidden;text-overflow:ellipsis}
 .headline{font-size:21px;font-weight:600;margin:4px 0 8px;line-height:1.3}
 .headline .mark{color:#2e7d32}.partial .headline .mark,.failed .headline .mark{color:#c62828}
 .cells{display:flex;flex-wrap:wrap;gap:3px;margin:4px 0 2px}
@@ -99,6 +100,12 @@ def _model_name(report: dict) -> str:
     return path.replace("\\", "/").rsplit("/", 1)[-1]
 
 
+def _path(path: str) -> str:
+    """The file and its folder, with the whole path on hover."""
+    short = "/".join(path.replace("\\", "/").split("/")[-2:])
+    return f"<code title='{_e(path)}'>{_e(short)}</code>"
+
+
 def verdict_card(report: dict) -> str:
     """The header card: the verdict in one sentence, the layers as cells, the figures."""
     state = digest.status(report)
@@ -107,8 +114,8 @@ def verdict_card(report: dict) -> str:
     mark = "✓" if state == "ok" else "✗" if state in ("partial", "failed") else "•"
     return (
         f"<header id='verdict' class='{state}'><div class='top'>"
-        f"<span>kvfuse report · <code>{_e(report['models']['a']['path'])}</code> → "
-        f"<code>{_e(report['models']['b']['path'])}</code></span>"
+        f"<span class='paths'>kvfuse report · {_path(report['models']['a']['path'])} → "
+        f"{_path(report['models']['b']['path'])}</span>"
         f"<span>kvfuse {_e(meta.get('kvfuse_version', '?'))} · {_e(created)}</span></div>"
         f"<div class='headline'><span class='mark'>{mark}</span> "
         f"{_e(digest.headline(report))}</div>"
@@ -164,9 +171,9 @@ def _tile(key: str, value: str, sub: str = "", css: str = "") -> str:
 def _tiles(report: dict) -> list[str]:
     a, b = report["models"]["a"], report["models"]["b"]
     tiles = []
-    if report["layers"]:
-        fused = sum(layer["fused"] for layer in report["layers"])
-        total = len(report["layers"])
+    if digest.layers(report):
+        fused = sum(layer["fused"] for layer in digest.layers(report))
+        total = len(digest.layers(report))
         tiles.append(
             _tile(
                 "layers fused",

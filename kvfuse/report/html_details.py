@@ -110,7 +110,7 @@ def _rewrite_item(rewrite: dict) -> str:
 
 
 def _layers(report: dict) -> str:
-    if not report["layers"]:
+    if not digest.layers(report):
         return ""
     by_layer = collections.defaultdict(list)
     for rewrite in report["rewrites"]:
@@ -122,7 +122,7 @@ def _layers(report: dict) -> str:
         _layer_section(cell, by_layer[cell["layer"]], misses[cell["layer"]])
         for cell in digest.layer_cells(report)
     ]
-    fused = sum(layer["fused"] for layer in report["layers"])
+    fused = sum(layer["fused"] for layer in digest.layers(report))
     return (
         f"<section id='layers'><h2>Attention layers: {fused} of {len(report['layers'])} fused"
         "</h2>" + "".join(sections) + "</section>"

@@ -31,7 +31,7 @@ def verdict_rows(report: dict) -> list[tuple[str, str]]:
     a, b = report["models"]["a"], report["models"]["b"]
     meta = report.get("meta") or {}
     rows = []
-    if report["layers"]:
+    if digest.layers(report):
         rows.append(("layers fused", _layer_line(report)))
     rows.append(
         (
@@ -193,9 +193,9 @@ def _rewrites(report: dict) -> list[str]:
 
 
 def _layers(report: dict) -> list[str]:
-    if not report["layers"]:
+    if not digest.layers(report):
         return []
-    fused = sum(layer["fused"] for layer in report["layers"])
+    fused = sum(layer["fused"] for layer in digest.layers(report))
     lines = ["", "## Attention layers", "", f"{fused} of {len(report['layers'])} fused."]
     for cell in digest.layer_cells(report):
         if cell["lowering"]:
