@@ -122,13 +122,7 @@ def line_chart(
         f"<text x='12' y='{top + plot_h / 2}' font-size='11' fill='{MUTED}' text-anchor='middle' "
         f"transform='rotate(-90 12 {top + plot_h / 2})'>{_e(y_label)}</text>"
     )
-    every = max(1, math.ceil(len(labels) / 10))
-    for index, label in enumerate(labels):
-        if index % every == 0 or index == len(labels) - 1:
-            body.append(
-                f"<text x='{x_of(index):.1f}' y='{height - bottom + 16}' font-size='11' "
-                f"fill='{MUTED}' text-anchor='middle'>{_e(label)}</text>"
-            )
+    body += _x_labels(labels, x_of, height - bottom + 16)
     if limit is not None:
         body.append(_rule(limit[0], limit[1], LIMIT, "6 4", left, plot_w, y_of))
     if mean is not None:
@@ -142,6 +136,17 @@ def line_chart(
         for i, v in enumerate(values)
     ]
     return _svg(chart_id, width, height, body, y_label)
+
+
+def _x_labels(labels: list[str], x_of, y: float) -> list[str]:
+    """All x labels when there are few, else about ten of them and the last."""
+    every = max(1, math.ceil(len(labels) / 10))
+    return [
+        f"<text x='{x_of(index):.1f}' y='{y}' font-size='11' fill='{MUTED}' "
+        f"text-anchor='middle'>{_e(label)}</text>"
+        for index, label in enumerate(labels)
+        if index % every == 0 or index == len(labels) - 1
+    ]
 
 
 def _rule(value, text, colour, dash, left, plot_w, y_of) -> str:

@@ -73,7 +73,11 @@ def _rewrites(report: dict) -> str:
             "<section id='rewrites'><h2>Rewrites</h2><p>No node of the second model was written "
             f"by a kvfuse rule. By name: {structural['removed']:,} nodes removed, "
             f"{structural['added']:,} added, {structural['kept']:,} kept.</p>"
-            + table(["op", "removed"], list(structural["removed_by_op"].items()), "removed")
+            + (
+                table(["op", "removed"], list(structural["removed_by_op"].items()), "removed")
+                if structural["removed_by_op"]
+                else ""
+            )
             + "</section>"
         )
     rows, lists = [], []
