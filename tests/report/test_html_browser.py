@@ -102,3 +102,26 @@ def test_partial_fusion_shows_why_in_the_card(chromium, tmp_path):
     misses = page.probe["near_misses"]
     assert misses is not None and misses["bottom"] <= page.probe["verdict"]["bottom"]
     assert page.probe["cells"][0]["text"] == "0"
+
+
+def test_quantization_section_renders(llama_page, chromium, tmp_path):
+    """A report with a quantization dict (the shape schema.json documents) draws its KLD per
+    position in Chromium and names the scheme and quality in the card."""
+    report, _, _ = llama_page
+    kld = [0.002 * (1 + (i % 7)) for i in range(300)]
+    quantized = {
+        **report,
+        "quantization": {
+            "scheme": "int4",
+            "mean_kld": sum(kld) / len(kld),
+            "same_top1": 0.98,
+            "max_kld": 0.05,
+            "kld": kld,
+        },
+    }
+    page = open_page(chromium, write_all(quantized, tmp_path / "q")[2], tmp_path / "chromium")
+    assert page.console_errors == "", page.console_errors
+    assert_opens_on_verdict(page)
+    assert "int4" in page.probe["verdict_text"] and "same top-1 98.0%" in page.probe["verdict_text"]
+    chart = next(c for c in page.probe["charts"] if c["id"] == "kld-chart")
+    assert chart["values"] == pytest.approx(kld, rel=1e-5) and chart["drawn"] == len(kld)
