@@ -40,8 +40,18 @@ def diff(a: str | Path, b: str | Path) -> dict:
 
 
 def build_report(a: Path, b: Path, optimize_result: Any = None) -> dict:
-    """Compare model `a` (before) with `b` (after); `optimize_result` adds layers, near misses
-    and the verification figures when `b` came from `kvfuse.optimize`."""
+    """Compare model `a` (before) with `b` (after).
+
+    Args:
+        a: the model before (e.g. an export).
+        b: the model after.
+        optimize_result: the `OptimizeResult` that wrote `b`: adds layers, near misses, each
+            layer's lowering, quantization and the verification figures. Without it, the
+            verification recorded in `b`'s OUT.kvfuse.json sidecar is used when there is one.
+
+    Returns:
+        The report dict (see `schema.json`).
+    """
     model_a, model_b = load_structure(Path(a)), load_structure(Path(b))
     report = {
         "schema": SCHEMA,
@@ -59,6 +69,8 @@ def build_report(a: Path, b: Path, optimize_result: Any = None) -> dict:
     report["picture"] = _picture(model_a, model_b, report["rewrites"])
     if optimize_result is not None:
         _add_optimize_result(report, optimize_result)
+    else:
+        report["numerics"] = _sidecar_numerics(Path(b))
     return report
 
 
@@ -241,17 +253,36 @@ def _add_optimize_result(report: dict, result: Any) -> None:
         for miss in layer.near_misses
     ]
     if result.verification is not None:
-        verification = result.verification
-        report["numerics"] = {
-            "passed": verification.passed,
-            "atol": verification.atol,
-            "rtol": verification.rtol,
-            "max_abs_diff": verification.max_abs_diff,
-            "tokens_equal": verification.tokens_equal,
-            "prompt_tokens": verification.prompt_tokens,
-            "steps": [dataclasses.asdict(step) for step in verification.steps],
-            "first_divergence": None,
-        }
+        report["numerics"] = _numerics(dataclasses.asdict(result.verification))
+
+
+def _numerics(verification: dict, recorded_in: str | None = None) -> dict:
+    """The report's numerics from a `Verification` as a dict (its fields, as the optimize
+    sidecar stores them)."""
+    steps = verification["steps"]
+    numerics = {
+        "passed": verification["passed"],
+        "atol": verification["atol"],
+        "rtol": verification["rtol"],
+        "max_abs_diff": max(s["max_abs_diff"] for s in steps),
+        "tokens_equal": all(s["token_original"] == s["token_rewritten"] for s in steps),
+        "prompt_tokens": verification["prompt_tokens"],
+        "steps": steps,
+        "first_divergence": None,
+    }
+    if recorded_in is not None:
+        numerics["recorded_in"] = recorded_in
+    return numerics
+
+
+def _sidecar_numerics(model_path: Path) -> dict | None:
+    """The verification `kvfuse optimize` recorded beside the model it wrote, if any."""
+    sidecar = model_path.with_name(f"{model_path.stem}.kvfuse.json")
+    try:
+        verification = json.loads(sidecar.read_text()).get("verification")
+        return _numerics(verification, str(sidecar)) if verification else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # no sidecar, or not one kvfuse wrote: the report says "not verified"
 
 
 def _picture(a: onnx.ModelProto, b: onnx.ModelProto, rewrites: list[dict]) -> dict | None:

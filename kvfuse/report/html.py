@@ -229,7 +229,8 @@ def _verification_tile(report: dict) -> str:
         f"{'✓' if numerics['passed'] else '✗'} max |Δlogits| {numerics['max_abs_diff']:.1e}",
         f"{tokens} · tolerance {numerics['atol']:g} + {numerics['rtol']:g}·|logit|, worst step "
         f"at {digest.share(worst)} of it · prefill of {numerics['prompt_tokens']} + "
-        f"{len(numerics['steps']) - 1} decode steps",
+        f"{len(numerics['steps']) - 1} decode steps"
+        + (" (recorded at optimize time)" if numerics.get("recorded_in") else ""),
         "good wide" if numerics["passed"] else "bad wide",
     )
 

@@ -76,7 +76,9 @@ def _numerics(report: dict) -> str:
         "step's worst logit as a share of its tolerance |Δ| / (atol + rtol·|logit|); under 1 "
         f"passes. Max |Δlogits| {numerics['max_abs_diff']:.2e} (atol {numerics['atol']}, "
         f"rtol {numerics['rtol']}); greedy tokens "
-        f"{'equal' if numerics['tokens_equal'] else '<b>differ</b>'}.</p>"
+        f"{'equal' if numerics['tokens_equal'] else '<b>differ</b>'}."
+        + _recorded(numerics)
+        + "</p>"
         + chart
         + "<details><summary>per-step figures</summary>"
         + table(
@@ -85,6 +87,15 @@ def _numerics(report: dict) -> str:
             "numerics-table",
         )
         + "</details></section>"
+    )
+
+
+def _recorded(numerics: dict) -> str:
+    if not numerics.get("recorded_in"):
+        return ""
+    return (
+        f" Figures recorded by <code>kvfuse optimize</code> when it wrote the model, read from "
+        f"<code>{_e(numerics['recorded_in'])}</code>."
     )
 
 

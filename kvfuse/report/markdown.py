@@ -88,6 +88,11 @@ def _verification_line(numerics: dict | None) -> str:
         f"{verdict}: max \\|Δlogits\\| {numerics['max_abs_diff']:.2e} (tolerance "
         f"{numerics['atol']:g} + {numerics['rtol']:g}·\\|logit\\|), greedy tokens {tokens}, "
         f"prefill of {numerics['prompt_tokens']} + {len(numerics['steps']) - 1} decode steps"
+        + (
+            f" (recorded at optimize time in `{numerics['recorded_in']}`)"
+            if numerics.get("recorded_in")
+            else ""
+        )
     )
 
 

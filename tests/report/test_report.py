@@ -268,3 +268,17 @@ def test_near_misses_group_by_cause():
     assert groups[1]["reason"] == "key perm [0, 2, 1, 3]"
     assert digest.status(report) == "partial" and digest.layer_list(["3", "4"]) == "layers 3–4"
     assert digest.headline(report).startswith("Not optimized: 9 of 12 attention layers fused")
+
+
+def test_diff_of_an_optimize_output_reads_its_recorded_verification(optimized_llama):
+    """`kvfuse diff` of a model kvfuse wrote shows the verification optimize recorded in the
+    sidecar beside it, figure for figure; a model without a sidecar stays "not verified"."""
+    before, after, result = optimized_llama
+    numerics = diff(before, after)["numerics"]
+    assert numerics["recorded_in"] == str(after.with_name(f"{after.stem}.kvfuse.json"))
+    assert numerics["max_abs_diff"] == result.verification.max_abs_diff
+    assert [s["tolerance_used"] for s in numerics["steps"]] == [
+        s.tolerance_used for s in result.verification.steps
+    ]
+    assert "recorded at optimize time" in render(diff(before, after), ".html")
+    assert diff(after, before)["numerics"] is None
