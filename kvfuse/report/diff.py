@@ -236,6 +236,8 @@ def _lowering(layer: Any) -> dict | None:
 
 
 def _add_optimize_result(report: dict, result: Any) -> None:
+    report["meta"]["written"] = result.output is not None
+    report["meta"]["target"] = report["meta"]["target"] or result.target
     report["layers"] = []
     for layer in result.layers:
         entry = {"layer": layer.layer, "fused": layer.fused}

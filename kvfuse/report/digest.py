@@ -91,8 +91,10 @@ def headline(report: dict) -> str:
     attention = _attention_op(report)
     kv = (report.get("meta") or {}).get("kv")
     cache = f" with a fixed {kv['max_context']:,}-position KV cache updated in place" if kv else ""
+    unwritten = (report.get("meta") or {}).get("written") is False
+    nothing = ", so nothing was written" if unwritten else ""
     if state == "partial":
-        return f"Not optimized: {fused} of {len(found)} attention layers fused; see why below."
+        return f"Not optimized: {fused} of {len(found)} attention layers fused{nothing}; why below."
     a, b = report["models"]["a"]["nodes"], report["models"]["b"]["nodes"]
     did = (
         f"Fused {fused}/{len(found)} attention layers into {attention}{cache}: {a:,} → {b:,} nodes"

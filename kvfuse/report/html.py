@@ -167,29 +167,22 @@ def _tile(key: str, value: str, sub: str = "", css: str = "") -> str:
 
 
 def _tiles(report: dict) -> list[str]:
-    a, b = report["models"]["a"], report["models"]["b"]
-    tiles = []
-    if digest.layers(report):
-        fused = sum(layer["fused"] for layer in digest.layers(report))
-        total = len(digest.layers(report))
-        tiles.append(
-            _tile(
-                "layers fused",
-                f"{fused}/{total}",
-                _e(
-                    f"{total - fused} not fused"
-                    if fused < total
-                    else digest.lowering_summary(report) or "attention, one fused op each"
-                ),
-                "good" if fused == total else "bad",
-            )
+    tiles = [_layers_tile(report)] if digest.layers(report) else []
+    if (report.get("meta") or {}).get("written") is False:
+        unwritten = _tile(
+            "output",
+            "not written",
+            "kvfuse writes a model only when every layer fuses and verification passes",
+            "bad wide",
         )
+        return tiles + [unwritten, _target_tile(report), _quantization_tile(report)]
+    a, b = report["models"]["a"], report["models"]["b"]
+    changed = sum(1 for r in report["ops"] if r["delta"])
     tiles.append(
         _tile(
             "nodes",
             f"{a['nodes']:,} → {b['nodes']:,}",
-            f"{digest.percent_change(a['nodes'], b['nodes'])} · "
-            f"{sum(1 for r in report['ops'] if r['delta'])} op types changed",
+            f"{digest.percent_change(a['nodes'], b['nodes'])} · {changed} op types changed",
         )
     )
     tiles.append(
@@ -203,9 +196,20 @@ def _tiles(report: dict) -> list[str]:
     kv = (report.get("meta") or {}).get("kv")
     if kv:
         tiles.append(_kv_tile(kv))
-    tiles.append(_target_tile(report))
-    tiles.append(_quantization_tile(report))
-    return tiles
+    return tiles + [_target_tile(report), _quantization_tile(report)]
+
+
+def _layers_tile(report: dict) -> str:
+    layers = digest.layers(report)
+    fused = sum(layer["fused"] for layer in layers)
+    sub = (
+        f"{len(layers) - fused} not fused"
+        if fused < len(layers)
+        else digest.lowering_summary(report) or "attention, one fused op each"
+    )
+    return _tile(
+        "layers fused", f"{fused}/{len(layers)}", _e(sub), "good" if fused == len(layers) else "bad"
+    )
 
 
 def _kv_tile(kv: dict) -> str:

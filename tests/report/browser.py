@@ -44,7 +44,7 @@ PROBE = """
     verdict_text: verdict ? verdict.innerText : '',
     near_misses: box(document.getElementById('near-misses')),
     cells: Array.from(document.querySelectorAll('#layer-cells a')).map(function (a) {
-      return {text: a.textContent, href: a.getAttribute('href'), box: box(a),
+      return {text: a.textContent, href: a.getAttribute('href'), box: box(a), css: a.className,
               target: !!document.getElementById(a.getAttribute('href').slice(1))};
     }),
     charts: Array.from(document.querySelectorAll('svg.chart')).map(function (svg) {

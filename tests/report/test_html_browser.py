@@ -11,7 +11,6 @@ from kvfuse.optimize import PartialFusion, optimize
 from kvfuse.report import digest, write_all
 from kvfuse.report.diff import build_report
 from tests.report.browser import assert_opens_on_verdict, open_page
-from tests.rewriter.synthetic import build_lm
 
 
 @pytest.fixture(scope="module")
@@ -77,11 +76,13 @@ def test_kv_rows_are_folded(llama_page):
     assert not page.probe["io_full_open"] and page.probe["io_full_visible"] is False
 
 
-def test_partial_fusion_shows_why_in_the_card(chromium, tmp_path):
-    """A layer that did not fuse: the card says so, in words, with the culprit and the rule
-    that came closest, all in the first screen."""
-    model = build_lm("BHSD")
-    softmax = next(n for n in model.graph.node if n.op_type == "Softmax")
+def test_partial_fusion_shows_why_in_the_card(chromium, tiny_export, tmp_path):
+    """Layer 1 of two does not fuse (its attention probabilities are also a graph output): the
+    card says nothing was written, colours the cells by outcome and names the structure, the
+    culprit and the rule that came closest, all in the first screen."""
+    _, export_dir = tiny_export("llama")
+    model = onnx.load(str(export_dir / "model.onnx"))
+    softmax = [n for n in model.graph.node if n.op_type == "Softmax"][1]
     model.graph.output.append(onnx.helper.make_tensor_value_info(softmax.output[0], 1, None))
     onnx.save(model, tmp_path / "in.onnx")
     with pytest.raises(PartialFusion) as failure:
@@ -91,8 +92,8 @@ def test_partial_fusion_shows_why_in_the_card(chromium, tmp_path):
     assert page.console_errors == "", page.console_errors
     assert_opens_on_verdict(page)
     text = page.probe["verdict_text"]
-    assert "0 of 1 attention layers fused" in text
-    assert f"{softmax.output[0]} are also a graph output" in text
+    assert "1 of 2 attention layers fused, so nothing was written" in text
+    assert f"layer 1: attention probabilities {softmax.output[0]} are also a graph output" in text
     assert softmax.name in text  # the culprit, named
     closest = max(
         (m for m in report["near_misses"] if "diagnosis" not in m["rule"]),
@@ -101,7 +102,10 @@ def test_partial_fusion_shows_why_in_the_card(chromium, tmp_path):
     assert f"Closest rule: {closest['rule']} ({closest['matched_nodes']} nodes matched" in text
     misses = page.probe["near_misses"]
     assert misses is not None and misses["bottom"] <= page.probe["verdict"]["bottom"]
-    assert page.probe["cells"][0]["text"] == "0"
+    assert [(c["text"], c["css"]) for c in page.probe["cells"]] == [
+        ("0", "cell"),
+        ("1", "cell miss"),
+    ]
 
 
 def test_quantization_section_renders(llama_page, chromium, tmp_path):
