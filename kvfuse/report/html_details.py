@@ -85,9 +85,13 @@ def _rewrites(report: dict) -> str:
         ops = ", ".join(f"{op} ×{n}" for op, n in row["replaced_ops"].most_common(4))
         created = ", ".join(f"{op} ×{n}" for op, n in row["op_types"].most_common())
         where = digest.layer_list(row["layers"]) if row["layers"] else "whole graph"
-        rows.append([row["rule"], created, where, f"{row['replaced']:,}", ops])
+        rows.append(
+            [row["rule"], created, where.replace(" ", "\u00a0"), f"{row['replaced']:,}", ops]
+        )
         lists.append(
-            f"<details><summary>{_e(row['rule'])}: the {row['created']} nodes it created"
+            f"<details><summary>{_e(row['rule'])}: the "
+            + (f"{row['created']} nodes" if row["created"] > 1 else "node")
+            + " it created"
             "</summary><ul>"
             + "".join(_rewrite_item(item) for item in row["items"])
             + "</ul></details>"
@@ -135,7 +139,11 @@ def _layers(report: dict) -> str:
 
 def _layer_section(cell: dict, rewrites: list[dict], misses: list[dict]) -> str:
     if cell["fused"]:
-        how = " — fused" + (f", lowered as {cell['lowering']}" if cell["lowering"] else "")
+        how = " — fused" + (f", lowered as {_e(cell['lowering'])}" if cell["lowering"] else "")
+        created = collections.Counter(r["op_type"] for r in rewrites).most_common()
+        created.sort(key=lambda item: "Attention" not in item[0])  # the attention op first
+        if created:
+            how += ": " + ", ".join(f"{_e(op)} ×{n}" for op, n in created)
     else:
         how = f" — <span class='bad'>not fused</span>: {_e(cell['reason'])}"
     body = []

@@ -16,7 +16,7 @@ def to_markdown(report: dict) -> str:
         "",
         f"**{mark} {digest.headline(report)}**",
         "",
-        "| | |",
+        "| figure | value |",
         "|---|---|",
         *[f"| {key} | {value} |" for key, value in verdict_rows(report)],
     ]
