@@ -216,10 +216,13 @@ def _kv_facts(model: onnx.ModelProto, record: dict) -> dict:
 
 
 def _plain(value: Any) -> Any:
-    """A dataclass or mapping as a JSON-ready dict (other values as they are)."""
+    """A dataclass or mapping as a JSON-ready dict (paths and other objects as text); other
+    values as they are."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.asdict(value)
-    return dict(value) if isinstance(value, dict) else value
+        value = dataclasses.asdict(value)
+    if isinstance(value, dict):
+        return json.loads(json.dumps(value, default=str))
+    return value
 
 
 def _lowering(layer: Any) -> dict | None:

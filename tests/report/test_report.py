@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import re
 import types
@@ -176,6 +177,12 @@ def test_meta_names_target_version_and_kv_bytes(optimized_llama):
     assert meta["kv"]["max_context"] == 64 and meta["kv"]["dtype"] == "float32"
 
 
+@dataclasses.dataclass
+class Lowering:
+    name: str
+    reason: str
+
+
 def test_lowering_and_quantization_are_reported(optimized_llama):
     """A layer's lowering (name or record) and an optional quantization dict with per-position
     KLD reach the JSON (schema-valid), the cells and legend of the HTML, and the Markdown."""
@@ -186,7 +193,7 @@ def test_lowering_and_quantization_are_reported(optimized_llama):
             layer="1",
             fused=True,
             near_misses=[],
-            lowering={"name": "rotary_then_gqa", "reason": "rotary on 4 of 16 dims"},
+            lowering=Lowering("rotary_then_gqa", "rotary on 4 of 16 dims"),
         ),
     ]
     kld = [0.001, 0.004, 0.02, 0.003]
