@@ -291,9 +291,9 @@ def _sidecar_numerics(model_path: Path) -> dict | None:
 
 
 def _picture(a: onnx.ModelProto, b: onnx.ModelProto, rewrites: list[dict]) -> dict | None:
-    """One layer's attention before (the input nodes its GQA replaced) and after (the GQA
-    node and its neighbours), as small node/edge lists for drawing."""
-    first = next((r for r in rewrites if r["op_type"] == "GroupQueryAttention"), None)
+    """One layer's attention before (the input nodes its attention op replaced) and after (the
+    GroupQueryAttention or Attention node and its neighbours), as node/edge lists for drawing."""
+    first = next((r for r in rewrites if r["op_type"].endswith("Attention")), None)
     if first is None:
         return None
     names = {entry["name"] for entry in first["replaced"]}

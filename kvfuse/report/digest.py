@@ -107,9 +107,37 @@ def headline(report: dict) -> str:
     return f"{did}; verified against the original ({tokens})."
 
 
+PLUMBING = {
+    "Constant",
+    "Reshape",
+    "Transpose",
+    "Unsqueeze",
+    "Squeeze",
+    "Cast",
+    "Shape",
+    "Gather",
+    "Concat",
+    "Slice",
+    "Expand",
+    "Split",
+    "Identity",
+}
+
+
 def _attention_op(report: dict) -> str:
-    ops = collections.Counter(r["op_type"] for r in report["rewrites"] if "attention" in r["rule"])
-    return ops.most_common(1)[0][0] if ops else "fused attention"
+    """What the attention rules made: "GroupQueryAttention", or "Attention (+ TensorScatter,
+    RotaryEmbedding)" (the onnx target's ops), ignoring the shape plumbing around them."""
+    ops = collections.Counter(
+        r["op_type"]
+        for r in report["rewrites"]
+        if r["rule"].startswith("attention/") and r["op_type"] not in PLUMBING
+    )
+    if not ops:
+        return "fused attention"
+    main = next((op for op, _ in ops.most_common() if op.endswith("Attention")), None)
+    main = main or ops.most_common(1)[0][0]
+    extras = [op for op, _ in ops.most_common() if op != main][:2]
+    return main + (f" (+ {', '.join(extras)})" if extras else "")
 
 
 def blockers(report: dict) -> list[dict]:
