@@ -331,6 +331,11 @@ def quantization_figures(quantization: dict) -> list[tuple[str, str]]:
     ]
 
 
+def dims(shape: list | None) -> str:
+    """[batch_size, 3, 2048, 64]; "—" for a value the model does not have."""
+    return "—" if shape is None else "[" + ", ".join(str(d) for d in shape) + "]"
+
+
 def mib(count: int | float) -> str:
     """Bytes in KiB, MiB or GiB, whichever reads best."""
     if count < 2**20:

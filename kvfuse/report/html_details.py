@@ -17,10 +17,6 @@ def details_sections(report: dict) -> list[str]:
     return [_io(report), _rewrites(report), _layers(report), _models(report)]
 
 
-def _dims(dims) -> str:
-    return "—" if dims is None else "[" + ", ".join(str(d) for d in dims) + "]"
-
-
 def _io(report: dict) -> str:
     rows = []
     for group in digest.fold_io(report):
@@ -34,8 +30,8 @@ def _io(report: dict) -> str:
                 _e(group["label"]),
                 f"<code>{_e(group['pattern'])}</code>",
                 _e(group["change"]),
-                _e(_dims(group["a"])),
-                _e(_dims(group["b"])),
+                _e(digest.dims(group["a"])),
+                _e(digest.dims(group["b"])),
                 "; ".join(notes),
             ]
         )
@@ -44,8 +40,8 @@ def _io(report: dict) -> str:
             kind[:-1],
             f"<code>{_e(r['name'])}</code>",
             r["change"],
-            _e(_dims(r["a"])),
-            _e(_dims(r["b"])),
+            _e(digest.dims(r["a"])),
+            _e(digest.dims(r["b"])),
             ", ".join(map(str, r["became_static"])),
         ]
         for kind in ("inputs", "outputs")

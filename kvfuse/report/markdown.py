@@ -170,10 +170,10 @@ def _io(report: dict) -> list[str]:
     lines = ["", "## Inputs and outputs", "", "| what | names | change | before | after |"]
     lines.append("|---|---|---|---|---|")
     for group in digest.fold_io(report):
-        after = str(group["b"]) if group["b"] is not None else "—"
+        after = digest.dims(group["b"])
         if group["in_place"]:
             after += f", same buffer as `{group['aliases_of']}` (bound in place)"
-        before = str(group["a"]) if group["a"] is not None else "—"
+        before = digest.dims(group["a"])
         lines.append(
             f"| {group['label']} | `{group['pattern']}` | {group['change']} | {before} | {after} |"
         )
