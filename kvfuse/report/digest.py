@@ -107,21 +107,11 @@ def headline(report: dict) -> str:
     return f"{did}; verified against the original ({tokens})."
 
 
-PLUMBING = {
-    "Constant",
-    "Reshape",
-    "Transpose",
-    "Unsqueeze",
-    "Squeeze",
-    "Cast",
-    "Shape",
-    "Gather",
-    "Concat",
-    "Slice",
-    "Expand",
-    "Split",
-    "Identity",
-}
+# shape plumbing a rule creates around the op it fuses into; not what a reader calls "the op"
+PLUMBING = frozenset(
+    "Constant Reshape Transpose Unsqueeze Squeeze Cast Shape Gather Concat Slice Expand Split "
+    "Identity".split()
+)
 
 
 def _attention_op(report: dict) -> str:
@@ -146,40 +136,35 @@ def blockers(report: dict) -> list[dict]:
     by_layer = collections.defaultdict(list)
     for miss in report["near_misses"]:
         by_layer[miss["layer"]].append(miss)
+    unfused = [layer["layer"] for layer in layers(report) if not layer["fused"]]
     groups: dict[tuple, dict] = {}
-    for layer in sorted(by_layer, key=layer_key):
-        misses = by_layer[layer]
-        diagnosis = next((m for m in misses if m["rule"].endswith(DIAGNOSIS_SUFFIX)), None)
-        tried = [m for m in misses if not m["rule"].endswith(DIAGNOSIS_SUFFIX)]
-        closest = max(tried, key=lambda m: m["matched_nodes"], default=None)
-        words = diagnosis or closest
-        key = (words["reason"], closest["rule"] if closest else None)
+    for label in sorted(unfused, key=layer_key):
+        cause = _cause(by_layer.get(label, []))
         group = groups.setdefault(
-            key,
-            {
-                "layers": [],
-                "reason": words["reason"],
-                "culprits": [],
-                "closest_rule": closest["rule"] if closest else None,
-                "closest_matched": closest["matched_nodes"] if closest else 0,
-                "closest_reason": closest["reason"] if closest else None,
-            },
+            (cause["reason"], cause["closest_rule"]), {**cause, "layers": [], "culprits": []}
         )
-        group["layers"].append(layer)
-        for culprit in (diagnosis or {}).get("culprits", []) + (closest or {}).get("culprits", []):
-            if culprit not in group["culprits"]:
-                group["culprits"].append(culprit)
-    for layer in layers(report):  # a layer that failed with no rule coming close at all
-        if not layer["fused"] and layer["layer"] not in by_layer:
-            groups[("none", layer["layer"])] = {
-                "layers": [layer["layer"]],
-                "reason": "no attention rule came close (fewer than 2 nodes matched)",
-                "culprits": [],
-                "closest_rule": None,
-                "closest_matched": 0,
-                "closest_reason": None,
-            }
+        group["layers"].append(label)
+        group["culprits"] += [c for c in cause["culprits"] if c not in group["culprits"]]
     return list(groups.values())
+
+
+def _cause(misses: list[dict]) -> dict:
+    """One layer's near misses as a cause: the diagnosis's words (else the closest rule's
+    reason), the culprits of both, and the rule that matched the most nodes."""
+    diagnosis = next((m for m in misses if m["rule"].endswith(DIAGNOSIS_SUFFIX)), None)
+    tried = [m for m in misses if not m["rule"].endswith(DIAGNOSIS_SUFFIX)]
+    closest = max(tried, key=lambda m: m["matched_nodes"], default=None)
+    words = diagnosis or closest
+    culprits = (diagnosis or {}).get("culprits", []) + (closest or {}).get("culprits", [])
+    return {
+        "reason": words["reason"]
+        if words
+        else "no attention rule came close (fewer than 2 nodes matched)",
+        "culprits": list(dict.fromkeys(culprits)),
+        "closest_rule": closest["rule"] if closest else None,
+        "closest_matched": closest["matched_nodes"] if closest else 0,
+        "closest_reason": closest["reason"] if closest else None,
+    }
 
 
 def layer_list(labels: list[str]) -> str:
