@@ -225,29 +225,18 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _lowering(layer: Any) -> dict | None:
-    """The lowering a layer took, as {"name", "reason"}: `LayerOutcome.lowering` may be a
-    name, a mapping or a dataclass with a name/kind and a reason."""
-    lowering = _plain(getattr(layer, "lowering", None))
-    if lowering is None:
-        return None
-    if isinstance(lowering, str):
-        return {"name": lowering, "reason": None}
-    name = next((lowering[k] for k in ("name", "lowering", "kind") if lowering.get(k)), None)
-    reason = next((lowering[k] for k in ("reason", "why") if lowering.get(k)), None)
-    return {"name": str(name) if name is not None else "lowered", "reason": reason}
-
-
 def _add_optimize_result(report: dict, result: Any) -> None:
     report["meta"]["written"] = result.output is not None
     report["meta"]["target"] = report["meta"]["target"] or result.target
-    report["layers"] = []
-    for layer in result.layers:
-        entry = {"layer": layer.layer, "fused": layer.fused}
-        lowering = _lowering(layer)
-        if lowering is not None:
-            entry["lowering"] = lowering
-        report["layers"].append(entry)
+    report["layers"] = [
+        {
+            "layer": layer.layer,
+            "fused": layer.fused,
+            "lowering": layer.lowering,
+            "lowering_reason": layer.lowering_reason,
+        }
+        for layer in result.layers
+    ]
     quantization = _plain(getattr(result, "quantization", None))
     if quantization:
         report["quantization"] = quantization

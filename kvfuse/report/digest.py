@@ -21,8 +21,7 @@ def layer_key(label: str) -> tuple:
 
 def lowering_name(layer: dict) -> str | None:
     """The lowering a layer took, when the report records one."""
-    lowering = layer.get("lowering")
-    return lowering.get("name") if isinstance(lowering, dict) else None
+    return layer.get("lowering") or None
 
 
 def layers(report: dict) -> list[dict]:
@@ -48,19 +47,28 @@ def lowering_summary(report: dict) -> str | None:
     return "lowered as " + ", ".join(f"{name} ×{count}" for name, count in names.most_common())
 
 
+def lowering_groups(report: dict) -> list[dict]:
+    """Fused layers by the lowering they took and why: one entry per (lowering, reason)."""
+    groups: dict[tuple, list[str]] = {}
+    for layer in sorted(layers(report), key=lambda item: layer_key(item["layer"])):
+        if layer["fused"] and lowering_name(layer):
+            key = (lowering_name(layer), layer.get("lowering_reason") or "")
+            groups.setdefault(key, []).append(layer["layer"])
+    return [{"lowering": k[0], "reason": k[1], "layers": v} for k, v in groups.items()]
+
+
 def layer_cells(report: dict) -> list[dict]:
     """One cell per attention layer, in layer order: label, fused, lowering, why not."""
     blocked = {b_layer: b for b in blockers(report) for b_layer in b["layers"]}
     cells = []
     for layer in sorted(layers(report), key=lambda item: layer_key(item["layer"])):
-        lowering = layer.get("lowering") if isinstance(layer.get("lowering"), dict) else {}
         reason = blocked[layer["layer"]]["reason"] if layer["layer"] in blocked else None
         cells.append(
             {
                 "layer": layer["layer"],
                 "fused": layer["fused"],
-                "lowering": lowering.get("name"),
-                "lowering_reason": lowering.get("reason"),
+                "lowering": lowering_name(layer),
+                "lowering_reason": layer.get("lowering_reason") or None,
                 "reason": reason,
             }
         )

@@ -126,10 +126,17 @@ def _layers(report: dict) -> str:
         _layer_section(cell, by_layer[cell["layer"]], misses[cell["layer"]])
         for cell in digest.layer_cells(report)
     ]
-    fused = sum(layer["fused"] for layer in digest.layers(report))
+    found = digest.layers(report)
+    fused = sum(layer["fused"] for layer in found)
+    lowered = [
+        [digest.layer_list(g["layers"]), g["lowering"], g["reason"]]
+        for g in digest.lowering_groups(report)
+    ]
     return (
-        f"<section id='layers'><h2>Attention layers: {fused} of {len(report['layers'])} fused"
-        "</h2>" + "".join(sections) + "</section>"
+        f"<section id='layers'><h2>Attention layers: {fused} of {len(found)} fused</h2>"
+        + (table(["layers", "lowering", "why"], lowered, "lowerings") if lowered else "")
+        + "".join(sections)
+        + "</section>"
     )
 
 

@@ -201,11 +201,10 @@ def _layers(report: dict) -> list[str]:
     if not digest.layers(report):
         return []
     fused = sum(layer["fused"] for layer in digest.layers(report))
-    lines = ["", "## Attention layers", "", f"{fused} of {len(report['layers'])} fused."]
-    for cell in digest.layer_cells(report):
-        if cell["lowering"]:
-            why = f": {cell['lowering_reason']}" if cell["lowering_reason"] else ""
-            lines.append(f"- layer {cell['layer']}: lowered as {cell['lowering']}{why}")
+    lines = ["", "## Attention layers", "", f"{fused} of {len(digest.layers(report))} fused."]
+    for group in digest.lowering_groups(report):
+        why = f": {group['reason']}" if group["reason"] else ""
+        lines.append(f"- {digest.layer_list(group['layers'])}: lowered as {group['lowering']}{why}")
     for miss in report["near_misses"]:
         culprits = ", ".join(f"`{c}`" for c in miss["culprits"])
         lines.append(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import dataclasses
 import json
 import re
 import types
@@ -75,7 +74,10 @@ def test_numbers_match_independent_counts(optimized_llama):
     removed = {r["name"] for r in report["io"]["inputs"] if r["change"] == "removed"}
     assert removed == {"attention_mask", "position_ids"}
     assert report["numerics"]["passed"] and len(report["numerics"]["steps"]) == 9
-    assert report["layers"] == [{"layer": "0", "fused": True}, {"layer": "1", "fused": True}]
+    assert [(r["layer"], r["fused"], r["lowering"]) for r in report["layers"]] == [
+        ("0", True, "gqa-rotary"),
+        ("1", True, "gqa-rotary"),
+    ]
 
 
 def test_diff_of_models_kvfuse_did_not_write(tiny_export, tmp_path):
@@ -177,24 +179,17 @@ def test_meta_names_target_version_and_kv_bytes(optimized_llama):
     assert meta["kv"]["max_context"] == 64 and meta["kv"]["dtype"] == "float32"
 
 
-@dataclasses.dataclass
-class Lowering:
-    name: str
-    reason: str
-
-
 def test_lowering_and_quantization_are_reported(optimized_llama):
-    """A layer's lowering (name or record) and an optional quantization dict with per-position
+    """Each layer's lowering and why, and an optional quantization dict with per-position
     KLD reach the JSON (schema-valid), the cells and legend of the HTML, and the Markdown."""
     before, after, result = optimized_llama
     layers = [
-        types.SimpleNamespace(layer="0", fused=True, near_misses=[], lowering="gqa_rotary"),
         types.SimpleNamespace(
-            layer="1",
-            fused=True,
-            near_misses=[],
-            lowering=Lowering("rotary_then_gqa", "rotary on 4 of 16 dims"),
-        ),
+            layer=str(i), fused=True, near_misses=[], lowering=name, lowering_reason=why
+        )
+        for i, (name, why) in enumerate(
+            [("gqa-rotary", "GQA rotates all 16 dims"), ("rotary-op+gqa", "rotary on 4 of 16")]
+        )
     ]
     kld = [0.001, 0.004, 0.02, 0.003]
     quantization = {
@@ -213,18 +208,21 @@ def test_lowering_and_quantization_are_reported(optimized_llama):
     )
     report = build_report(before, after, shaped)
     jsonschema.validate(report, SCHEMA)
-    assert report["layers"][0]["lowering"] == {"name": "gqa_rotary", "reason": None}
-    assert report["layers"][1]["lowering"]["reason"] == "rotary on 4 of 16 dims"
+    assert [(r["lowering"], r["lowering_reason"]) for r in report["layers"]] == [
+        ("gqa-rotary", "GQA rotates all 16 dims"),
+        ("rotary-op+gqa", "rotary on 4 of 16"),
+    ]
     page = render(report, ".html")
     assert page.count("id='kld-chart'") == 1
     chart = page[page.index("id='kld-chart'") :].split("</svg>")[0]
     assert re.findall(r"data-value='([^']+)'", chart) == [f"{v:.6g}" for v in kld]
-    assert "gqa_rotary" in page and "rotary_then_gqa" in page and "same top-1 97.5%" in page
+    assert "gqa-rotary" in page and "rotary-op+gqa: rotary on 4 of 16" in page
+    assert "same top-1 97.5%" in page
     cells = re.findall(r"<a class='cell' href='#layer-(\d)' style='background:(#\w+)'", page)
     assert [c[0] for c in cells] == ["0", "1"] and cells[0][1] != cells[1][1]
     text = render(report, ".md")
     assert "## Quantization" in text and "mean KLD 0.007" in text
-    assert "lowered as gqa_rotary ×1, rotary_then_gqa ×1" in text
+    assert "lowered as gqa-rotary ×1, rotary-op+gqa ×1" in text
     broken = dict(report, quantization={**quantization, "kld": ["high"]})
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(broken, SCHEMA)
