@@ -83,7 +83,9 @@ def test_partial_fusion_shows_why_in_the_card(chromium, tiny_export, tmp_path):
     _, export_dir = tiny_export("llama")
     model = onnx.load(str(export_dir / "model.onnx"))
     softmax = [n for n in model.graph.node if n.op_type == "Softmax"][1]
-    model.graph.output.append(onnx.helper.make_tensor_value_info(softmax.output[0], 1, None))
+    model.graph.output.append(
+        onnx.helper.make_tensor_value_info(softmax.output[0], 1, ["b", "h", "s", "t"])
+    )
     onnx.save(model, tmp_path / "in.onnx")
     with pytest.raises(PartialFusion) as failure:
         optimize(tmp_path / "in.onnx", tmp_path / "out.onnx", max_context=32, quiet=True)
