@@ -201,7 +201,7 @@ def _layers(report: dict) -> list[str]:
     if not digest.layers(report):
         return []
     fused = sum(layer["fused"] for layer in digest.layers(report))
-    lines = ["", "## Attention layers", "", f"{fused} of {len(digest.layers(report))} fused."]
+    lines = ["", "## Attention layers", "", f"{fused} of {len(digest.layers(report))} fused.", ""]
     for group in digest.lowering_groups(report):
         why = f": {group['reason']}" if group["reason"] else ""
         lines.append(f"- {digest.layer_list(group['layers'])}: lowered as {group['lowering']}{why}")
