@@ -132,17 +132,26 @@ def optimize(
     except PartialFusion as error:
         if explain:
             _print_layers(error.result)
+        if report is not None:  # why not fused, in the report too (no model was written)
+            _write_optimize_report(source, None, error.result, report, quiet)
         raise
     if not quiet:
         _print_optimize_summary(result, explain)
     if report is not None:
-        from kvfuse import report as reports
-        from kvfuse.report.diff import build_report
+        _write_optimize_report(source, result.output, result, report, quiet)
 
-        source_model = source / "model.onnx" if source.is_dir() else source
-        written = reports.write_all(build_report(source_model, result.output, result), report)
-        if not quiet:
-            console.print("report: " + ", ".join(str(p) for p in written))
+
+def _write_optimize_report(source: Path, output: Path | None, result, stem: Path, quiet: bool):
+    """STEM.json/.md/.html for an optimize run; a partial fusion compares the input with
+    itself, so the report carries the layers and their near misses."""
+    from kvfuse import report as reports
+    from kvfuse.report.diff import build_report
+
+    source_model = source / "model.onnx" if source.is_dir() else source
+    built = build_report(source_model, output or source_model, result)
+    written = reports.write_all(built, stem)
+    if not quiet:
+        console.print("report: " + ", ".join(str(p) for p in written))
 
 
 @app.command()
