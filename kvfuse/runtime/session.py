@@ -50,6 +50,8 @@ class Session:
             if not prepack:  # else each session reads (and pre-packs) its own copy
                 self.weights = SharedWeights(spec.weights_path, list(graphs.values()))
         shape = (len(spec.pairs), batch, spec.kv_heads, spec.max_context, spec.head_dim)
+        if spec.dtype not in ("float32", "float16"):
+            raise KvfuseError(f"onnxruntime's CPU kernels cannot run this {spec.dtype} model")
         check_fits(int(np.prod(shape)) * np.dtype(spec.kv_dtype).itemsize, shape)
         self.arena = np.zeros(shape, dtype=spec.kv_dtype)  # the only KV memory, allocated once
         self._kv_values = [ort.OrtValue.ortvalue_from_numpy(self.arena[i]) for i in range(shape[0])]
@@ -58,6 +60,7 @@ class Session:
         self._logits: dict[tuple[int, int | None], np.ndarray] = {}
         self._probed: set[int | None] = set()
         self._seqlens = np.zeros([batch], np.int32)
+        self.held: list[int] = []  # tokens row 0 holds, left by the last single-prompt run
         self._total = np.zeros([], np.int32)
 
     def _open(self, path) -> tuple[ort.InferenceSession, ort.IOBinding]:
@@ -78,6 +81,16 @@ class Session:
     @property
     def kv_bytes(self) -> int:
         return self.arena.nbytes
+
+    kv_location = ("cpu", 0)  # where the arena lies, for bindings by pointer (rows.py)
+
+    @property
+    def kv_dtype(self):
+        return self.arena.dtype
+
+    def row_address(self, index: int, row: int) -> int:
+        """The address of layer-buffer `index`'s row `row` in the arena."""
+        return self.arena[index, row].ctypes.data
 
     @property
     def prefill_len(self) -> int | None:
@@ -171,6 +184,7 @@ class Session:
     def reset(self) -> None:
         """Forget every cached position (the buffers stay where they are)."""
         self.arena[...] = 0.0
+        self.held = []
 
     def _logits_buffer(self, binding, key, steps: int) -> np.ndarray:
         if (steps, key) not in self._logits:
