@@ -52,7 +52,7 @@ def check_external_data(path: Path, proto: onnx.ModelProto) -> None:
             )
         if not file.is_file():
             raise KvfuseError(
-                f"{path}: the weights file {location} (tensor {tensor.name}) is missing; "
+                f"{path}: {location} is missing (the weights file of tensor {tensor.name}); "
                 "copy it beside the model"
             )
         try:
