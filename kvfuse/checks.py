@@ -68,9 +68,9 @@ def check_external_data(path: Path, proto: onnx.ModelProto) -> None:
         end = offset + (expected if expected is not None else int(length or 0))
         if offset < 0 or end > file.stat().st_size:
             raise KvfuseError(
-                f"{path}: {location} is {file.stat().st_size} bytes, too short for tensor "
-                f"{tensor.name} (ends at byte {end}); the weights file is truncated or not "
-                "this model's"
+                f"{path}: tensor {tensor.name} lies outside {location} (it ends at byte "
+                f"{end}, the file has {file.stat().st_size}); the weights file is truncated or "
+                "not this model's"
             )
 
 
