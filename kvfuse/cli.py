@@ -209,8 +209,12 @@ def serve(
 ) -> None:
     """Serve the model over HTTP: OpenAI /v1/chat/completions, /v1/completions, /v1/models;
     TGI /generate, /generate_stream, /, /info, /health; Prometheus /metrics."""
-    from kvfuse.serve import serve_forever
-
+    try:
+        from kvfuse.serve import serve_forever
+    except ImportError as error:  # the server's libraries are an extra
+        raise KvfuseError(
+            f"kvfuse serve needs {error.name}: pip install 'kvfuse[serve]'"
+        ) from error
     serve_forever(
         model,
         host,
