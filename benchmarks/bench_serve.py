@@ -45,8 +45,9 @@ def main() -> None:
     args = _arguments()
     rows = []
     for label, path in args.model:
+        profile = _profile(path, args)  # before the server starts: alone on the machine
         with _Server(path, args) as server:
-            rows.append(asyncio.run(_measure(label, server, args)))
+            rows.append(asyncio.run(_measure(label, server, args)) | {"profile": profile})
     lines = _table(rows, args)
     print("\n".join(lines))
     if not args.no_write:
@@ -58,7 +59,8 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--model", action="append", required=True, type=_labelled)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--slots", type=int, default=16)
-    parser.add_argument("--prefill-chunk", type=int, default=64)
+    parser.add_argument("--prefill-chunk", type=int, default=256)
+    parser.add_argument("--chunk-while-decoding", type=int, default=16)
     parser.add_argument("--streams", default="1,4,8,16")
     parser.add_argument("--requests-per-stream", type=int, default=2)
     parser.add_argument("--prompt-tokens", type=int, default=64)
@@ -90,6 +92,7 @@ class _Server:
             sys.executable, "-m", "kvfuse", "serve", str(model), "--port", str(self.port),
             "--slots", str(args.slots), "--max-queue", str(args.leak_requests),
             "--threads", str(args.threads), "--prefill-chunk", str(args.prefill_chunk),
+            "--chunk-while-decoding", str(args.chunk_while_decoding),
         ]  # fmt: skip
         self.model = model
 
@@ -254,6 +257,32 @@ async def _leak(server, args) -> dict:
     }
 
 
+def _profile(model: Path, args, repeats: int = 5) -> dict:
+    """The engine's two kinds of step, timed directly on the runtime: a decode step over n
+    rows, and a prompt chunk of C tokens on one row (each after 200 tokens of context)."""
+    from kvfuse.runtime.rows import RowSteps
+    from kvfuse.runtime.session import Session
+    from kvfuse.runtime.spec import read_spec
+
+    steps = RowSteps(Session(read_spec(model), 16, args.threads))
+    prompt = np.arange(1000, 1300)[None]
+    for row in range(16):
+        steps.step(row, prompt[:, :200], np.array([200]))
+
+    def timed(run) -> float:
+        run()
+        started = time.perf_counter()
+        for _ in range(repeats):
+            run()
+        return (time.perf_counter() - started) / repeats * 1e3
+
+    decode = {n: timed(lambda n=n: steps.step(0, np.ones((n, 1), np.int64), np.full(n, 201)))
+              for n in (1, 4, 8, 16)}  # fmt: skip
+    chunk = {c: timed(lambda c=c: steps.step(0, prompt[:, 200 : 200 + c], np.array([200 + c])))
+             for c in (4, 8, 16, 32, 64)}  # fmt: skip
+    return {"decode": decode, "chunk": chunk}
+
+
 def _prompt_of(server: _Server, tokens: int, seed: int) -> str:
     """A text of exactly `tokens` tokens for the served model's tokenizer."""
     from kvfuse.runtime.spec import read_spec
@@ -271,8 +300,9 @@ def _table(rows: list[dict], args) -> list[str]:
         SECTION,
         "## Serving (`benchmarks/bench_serve.py`)",
         "",
-        f"`kvfuse serve` with {args.slots} slots, {args.threads} threads, prefill chunk "
-        f"{args.prefill_chunk}; loopback clients on /generate_stream; prompts of "
+        f"`kvfuse serve` with {args.slots} slots, {args.threads} threads, prefill chunks of "
+        f"{args.prefill_chunk} tokens ({args.chunk_while_decoding} while rows decode); "
+        "loopback clients on /generate_stream; prompts of "
         f"{args.prompt_tokens} tokens, {args.new_tokens} new tokens each (greedy, eos ignored), "
         f"{args.requests_per_stream} requests per stream. Machine: {platform.machine()}, "
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end.",
@@ -288,6 +318,22 @@ def _table(rows: list[dict], args) -> list[str]:
     lines += ["", "| model | target | measured | met |", "|---|---|---|---|"]
     for row in rows:
         lines += _targets(row)
+    lines += [
+        "",
+        "Profile (the engine's two kinds of step, timed on the runtime alone, after 200 tokens "
+        "of context): a turn with a prompt chunk costs a decode step plus a chunk step, and a "
+        "chunk of C tokens costs about a decode step over C rows (each reads all the weights).",
+        "",
+        "| model | decode step, 1 / 4 / 8 / 16 rows (ms) | prompt chunk, 4 / 8 / 16 / 32 / 64 "
+        "tokens (ms) |",
+        "|---|---|---|",
+    ]
+    for row in rows:
+        decode, chunk = row["profile"]["decode"], row["profile"]["chunk"]
+        lines.append(
+            f"| {row['label']} | {' / '.join(f'{v:.1f}' for v in decode.values())} | "
+            f"{' / '.join(f'{v:.1f}' for v in chunk.values())} |"
+        )
     partial = [f"{row['label']}: {', '.join(row['partial'])}" for row in rows if row["partial"]]
     if partial:
         lines += ["", "Stopped by --time-limit before all requests ran: " + "; ".join(partial)]

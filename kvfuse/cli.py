@@ -198,8 +198,11 @@ def serve(
     max_queue: Annotated[int, typer.Option(help="Requests that may wait for a row.")] = 64,
     threads: Annotated[int | None, typer.Option(help="Threads (default: physical cores).")] = None,
     prefill_chunk: Annotated[
-        int, typer.Option(help="Prompt tokens per step, between the other rows' decode steps.")
-    ] = 64,
+        int, typer.Option(help="Prompt tokens per step while no other row decodes.")
+    ] = 256,
+    chunk_while_decoding: Annotated[
+        int, typer.Option(help="Prompt tokens per step between the other rows' decode steps.")
+    ] = 16,
     max_new_tokens: Annotated[
         int, typer.Option(help="Default max new tokens of a request that gives none.")
     ] = 256,
@@ -223,6 +226,7 @@ def serve(
         max_queue=max_queue,
         threads=threads,
         prefill_chunk=prefill_chunk,
+        chunk_while_decoding=chunk_while_decoding,
         default_max_new_tokens=max_new_tokens,
         request_timeout_s=request_timeout,
     )
