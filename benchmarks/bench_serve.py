@@ -124,7 +124,7 @@ class _Server:
     def metrics(self) -> dict[str, float]:
         samples = {}
         for line in httpx.get(self.url + "/metrics").text.splitlines():
-            if line.startswith("kvfuse_"):
+            if line.startswith(("kvfuse_", "process_resident_memory_bytes")):
                 name, value = line.rsplit(" ", 1)
                 samples[name] = float(value)
         return samples
@@ -239,6 +239,7 @@ async def _leak(server, args) -> dict:
         for _ in range(args.leak_requests)
     ]
     deadline = time.monotonic() + args.time_limit
+    rss_before = server.metrics().get("process_resident_memory_bytes", 0.0)
     records, wall = await _clients(server.url, 16, jobs, deadline, args.leak_new_tokens)
     await asyncio.sleep(1.0)  # a dropped stream's row is freed at the engine's next step
     samples = server.metrics()
@@ -253,6 +254,7 @@ async def _leak(server, args) -> dict:
         "active_rows": int(samples.get("kvfuse_active_rows", -1)),
         "queue": int(samples.get("kvfuse_queue_length", -1)),
         "cancelled": outcomes.get("cancelled", 0),
+        "rss_mb": (rss_before / 2**20, samples.get("process_resident_memory_bytes", 0) / 2**20),
         "outcomes": outcomes,
     }
 
@@ -368,7 +370,8 @@ def _targets(row) -> list[str]:
     out.append(
         f"| {row['label']} | no row leaked after {leak['requests']} requests, "
         f"{leak['cancelled']} dropped mid-stream | active rows {leak['active_rows']}, queue "
-        f"{leak['queue']} ({leak['wall']:.0f} s) | {'no' if leaked else 'yes'} |"
+        f"{leak['queue']} ({leak['wall']:.0f} s; server RSS {leak['rss_mb'][0]:.0f} → "
+        f"{leak['rss_mb'][1]:.0f} MB) | {'no' if leaked else 'yes'} |"
     )
     return out
 
