@@ -178,13 +178,13 @@ class Engine:
             raise KvfuseError("the prompt is empty after tokenization")
         room = self.max_context - len(prompt)
         if params.max_new_tokens is None:
-            wanted = min(self.default_max_new_tokens, room)
+            wanted = max(1, min(self.default_max_new_tokens, room))
             params = dataclasses.replace(params, max_new_tokens=wanted)
         if params.timeout_s is None and self.request_timeout_s:
             params = dataclasses.replace(params, timeout_s=self.request_timeout_s)
         if room < 1 or params.max_new_tokens > room:
             self.metrics.outcome("rejected_context")
-            raise ContextTooLong(len(prompt), params.max_new_tokens or 1, self.max_context)
+            raise ContextTooLong(len(prompt), params.max_new_tokens, self.max_context)
         request = Request(list(prompt), params, sink)
         with self._lock:
             if self._busy + len(self._waiting) >= self.slots + self.max_queue:
