@@ -354,8 +354,9 @@ def _table(rows: list[dict], args) -> list[str]:
     lines += [
         "",
         "Profile (the engine's two kinds of step, timed on the runtime alone before the server "
-        "starts, after 200 tokens of context): a turn with a prompt chunk costs a decode step plus a chunk step, and a "
-        "chunk of C tokens costs about a decode step over C rows (each reads all the weights).",
+        "starts, after 200 tokens of context): a turn with a prompt chunk costs a decode step "
+        "plus a chunk step, and a chunk of C tokens costs about a decode step over C rows "
+        "(each reads all the weights).",
         "",
         "| model | decode step: rows → ms | prompt chunk: tokens → ms |",
         "|---|---|---|",

@@ -43,6 +43,9 @@ def export(
     exporter: Annotated[
         str, typer.Option(help="optimum (TorchScript via Optimum) or dynamo (torch.onnx).")
     ] = "optimum",
+    dtype: Annotated[
+        str, typer.Option(help="float32, float16 or bfloat16 (bfloat16 needs --exporter dynamo).")
+    ] = "float32",
 ) -> None:
     """Export a causal LM to ONNX with past KV (text-generation-with-past I/O)."""
     from kvfuse.exporters.export import export as run_export
@@ -54,6 +57,7 @@ def export(
         trust_remote_code=trust_remote_code,
         quiet=quiet,
         exporter=exporter,
+        dtype=dtype,
     )
     if not quiet:
         _print_export_summary(result)
@@ -119,17 +123,26 @@ def optimize(
     except PartialFusion as error:
         if explain:
             _print_layers(error.result)
+        if report is not None:  # why not fused, in the report too (no model was written)
+            _write_optimize_report(source, None, error.result, report, quiet)
         raise
     if not quiet:
         _print_optimize_summary(result, explain)
     if report is not None:
-        from kvfuse import report as reports
-        from kvfuse.report.diff import build_report
+        _write_optimize_report(source, result.output, result, report, quiet)
 
-        source_model = source / "model.onnx" if source.is_dir() else source
-        written = reports.write_all(build_report(source_model, result.output, result), report)
-        if not quiet:
-            console.print("report: " + ", ".join(str(p) for p in written))
+
+def _write_optimize_report(source: Path, output: Path | None, result, stem: Path, quiet: bool):
+    """STEM.json/.md/.html for an optimize run; a partial fusion compares the input with
+    itself, so the report carries the layers and their near misses."""
+    from kvfuse import report as reports
+    from kvfuse.report.diff import build_report
+
+    source_model = source / "model.onnx" if source.is_dir() else source
+    built = build_report(source_model, output or source_model, result)
+    written = reports.write_all(built, stem)
+    if not quiet:
+        console.print("report: " + ", ".join(str(p) for p in written))
 
 
 @app.command()
@@ -282,6 +295,8 @@ def _print_optimize_summary(result, explain: bool) -> None:
             f"weights file {escape(shared.file)} ({shared.bytes_total / 2**20:.0f} MiB, "
             f"{shared.tensors} tensors) read by both"
         )
+    for line in lowering_lines(result.layers):
+        console.print(escape(line))
     table = Table("rule", "fired", title="Rules")
     for rule, count in result.rule_counts.items():
         if count or explain:
@@ -295,8 +310,22 @@ def _print_optimize_summary(result, explain: bool) -> None:
         _print_layers(result)
 
 
+def lowering_lines(layers) -> list[str]:
+    """One line per lowering kind: which layers took it and why (the first layer's reason)."""
+    groups: dict[str, list] = {}
+    for layer in layers:
+        if layer.lowering:
+            groups.setdefault(layer.lowering, []).append(layer)
+    return [
+        f"lowering {kind}: layers {', '.join(x.layer for x in group)} ({group[0].lowering_reason})"
+        for kind, group in groups.items()
+    ]
+
+
 def _print_layers(result) -> None:
-    table = Table("layer", "fused", "closest rule", "why not", title="Attention layers")
+    table = Table(
+        "layer", "fused", "closest rule", "why not", "lowering", "why", title="Attention layers"
+    )
     for layer in result.layers:
         miss = layer.near_misses[0] if layer.near_misses else None
         table.add_row(
@@ -304,6 +333,8 @@ def _print_layers(result) -> None:
             "yes" if layer.fused else "[red]no[/red]",
             miss.rule if miss and not layer.fused else "",
             escape(miss.reason if miss else "no rule came close") if not layer.fused else "",
+            layer.lowering,
+            escape(layer.lowering_reason),
         )
     Console(stderr=True).print(table)
 
