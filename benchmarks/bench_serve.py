@@ -71,6 +71,7 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--disconnect-fraction", type=float, default=0.1)
     parser.add_argument("--time-limit", type=float, default=300.0, help="seconds per scenario")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--note", default="", help="a line to print above the tables")
     return parser.parse_args()
 
 
@@ -335,6 +336,7 @@ def _table(rows: list[dict], args) -> list[str]:
         f"{args.prompt_tokens} tokens, {args.new_tokens} new tokens each (greedy, eos ignored), "
         f"{args.requests_per_stream} requests per stream. Machine: {platform.machine()}, "
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end.",
+        *(["", args.note] if args.note else []),
         "",
         "Decode tok/s counts tokens while every stream is past its prompt (one at a time: each "
         "request's tokens after its first); output tok/s is all tokens over the wall time, "
