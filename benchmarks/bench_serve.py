@@ -334,7 +334,7 @@ def _table(rows: list[dict], args) -> list[str]:
         f"{args.prefill_chunk} tokens ({args.chunk_while_decoding} while rows decode); "
         "loopback clients on /generate_stream; prompts of "
         f"{args.prompt_tokens} tokens, {args.new_tokens} new tokens each (greedy, eos ignored), "
-        f"{args.requests_per_stream} requests per stream. Machine: {platform.machine()}, "
+        f"{args.requests_per_stream} request(s) per stream. Machine: {platform.machine()}, "
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end.",
         *(["", args.note] if args.note else []),
         "",
