@@ -74,11 +74,12 @@ def export(
     with staged_directory(out_dir, overwrite=overwrite, inputs=_input_paths(source)) as staging:
         hf_dir, origin = _resolve_source(source, staging, steps)
         config = _load_causal_lm_config(hf_dir, trust_remote_code, exporter)
+        substitutions: list[dict] = []
         if exporter == "dynamo":
             from kvfuse.exporters.dynamo import dynamo_export
 
             with steps.step(f"Exporting {config.model_type} with torch.onnx (dynamo)"):
-                dynamo_export(
+                substitutions = dynamo_export(
                     hf_dir, staging, ModelFacts.from_config(config), trust_remote_code, ONNX_FILE
                 )
         else:
@@ -87,6 +88,7 @@ def export(
         shutil.rmtree(staging / ".source-hf", ignore_errors=True)  # a GGUF's temporary HF copy
         facts = ModelFacts.from_config(config, eos_token_ids=_eos_ids(staging))
         extra = _provenance(origin, exporter) | {"tokenizer": _tokenizer_facts(staging)}
+        extra["substitutions"] = substitutions
         write_metadata(staging / EXPORT_METADATA, facts, extra)
     onnx_path = out_dir / ONNX_FILE
     return ExportResult(out_dir, onnx_path, facts, summarize(onnx_path))
