@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import onnx_ir as ir
+from onnx_ir import tape
 
 from kvfuse.errors import KvfuseError
 from kvfuse.rewriter.pipeline import layer_of
@@ -22,6 +24,7 @@ from kvfuse.rewriter.rules import (
     REPLACED_TAG,
     RULE_TAG,
     Rule,
+    add_initializer,
     fail,
     like,
     ok,
@@ -156,8 +159,10 @@ def lower_cached_attention(
     if seq_first:  # GQA takes [B, S, H·D]; sequence-first projections are [S, B, H·D]
         q, k, v = (_transpose(graph, node, x, [1, 0, 2]) for x in (q, k, v))
     inputs = [q, k, v, past_k, past_v, seqlens_k, total_length]
-    if rotary_caches is not None:
-        inputs += list(rotary_caches)
+    inputs += list(rotary_caches) if rotary_caches is not None else [None, None]
+    inputs += [None, *score_inputs(graph, node, q, total_length)]  # position_ids: not used
+    while inputs[-1] is None:
+        inputs.pop()
     gqa = ir.node(
         "GroupQueryAttention",
         inputs,
@@ -170,6 +175,7 @@ def lower_cached_attention(
             "do_rotary": int(rotary_caches is not None),
             "rotary_interleaved": attributes.get_int("rotary_interleaved", 0),
             "local_window_size": local_window if local_window is not None else -1,
+            **score_attributes(node),
         },
         name=f"/model/layers.{layer_of(past_k.name) or node.name}/attn/GroupQueryAttention",
     )
@@ -249,3 +255,61 @@ def _already_packed(gqa: ir.Node) -> ir.Value | None:
     if q0 != 0 or k0 != q1 or v0 != k1 or not isinstance(width, int) or v1 < width:
         return None
     return source
+
+
+# --- score modifiers (issue 11): soft-capping, ALiBi, attention sinks on GroupQueryAttention
+
+
+def score_attributes(node: ir.Node) -> dict:
+    """GQA's `softcap` (c·tanh(s / c) before the mask, as the fused op records it)."""
+    cap = node.attributes.get_float("softcap", 0.0)
+    return {"softcap": cap} if cap else {}
+
+
+def score_inputs(graph: ir.Graph, node: ir.Node, q: ir.Value, total: ir.Value) -> list:
+    """GQA's inputs 10 and 11: `attention_bias` [1, H, S, T] rebuilt from the layer's ALiBi
+    slopes (slope · key position) and `head_sink` [H] (the per-head sink logits)."""
+    slopes = _input(node, 7)
+    sinks = _input(node, 8)
+    bias = _alibi_bias(graph, node, slopes, q, total) if slopes is not None else None
+    if sinks is not None:
+        from kvfuse.patterns.attention.modifiers import sink_logits
+
+        heads = node.attributes.get_int("num_heads")
+        logits = np.broadcast_to(sink_logits(sinks), (heads,)).astype(np.float32)
+        sinks = add_initializer(graph, f"kvfuse.head_sink_{layer_of(node.inputs[3].name)}", logits)
+    return [bias, sinks]
+
+
+def _input(node: ir.Node, index: int) -> ir.Value | None:
+    return node.inputs[index] if len(node.inputs) > index else None
+
+
+def _alibi_bias(graph, node, slopes, q, total) -> ir.Value:
+    """slopes [H] · (0..T−1) → [1, H, S, T] (the kernel wants every query row)."""
+    builder = tape.Tape()
+    heads = slopes.shape[0]
+    keys = builder.op(
+        "Range",
+        [
+            builder.op("Constant", [], {"value": ir.tensor(np.array(0, dtype=np.int32))}),
+            total,
+            builder.op("Constant", [], {"value": ir.tensor(np.array(1, dtype=np.int32))}),
+        ],
+    )
+    keys = builder.op("Cast", [keys], {"to": ir.DataType.FLOAT})
+    column = builder.op("Reshape", [slopes, _int64s(builder, [1, heads, 1, 1])])
+    bias = builder.op("Mul", [column, keys])  # [1, H, 1, T]
+    rows = builder.op("Shape", [q], {"start": 1, "end": 2})
+    target = builder.op(
+        "Concat", [_int64s(builder, [1, heads]), rows, _int64s(builder, [1])], {"axis": 0}
+    )
+    bias = builder.op("Expand", [bias, target])
+    for created in builder.nodes:
+        created.metadata_props[RULE_TAG] = "lower/alibi_bias"
+    graph.insert_before(node, builder.nodes)
+    return bias
+
+
+def _int64s(builder, values) -> ir.Value:
+    return builder.op("Constant", [], {"value": ir.tensor(np.asarray(values, dtype=np.int64))})

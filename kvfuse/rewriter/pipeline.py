@@ -127,7 +127,11 @@ def weights_values(probs: ir.Value, depth: int = 4) -> bool:
             for user, index in value.uses():
                 if user.op_type == "MatMul" and index == 0:
                     other = user.inputs[1]
-                    if other is not None and other.const_value is None and not other.is_initializer():
+                    if (
+                        other is not None
+                        and other.const_value is None
+                        and not other.is_initializer()
+                    ):
                         return True
                 elif user.op_type in _PROBABILITY_PASSTHROUGH:
                     next_frontier.extend(user.outputs)

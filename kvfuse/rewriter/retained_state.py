@@ -21,7 +21,7 @@ from collections.abc import Callable
 import onnx_ir as ir
 
 from kvfuse.errors import KvfuseError
-from kvfuse.rewriter import rotary_cache
+from kvfuse.rewriter import position_bias, rotary_cache
 from kvfuse.rewriter.rules import KVFUSE_DOMAIN, add_initializer
 
 SEQLENS = "seqlens_k"
@@ -69,8 +69,10 @@ def convert_to_retained_state(
     caches: dict[tuple[str, str], tuple[ir.Value, ir.Value]] = {}
     pairs = []
     kv_heads = head_dim = None
+    slopes: dict[str, ir.Value] = {}
     for node in nodes:
         rotary = _rotary_caches(graph, node, max_context, caches)
+        _bake_position_bias(graph, node, max_context, slopes)
         past_k, past_v = node.inputs[3], node.inputs[4]
         kv_heads = node.attributes.get_int("kv_num_heads")
         # D is last in every value cache; a key may be cached pre-transposed, [B, Hkv, D, T]
@@ -126,6 +128,20 @@ def _rotary_caches(graph, node, max_context, caches):
             add_initializer(graph, f"kvfuse.rotary_sin_{index}", sin_half),
         )
     return caches[key]
+
+
+def _bake_position_bias(graph, node, max_context: int, slopes: dict) -> None:
+    """A position bias input (ALiBi) becomes its per-head slopes, a [H] initializer (shared by
+    layers whose bias is one tensor); the lowering rebuilds the bias from them."""
+    index = position_bias.POSITION_BIAS_INPUT
+    if len(node.inputs) <= index or node.inputs[index] is None:
+        return
+    bias = node.inputs[index]
+    if bias.name not in slopes:
+        heads = node.attributes.get_int("num_heads")
+        values = position_bias.alibi_slopes(graph, bias, heads, max_context)
+        slopes[bias.name] = add_initializer(graph, f"kvfuse.alibi_slopes_{len(slopes)}", values)
+    node.replace_input_with(index, slopes[bias.name])
 
 
 def _remove_dead(model: ir.Model) -> None:

@@ -213,7 +213,14 @@ class CachedAttentionRule(Rule):
         **bound,
     ):
         head_dim = static_dim(past_k, self.layout.key_order.index("D"))
-        rotary = [cos, sin] if self.rotary else []
+        rotary = [cos, sin] if self.rotary else [None, None]
+        core = attended.producer()
+        # score modifiers ride along: inputs 7 (position bias) and 8 (sink logits), softcap
+        modifiers = [core.inputs[i] if len(core.inputs) > i else None for i in (4, 5)]
+        extra = rotary + modifiers
+        while extra and extra[-1] is None:
+            extra.pop()
+        softcap = core.attributes.get_float("softcap", 0.0)
         k_flat_rotated = present_k.producer().inputs[1]
         outputs = op.CachedAttention(
             q_flat,
@@ -221,10 +228,11 @@ class CachedAttentionRule(Rule):
             v_flat,
             past_k,
             past_v,
-            *rotary,
+            *extra,
             num_heads=static_dim(q_flat, -1) // head_dim,
             kv_num_heads=self._kv_heads(past_k, {**bound, "k_flat": k_flat}),
-            scale=attended.producer().attributes.get_float("scale"),
+            scale=core.attributes.get_float("scale"),
+            **({"softcap": softcap} if softcap else {}),
             layout=self.layout.name,
             rotary=int(self.rotary),
             rotary_interleaved=_rotary_style(_rotary_above(k_flat_rotated))[0]
