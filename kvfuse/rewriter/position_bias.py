@@ -49,6 +49,31 @@ def alibi_slopes(graph: ir.Graph, bias: ir.Value, heads: int, max_context: int) 
     return np.broadcast_to(slopes, (heads,)).astype(np.float32).copy()
 
 
+MASK_INPUT = 9  # CachedAttention's input holding the layer's own mask
+
+
+def mask_window(graph: ir.Graph, mask: ir.Value, kind: str, max_context: int) -> int | None:
+    """The sliding window a layer's mask encodes: how many keys the query in the buffer's
+    last slot sees (None: all of them). `kind` says how the mask reads ("add": 0 visible,
+    very negative hidden; "keep": True visible; "fill": True hidden)."""
+    nodes, inputs, feeds = _builder(mask, max_context)
+    (array,) = _run(nodes, inputs, [mask], feeds, dtype=mask.dtype)
+    if array.shape[-1] != max_context:
+        raise KvfuseError(
+            f"attention mask {mask.name} evaluates to shape {list(array.shape)}, expected "
+            f"{max_context} key positions last"
+        )
+    row = array.reshape(-1, max_context)[-1]
+    visible = {"add": row > -1e4, "keep": row.astype(bool), "fill": ~row.astype(bool)}[kind]
+    seen = int(visible.sum())
+    if not visible[-seen:].all():
+        raise KvfuseError(
+            f"attention mask {mask.name} hides keys other than the oldest ones at the last "
+            "position; it is not a causal (or sliding-window causal) mask"
+        )
+    return None if seen == max_context else seen
+
+
 def _builder(bias: ir.Value, max_context: int):
     """The nodes computing `bias` (graph order), the values fed to them and their feeds.
 
@@ -66,23 +91,32 @@ def _builder(bias: ir.Value, max_context: int):
             continue
         if node in seen:
             continue
-        if node.op_type == "Shape":
-            inputs[value.name] = value
-            feeds[value.name] = _shape_at_last_slot(node, sizes)
+        shape = _shape_at_last_slot(node, sizes) if node.op_type == "Shape" else None
+        if shape is not None:
+            inputs[value.name], feeds[value.name] = value, shape
             continue
+        if node.domain not in ("", "ai.onnx"):
+            raise KvfuseError(
+                f"cannot evaluate {bias.name}: it is computed through {node.op_type} "
+                f"({node.domain}), which only the rewritten model runs"
+            )
         seen.add(node)
         stack.extend(v for v in node.inputs if v is not None)
     nodes = [node for node in bias.graph if node in seen]
     return nodes, list(inputs.values()), feeds
 
 
-def _shape_at_last_slot(shape_node: ir.Node, sizes: dict) -> np.ndarray:
+def _shape_at_last_slot(shape_node: ir.Node, sizes: dict) -> np.ndarray | None:
+    """What `shape_node` reads at that step, or None if its input's dims are not all known
+    sizes (then the Shape is evaluated with the nodes above it)."""
     source = shape_node.inputs[0]
+    if source.shape is None:
+        return None
     dims = []
-    for dim in source.shape or []:
+    for dim in source.shape:
         size = dim if isinstance(dim, int) else _sum_of_names(str(dim), sizes)
         if size is None:
-            raise KvfuseError(f"cannot evaluate the position bias: {source.name} has dim {dim}")
+            return None
         dims.append(size)
     start = shape_node.attributes.get_int("start", 0)
     end = shape_node.attributes.get_int("end", len(dims))

@@ -69,16 +69,19 @@ def convert_to_retained_state(
     caches: dict[tuple[str, str], tuple[ir.Value, ir.Value]] = {}
     pairs = []
     kv_heads = head_dim = None
+    # read every layer's window and position bias before any lowering changes the cache
+    # shapes their builders read
+    windows = [_layer_window(graph, node, max_context, sliding_window) for node in nodes]
     slopes: dict[str, ir.Value] = {}
     for node in nodes:
-        rotary = _rotary_caches(graph, node, max_context, caches)
         _bake_position_bias(graph, node, max_context, slopes)
+    for node, window in zip(nodes, windows, strict=True):
+        rotary = _rotary_caches(graph, node, max_context, caches)
         past_k, past_v = node.inputs[3], node.inputs[4]
         kv_heads = node.attributes.get_int("kv_num_heads")
         # D is last in every value cache; a key may be cached pre-transposed, [B, Hkv, D, T]
         head_dim = past_v.shape[-1]
         presents = (_present_of(past_k), _present_of(past_v))
-        window = sliding_window if sliding_window and sliding_window < max_context else None
         new_presents = lower(graph, node, presents, seqlens, total, rotary, window)
         for past, present in zip((past_k, past_v), new_presents, strict=True):
             fixed = ir.Shape([batch, kv_heads, max_context, head_dim])
@@ -128,6 +131,16 @@ def _rotary_caches(graph, node, max_context, caches):
             add_initializer(graph, f"kvfuse.rotary_sin_{index}", sin_half),
         )
     return caches[key]
+
+
+def _layer_window(graph, node, max_context: int, sliding_window: int | None) -> int | None:
+    """The layer's sliding window: read from its own mask where the fused op kept one (layers
+    may alternate between windows and global attention), else the export's model-wide one."""
+    index = position_bias.MASK_INPUT
+    kind = node.attributes.get_string("mask_kind", "none")
+    if len(node.inputs) > index and node.inputs[index] is not None and kind != "none":
+        return position_bias.mask_window(graph, node.inputs[index], kind, max_context)
+    return sliding_window if sliding_window and sliding_window < max_context else None
 
 
 def _bake_position_bias(graph, node, max_context: int, slopes: dict) -> None:

@@ -90,7 +90,7 @@ def _ancestors(outputs: list[ir.Value]) -> tuple[list[ir.Node], list[ir.Value]]:
     return ordered, list(graph_inputs.values())
 
 
-def _run(nodes, inputs, outputs, feeds) -> list[np.ndarray]:
+def _run(nodes, inputs, outputs, feeds, dtype=None) -> list[np.ndarray]:
     initializers = {}
     for node in nodes:
         for value in node.inputs:
@@ -101,7 +101,10 @@ def _run(nodes, inputs, outputs, feeds) -> list[np.ndarray]:
         [ir.serde.serialize_node(node) for node in nodes],
         "rotary_builder",
         [onnx.helper.make_tensor_value_info(v.name, v.dtype.value, None) for v in inputs],
-        [onnx.helper.make_tensor_value_info(v.name, onnx.TensorProto.FLOAT, None) for v in outputs],
+        [
+            onnx.helper.make_tensor_value_info(v.name, (dtype or ir.DataType.FLOAT).value, None)
+            for v in outputs
+        ],
         initializer=list(initializers.values()),
     )
     opset = outputs[0].graph.opset_imports.get("", 18)

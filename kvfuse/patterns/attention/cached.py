@@ -217,7 +217,8 @@ class CachedAttentionRule(Rule):
         core = attended.producer()
         # score modifiers ride along: inputs 7 (position bias) and 8 (sink logits), softcap
         modifiers = [core.inputs[i] if len(core.inputs) > i else None for i in (4, 5)]
-        extra = rotary + modifiers
+        # input 9: the layer's own mask, read once more at lowering time for its window
+        extra = rotary + modifiers + [core.inputs[3] if len(core.inputs) > 3 else None]
         while extra and extra[-1] is None:
             extra.pop()
         softcap = core.attributes.get_float("softcap", 0.0)
@@ -232,6 +233,7 @@ class CachedAttentionRule(Rule):
             num_heads=static_dim(q_flat, -1) // head_dim,
             kv_num_heads=self._kv_heads(past_k, {**bound, "k_flat": k_flat}),
             scale=core.attributes.get_float("scale"),
+            mask_kind=core.attributes.get_string("mask_kind", "none"),
             **({"softcap": softcap} if softcap else {}),
             layout=self.layout.name,
             rotary=int(self.rotary),
