@@ -243,6 +243,8 @@ def _print_optimize_summary(result, explain: bool) -> None:
         if count or explain:
             table.add_row(rule, str(count))
     console.print(table)
+    for line in lowering_lines(result.layers):
+        console.print(escape(line))
     if result.verification is not None:
         console.print(result.verification.summary())
     else:
@@ -251,13 +253,26 @@ def _print_optimize_summary(result, explain: bool) -> None:
         _print_layers(result)
 
 
+def lowering_lines(layers) -> list[str]:
+    """One line per distinct lowering: which layers took it and what it carries."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for layer in layers:
+        if layer.lowering:
+            groups.setdefault((layer.lowering, layer.lowering_reason), []).append(layer.layer)
+    return [f"layers {', '.join(names)} → {op}: {reason}" for (op, reason), names in groups.items()]
+
+
 def _print_layers(result) -> None:
-    table = Table("layer", "fused", "closest rule", "why not", title="Attention layers")
+    table = Table(
+        "layer", "fused", "lowered to", "closest rule", "why not", title="Attention layers"
+    )
     for layer in result.layers:
         miss = layer.near_misses[0] if layer.near_misses else None
+        lowered = f"{layer.lowering} ({layer.lowering_reason})" if layer.lowering else ""
         table.add_row(
             layer.layer,
             "yes" if layer.fused else "[red]no[/red]",
+            escape(lowered),
             miss.rule if miss and not layer.fused else "",
             escape(miss.reason if miss else "no rule came close") if not layer.fused else "",
         )

@@ -232,6 +232,7 @@ def _lower(model: ir.Model, plan: _Plan, result: OptimizeResult) -> None:
         lowering.attention(plan.max_context),
         sliding_window=window,
     )
+    pipeline.record_lowerings(model, result.layers)
     signature.logits = plan.logits
     if plan.logits == "last":
         records += pipeline.run_stages(
@@ -426,6 +427,10 @@ def _write_sidecar(path: Path, source: Path, result, shared=None) -> None:
         "rule_counts": result.rule_counts,
         "nodes_before": result.nodes_before,
         "nodes_after": result.nodes_after,
+        "layers": [
+            {"layer": layer.layer, "lowering": layer.lowering, "reason": layer.lowering_reason}
+            for layer in result.layers
+        ],
     }
     if result.verification is not None:
         sidecar["verification"] = dataclasses.asdict(result.verification)

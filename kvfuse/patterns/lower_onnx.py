@@ -31,8 +31,13 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir import tape
 
-from kvfuse.patterns.lower_ort import RMSNormRule, score_attributes, transposed_weight_check
-from kvfuse.rewriter.pipeline import layer_of
+from kvfuse.patterns.lower_ort import (
+    RMSNormRule,
+    lowering_note,
+    score_attributes,
+    transposed_weight_check,
+)
+from kvfuse.rewriter.pipeline import LOWERING_TAG, layer_of
 from kvfuse.rewriter.rules import (
     REPLACED_TAG,
     RULE_TAG,
@@ -144,6 +149,9 @@ class AttentionLowering:
         if attributes.get_string("layout") == "SBHD":
             output = builder.op("Transpose", [output], {"perm": [1, 0, 2]})
         _tag(builder.nodes, node, presents)
+        attended.producer().metadata_props[LOWERING_TAG] = lowering_note(
+            "Attention", node, window, ATTENTION_CARRIES
+        )
         graph.insert_before(node, builder.nodes)
         take_over(graph, node.outputs[0], output)
         for old, new in zip(presents, (present_k, present_v), strict=True):
@@ -288,3 +296,13 @@ def _with_zero_slot(builder, cache: ir.Value) -> ir.Value:
 
 def _floats(builder, values) -> ir.Value:
     return builder.op("Constant", [], {"value": ir.tensor(np.asarray(values, dtype=np.float32))})
+
+
+ATTENTION_CARRIES = {
+    "rotary": "RoPE as RotaryEmbedding before the cache write",
+    "softcap": "soft-capping as softcap",
+    "alibi": "ALiBi slopes in the float position mask",
+    "sinks": "sinks as one zero key whose mask entry is the sink logit",
+    "window": "sliding window {} in the position mask",
+    "plain": "causal position mask over the fixed buffer",
+}

@@ -18,7 +18,7 @@ import onnx_ir as ir
 from onnx_ir import tape
 
 from kvfuse.errors import KvfuseError
-from kvfuse.rewriter.pipeline import layer_of
+from kvfuse.rewriter.pipeline import LOWERING_TAG, layer_of
 from kvfuse.rewriter.rules import (
     KVFUSE_DOMAIN,
     REPLACED_TAG,
@@ -180,6 +180,9 @@ def lower_cached_attention(
         name=f"/model/layers.{layer_of(past_k.name) or node.name}/attn/GroupQueryAttention",
     )
     gqa.metadata_props[RULE_TAG] = node.metadata_props.get(RULE_TAG, "attention/cached")
+    gqa.metadata_props[LOWERING_TAG] = lowering_note(
+        "GroupQueryAttention", node, local_window, GQA_CARRIES
+    )
     concats = [entry for present in presents for entry in replaced_by(present.producer())]
     entries = dict.fromkeys(tuple(e) for e in replaced_by(node) + concats)  # ordered, unique
     gqa.metadata_props[REPLACED_TAG] = json.dumps([list(e) for e in entries])
@@ -313,3 +316,27 @@ def _alibi_bias(graph, node, slopes, q, total) -> ir.Value:
 
 def _int64s(builder, values) -> ir.Value:
     return builder.op("Constant", [], {"value": ir.tensor(np.asarray(values, dtype=np.int64))})
+
+
+# how each target's attention op carries a layer's structure (the lowering's reason)
+GQA_CARRIES = {
+    "rotary": "RoPE fused (do_rotary, baked cos/sin caches)",
+    "softcap": "soft-capping as softcap",
+    "alibi": "ALiBi slopes rebuilt as attention_bias",
+    "sinks": "sink logits as head_sink",
+    "window": "sliding window {} as local_window_size",
+    "plain": "causal attention over the shared buffer",
+}
+
+
+def lowering_note(op_type: str, node: ir.Node, window: int | None, carries: dict) -> str:
+    """ "op: reason" for the `kvfuse.lowering` metadata: what the lowered op carries."""
+    found = {
+        "rotary": bool(node.attributes.get_int("rotary", 0)),
+        "softcap": bool(node.attributes.get_float("softcap", 0.0)),
+        "alibi": _input(node, 7) is not None,
+        "sinks": _input(node, 8) is not None,
+        "window": window is not None,
+    }
+    parts = [carries[key].format(window) for key, present in found.items() if present]
+    return f"{op_type}: {'; '.join(parts or [carries['plain']])}"

@@ -100,6 +100,11 @@ def _layers(report: dict) -> list[str]:
         return []
     fused = sum(layer["fused"] for layer in report["layers"])
     lines = ["", "## Attention layers", "", f"{fused} of {len(report['layers'])} fused."]
+    for layer in report["layers"]:
+        if layer.get("lowering"):
+            lines.append(
+                f"- layer {layer['layer']} → {layer['lowering']}: {layer['lowering_reason']}"
+            )
     for miss in report["near_misses"]:
         lines.append(f"- layer {miss['layer']}: **{miss['rule']}** — {miss['reason']}")
     return lines
