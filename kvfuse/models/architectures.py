@@ -42,6 +42,56 @@ ARCHITECTURES: dict[str, dict] = {
 }
 
 
+# --- positions, score modifiers and MoE (issue 11). `positions`: how the family encodes
+# positions (the coverage table's column); `exporters`: the exporters that can export it (the
+# coverage command also runs the others, to show why not); `parity_exporter`: the one exporter
+# the default test run uses for it (the coverage command covers every exporter × target).
+# These families are proven in the default run by the parity test only; the generic
+# Optimum-based tests iterate `CORE`.
+ARCHITECTURES.update(
+    {
+        # ALiBi (a per-head slope · key position on the scores), LayerNorm without bias,
+        # QKV clipped to ±6
+        "mpt": {**_LAYER_NORM, "rope": None, "positions": "ALiBi", "parity_exporter": "optimum"},
+        # learned absolute positions offset by 2, the query scaled before Q·Kᵀ, QKV biases
+        "opt": {
+            **_LAYER_NORM,
+            "rope": None,
+            "positions": "learned (+2)",
+            "parity_exporter": "dynamo",
+        },
+        # multi-query: one KV head taken from one fused c_attn projection
+        "gpt_bigcode": {
+            **_LAYER_NORM,
+            "rope": None,
+            "positions": "learned",
+            "parity_exporter": "optimum",
+        },
+        # MoE MLP (router softmax → top-2): attention fuses, the MLP stays as exported
+        "mixtral": {**_ROPE_LLAMA, "exporters": ("dynamo",), "parity_exporter": "dynamo"},
+        # sliding and global layers alternating (window 6, then none)
+        "gemma2": {
+            **_ROPE_LLAMA,
+            "rms_norms_per_layer": 4,
+            "exporters": ("dynamo",),
+            "parity_exporter": "dynamo",
+        },
+    }
+)
+CORE = sorted(name for name, facts in ARCHITECTURES.items() if "parity_exporter" not in facts)
+
+
+def exporters_of(architecture: str) -> tuple[str, ...]:
+    """The exporters that export `architecture` (every one in `EXPORTERS` unless listed)."""
+    return ARCHITECTURES[architecture].get("exporters", EXPORTERS)
+
+
+def positions_of(architecture: str) -> str:
+    """How the family encodes positions, for the coverage table."""
+    facts = ARCHITECTURES[architecture]
+    return facts.get("positions") or facts.get("rope") or "learned"
+
+
 def expected_fusions(architecture: str, num_layers: int) -> dict[str, int]:
     """Counts a complete `ort` rewrite of this architecture makes for `num_layers` layers."""
     facts = ARCHITECTURES[architecture]

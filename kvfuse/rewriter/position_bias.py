@@ -110,17 +110,40 @@ def _shape_at_last_slot(shape_node: ir.Node, sizes: dict) -> np.ndarray | None:
     """What `shape_node` reads at that step, or None if its input's dims are not all known
     sizes (then the Shape is evaluated with the nodes above it)."""
     source = shape_node.inputs[0]
-    if source.shape is None:
+    grown = _cache_concat_shape(source, sizes)
+    if grown is not None:
+        dims = grown
+    elif source.shape is None:
         return None
+    else:
+        dims = _known_dims(source.shape, sizes)
+    if dims is None:
+        return None
+    start = shape_node.attributes.get_int("start", 0)
+    end = shape_node.attributes.get_int("end", len(dims))
+    return np.array(dims[start:end], dtype=np.int64)
+
+
+def _cache_concat_shape(value: ir.Value, sizes: dict) -> list[int] | None:
+    """A KV cache grown by one token, Concat(past, new): the past's dims, its axis + 1."""
+    node = value.producer()
+    if node is None or node.op_type != "Concat" or not node.inputs[0].is_graph_input():
+        return None
+    past = _known_dims(node.inputs[0].shape or [], sizes)
+    if past is None:
+        return None
+    axis = node.attributes.get_int("axis", 0) % len(past)
+    return [d + 1 if i == axis else d for i, d in enumerate(past)]
+
+
+def _known_dims(shape, sizes: dict) -> list[int] | None:
     dims = []
-    for dim in source.shape:
+    for dim in shape:
         size = dim if isinstance(dim, int) else _sum_of_names(str(dim), sizes)
         if size is None:
             return None
         dims.append(size)
-    start = shape_node.attributes.get_int("start", 0)
-    end = shape_node.attributes.get_int("end", len(dims))
-    return np.array(dims[start:end], dtype=np.int64)
+    return dims
 
 
 _TERM = re.compile(r"\s*([+-]?)\s*([A-Za-z_][\w]*|\d+)\s*")
