@@ -156,7 +156,9 @@ def attention_outcomes(
     misses: dict[str | None, list[NearMiss]] = collections.defaultdict(list)
     diagnoses: dict[str, NearMiss] = {}
     for node in model.graph:
-        if diagnose is not None and _is_candidate(node):
+        if diagnose is not None and (
+            _is_candidate(node) or (node.domain == KVFUSE_DOMAIN and node.op_type == "Attention")
+        ):
             found = diagnose(node)
             if found is not None:
                 diagnoses[node_layer(node) or node.name] = found
