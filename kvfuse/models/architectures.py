@@ -68,7 +68,13 @@ ARCHITECTURES.update(
             "parity_exporter": "optimum",
         },
         # MoE MLP (router softmax → top-2): attention fuses, the MLP stays as exported
-        "mixtral": {**_ROPE_LLAMA, "exporters": ("dynamo",), "parity_exporter": "dynamo"},
+        # (`softmax_left`: the routers' softmaxes, one per layer, which are no attention)
+        "mixtral": {
+            **_ROPE_LLAMA,
+            "exporters": ("dynamo",),
+            "parity_exporter": "dynamo",
+            "softmax_left": 2,
+        },
         # sliding and global layers alternating (window 6, then none)
         "gemma2": {
             **_ROPE_LLAMA,

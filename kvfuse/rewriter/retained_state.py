@@ -139,7 +139,10 @@ def _layer_window(graph, node, max_context: int, sliding_window: int | None) -> 
     index = position_bias.MASK_INPUT
     kind = node.attributes.get_string("mask_kind", "none")
     if len(node.inputs) > index and node.inputs[index] is not None and kind != "none":
-        return position_bias.mask_window(graph, node.inputs[index], kind, max_context)
+        try:
+            return position_bias.mask_window(graph, node.inputs[index], kind, max_context)
+        except KvfuseError:
+            pass  # a mask builder that cannot run on its own: the export's facts decide
     return sliding_window if sliding_window and sliding_window < max_context else None
 
 

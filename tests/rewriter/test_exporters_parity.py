@@ -24,11 +24,9 @@ def _cases():
             yield pytest.param(name, exporter, id=f"{name}-{exporter}")
 
 
-STRUCTURE_FAMILIES = [
-    pytest.param(name, facts["parity_exporter"], id=f"{name}-{facts['parity_exporter']}")
-    for name, facts in sorted(ARCHITECTURES.items())
-    if "parity_exporter" in facts
-]
+# onnx --static of one structure family in the default run (ALiBi in the float position
+# mask); the coverage command runs every family × exporter × target
+STRUCTURE_FAMILIES = [pytest.param("mpt", "optimum", id="mpt-optimum")]
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +80,8 @@ def test_export_optimize_verify_and_generate_like_pytorch(exported, tmp_path, na
         for op in ("SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization")
     )
     assert norms == expected["rms_norms"]
-    assert "Softmax" not in result.ops_after
+    # no attention softmax is left (an MoE router's is not attention and stays)
+    assert result.ops_after.get("Softmax", 0) == ARCHITECTURES[name].get("softmax_left", 0)
     assert result.verification.passed and result.verification.max_abs_diff < 1e-4
 
     config = kvfuse.GenerationConfig(max_new_tokens=NEW_TOKENS, ignore_eos=True)
@@ -94,9 +93,9 @@ def test_export_optimize_verify_and_generate_like_pytorch(exported, tmp_path, na
 
 @pytest.mark.parametrize(("name", "exporter"), STRUCTURE_FAMILIES)
 def test_static_onnx_target_generates_like_pytorch(exported, tmp_path, name, exporter):
-    """The families added for their structure (ALiBi, learned positions, multi-query from one
-    projection, MoE, alternating windows) also fuse for `onnx --static`: standard Attention
-    over the fixed buffer, verified, 16 greedy tokens of the static pair equal PyTorch's."""
+    """A family added for its structure (MPT: ALiBi) also fuses for `onnx --static`: standard
+    Attention over the fixed buffer, verified, 16 greedy tokens of the static pair equal
+    PyTorch's."""
     import kvfuse
 
     hf_dir, export_dir = exported(name, exporter)
