@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from kvfuse.rewriter.rules import add_constant
+from kvfuse.rewriter.rules import add_constant, take_over
 from kvfuse.rewriter.shapes import symbolic_ints
 
 
@@ -42,14 +42,14 @@ def split_unsqueezed_projections(model: ir.Model) -> dict[str, int]:
         )
         graph.insert_before(split, flat_split)
         for old, part in zip(split.outputs, flat_split.outputs, strict=True):
-            part.dtype = old.dtype
+            part.dtype = old.dtype or flat.dtype
             if old.shape is not None:  # [B, 1, S, n] → [B, S, n]
                 part.shape = ir.Shape([old.shape[0], *old.shape[2:]])
             if old.uses() and all(_reads_only_dims(user, old) for user, _ in old.uses()):
                 for user, index in list(old.uses()):
                     user.replace_input_with(index, part)  # the query, reshaped into heads
             else:
-                old.replace_all_uses_with(_as_heads(graph, split, part, old))
+                take_over(graph, old, _as_heads(graph, split, part, old))
         count += 1
     return {"shape/unsqueezed_split": count}
 
@@ -92,7 +92,7 @@ def _as_heads(graph: ir.Graph, anchor: ir.Node, part: ir.Value, old: ir.Value) -
     )
     graph.insert_before(anchor, [reshape, transpose])
     out = transpose.outputs[0]
-    out.dtype = old.dtype
+    out.dtype = part.dtype
     if old.shape is not None:
         out.shape = ir.Shape(old.shape)
     return out
