@@ -58,7 +58,7 @@ ARCHITECTURES.update(
             **_LAYER_NORM,
             "rope": None,
             "positions": "learned (+2)",
-            "parity_exporter": "dynamo",
+            "parity_exporter": "optimum",
         },
         # multi-query: one KV head taken from one fused c_attn projection
         "gpt_bigcode": {
@@ -87,7 +87,7 @@ ARCHITECTURES.update(
 # tiny configs kvfuse does not fuse yet: the coverage command runs them to show why not
 PENDING: dict[str, dict] = {
     "bloom": {"positions": "ALiBi"},  # scores as a [B·H, S, T] batched MatMul (baddbmm)
-    "gpt_oss": {"positions": "rope", "exporters": ("dynamo",)},  # RoPE as chunk/cos/sin/cat
+    "gpt_oss": {"positions": "rope"},  # RoPE as chunk halves · cos/sin, then cat
 }
 CORE = sorted(name for name, facts in ARCHITECTURES.items() if "parity_exporter" not in facts)
 
