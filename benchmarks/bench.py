@@ -412,8 +412,13 @@ def write_report(results, bandwidth, weights, args) -> None:
             f"{m['decode_short_tps'] / roofline:.0%} | {m['peak_rss_mb']:.0f} | {same} |"
         )
     out = Path(__file__).with_name("RESULTS.md")
-    out.write_text("\n".join(lines) + "\n")
+    previous = out.read_text() if out.exists() else ""
+    gpu = previous[previous.index(GPU_MARK) :] if GPU_MARK in previous else ""
+    out.write_text("\n".join(lines) + "\n" + ("\n" + gpu if gpu else ""))  # keeps the GPU part
     print("\n".join(lines))
+
+
+GPU_MARK = "<!-- gpu: benchmarks/bench_gpu.py -->"
 
 
 def _first_mismatch(tokens, reference) -> str:

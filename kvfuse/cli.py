@@ -43,6 +43,9 @@ def export(
     exporter: Annotated[
         str, typer.Option(help="optimum (TorchScript via Optimum) or dynamo (torch.onnx).")
     ] = "optimum",
+    dtype: Annotated[
+        str, typer.Option(help="float32, float16 or bfloat16 (bfloat16 needs --exporter dynamo).")
+    ] = "float32",
 ) -> None:
     """Export a causal LM to ONNX with past KV (text-generation-with-past I/O)."""
     from kvfuse.exporters.export import export as run_export
@@ -54,6 +57,7 @@ def export(
         trust_remote_code=trust_remote_code,
         quiet=quiet,
         exporter=exporter,
+        dtype=dtype,
     )
     if not quiet:
         _print_export_summary(result)
@@ -64,8 +68,16 @@ def optimize(
     source: Annotated[Path, typer.Argument(help="An .onnx file or a `kvfuse export` directory.")],
     output: Annotated[Path, typer.Argument(help="The optimized .onnx file to write.")],
     target: Annotated[
-        str, typer.Option(help="'ort': onnxruntime's fused ops; 'onnx': standard ops only.")
+        str,
+        typer.Option(
+            help="'ort': onnxruntime's fused ops; 'onnx': standard ops only; 'cuda': the ort "
+            "ops in half precision for onnxruntime's CUDA provider."
+        ),
     ] = "ort",
+    dtype: Annotated[
+        str | None,
+        typer.Option(help="(--target cuda) float16 (default) or bfloat16."),
+    ] = None,
     max_context: Annotated[
         int | None, typer.Option(help="KV buffer length (default: min(model, 2048)).")
     ] = None,
@@ -112,6 +124,7 @@ def optimize(
             logits=logits,
             static=static,
             prefill_len=prefill_len,
+            dtype=dtype,
             verify_numerics=not no_verify,
             overwrite=overwrite,
             quiet=quiet,
@@ -119,17 +132,26 @@ def optimize(
     except PartialFusion as error:
         if explain:
             _print_layers(error.result)
+        if report is not None:  # why not fused, in the report too (no model was written)
+            _write_optimize_report(source, None, error.result, report, quiet)
         raise
     if not quiet:
         _print_optimize_summary(result, explain)
     if report is not None:
-        from kvfuse import report as reports
-        from kvfuse.report.diff import build_report
+        _write_optimize_report(source, result.output, result, report, quiet)
 
-        source_model = source / "model.onnx" if source.is_dir() else source
-        written = reports.write_all(build_report(source_model, result.output, result), report)
-        if not quiet:
-            console.print("report: " + ", ".join(str(p) for p in written))
+
+def _write_optimize_report(source: Path, output: Path | None, result, stem: Path, quiet: bool):
+    """STEM.json/.md/.html for an optimize run; a partial fusion compares the input with
+    itself, so the report carries the layers and their near misses."""
+    from kvfuse import report as reports
+    from kvfuse.report.diff import build_report
+
+    source_model = source / "model.onnx" if source.is_dir() else source
+    built = build_report(source_model, output or source_model, result)
+    written = reports.write_all(built, stem)
+    if not quiet:
+        console.print("report: " + ", ".join(str(p) for p in written))
 
 
 @app.command()
@@ -154,6 +176,13 @@ def run(
             "twice the weight memory) instead of both sharing one copy.",
         ),
     ] = False,
+    device: Annotated[
+        str,
+        typer.Option(help="'cpu', or 'cuda' (a --target cuda model; decode as a CUDA graph)."),
+    ] = "cpu",
+    cuda_graph: Annotated[
+        bool, typer.Option(help="(--device cuda) Replay decode steps as a CUDA graph.")
+    ] = True,
 ) -> None:
     """Generate with an optimized model, streaming text; prints prefill ms, decode tokens/s
     and KV memory at the end."""
@@ -162,7 +191,7 @@ def run(
 
     if prompt is None and not chat:
         raise KvfuseError("give --prompt TEXT, or --chat for an interactive session")
-    generator = load(model, threads, prepack)
+    generator = load(model, threads, prepack, device=device, cuda_graph=cuda_graph)
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
         stop=tuple(stop or ()),
@@ -180,12 +209,52 @@ def run(
             console.out(delta, end="", highlight=False)
         history.append({"role": "assistant", "content": generator.last.texts[0]})
         stats = generator.last.stats
+        reused = f", {stats.reused_tokens} prompt tokens reused" if stats.reused_tokens else ""
         console.print()
         Console(stderr=True).print(
             f"[dim]prefill {stats.prefill_ms:.0f} ms ({stats.prompt_tokens[0]} tokens) · decode "
             f"{stats.decode_tokens_per_s:.1f} tokens/s ({stats.new_tokens[0]} tokens) · KV "
-            f"{stats.kv_bytes / 2**20:.1f} MiB ({generator.last.finish_reasons[0]})[/dim]"
+            f"{stats.kv_bytes / 2**20:.1f} MiB ({generator.last.finish_reasons[0]}{reused})[/dim]"
         )
+
+
+@app.command()
+def serve(
+    model: Annotated[Path, typer.Argument(help="An optimized .onnx file or its directory.")],
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    slots: Annotated[int, typer.Option(help="KV rows: requests generating at once.")] = 4,
+    max_queue: Annotated[int, typer.Option(help="Requests that may wait for a row.")] = 64,
+    threads: Annotated[int | None, typer.Option(help="Threads (default: physical cores).")] = None,
+    prefill_chunk: Annotated[
+        int, typer.Option(help="Prompt tokens per step, between the other rows' decode steps.")
+    ] = 64,
+    max_new_tokens: Annotated[
+        int, typer.Option(help="Default max new tokens of a request that gives none.")
+    ] = 256,
+    request_timeout: Annotated[
+        float, typer.Option(help="End a request running longer than this many seconds.")
+    ] = 600.0,
+    device: Annotated[
+        str, typer.Option(help="'cpu', or 'cuda' (a --target cuda model, KV in device memory).")
+    ] = "cpu",
+) -> None:
+    """Serve the model over HTTP: OpenAI /v1/chat/completions, /v1/completions, /v1/models;
+    TGI /generate, /generate_stream, /, /info, /health; Prometheus /metrics."""
+    from kvfuse.serve import serve_forever
+
+    serve_forever(
+        model,
+        host,
+        port,
+        slots=slots,
+        max_queue=max_queue,
+        threads=threads,
+        prefill_chunk=prefill_chunk,
+        default_max_new_tokens=max_new_tokens,
+        request_timeout_s=request_timeout,
+        device=device,
+    )
 
 
 def _chat_turns():
@@ -238,13 +307,17 @@ def _print_optimize_summary(result, explain: bool) -> None:
             f"weights file {escape(shared.file)} ({shared.bytes_total / 2**20:.0f} MiB, "
             f"{shared.tensors} tensors) read by both"
         )
+    for line in lowering_lines(result.layers):
+        console.print(escape(line))
     table = Table("rule", "fired", title="Rules")
     for rule, count in result.rule_counts.items():
         if count or explain:
             table.add_row(rule, str(count))
     console.print(table)
-    for line in lowering_lines(result.layers):
-        console.print(escape(line))
+    if result.rewrite_verification is not None:
+        console.print("float32 rewrite: " + result.rewrite_verification.summary())
+    if result.precision is not None:
+        _print_precision(result.precision)
     if result.verification is not None:
         console.print(result.verification.summary())
     else:
@@ -253,28 +326,41 @@ def _print_optimize_summary(result, explain: bool) -> None:
         _print_layers(result)
 
 
+def _print_precision(choice) -> None:
+    console.print(
+        f"{choice.dtype}: {choice.counts['precision/half_nodes']} nodes in {choice.dtype}, "
+        f"{len(choice.kept)} kept in float32 for range"
+        + ("" if choice.rounds else " (unchecked: --no-verify)")
+    )
+    for kept in choice.kept:
+        console.print(f"  float32: {escape(kept.node)} ({kept.op_type}): {escape(kept.reason)}")
+
+
 def lowering_lines(layers) -> list[str]:
-    """One line per distinct lowering: which layers took it and what it carries."""
-    groups: dict[tuple[str, str], list[str]] = {}
+    """One line per lowering kind: which layers took it and why (the first layer's reason)."""
+    groups: dict[str, list] = {}
     for layer in layers:
         if layer.lowering:
-            groups.setdefault((layer.lowering, layer.lowering_reason), []).append(layer.layer)
-    return [f"layers {', '.join(names)} → {op}: {reason}" for (op, reason), names in groups.items()]
+            groups.setdefault(layer.lowering, []).append(layer)
+    return [
+        f"lowering {kind}: layers {', '.join(x.layer for x in group)} ({group[0].lowering_reason})"
+        for kind, group in groups.items()
+    ]
 
 
 def _print_layers(result) -> None:
     table = Table(
-        "layer", "fused", "lowered to", "closest rule", "why not", title="Attention layers"
+        "layer", "fused", "closest rule", "why not", "lowering", "why", title="Attention layers"
     )
     for layer in result.layers:
         miss = layer.near_misses[0] if layer.near_misses else None
-        lowered = f"{layer.lowering} ({layer.lowering_reason})" if layer.lowering else ""
         table.add_row(
             layer.layer,
             "yes" if layer.fused else "[red]no[/red]",
-            escape(lowered),
             miss.rule if miss and not layer.fused else "",
             escape(miss.reason if miss else "no rule came close") if not layer.fused else "",
+            layer.lowering,
+            escape(layer.lowering_reason),
         )
     Console(stderr=True).print(table)
 

@@ -42,59 +42,131 @@ ARCHITECTURES: dict[str, dict] = {
 }
 
 
-# --- positions, score modifiers and MoE (issue 11). `positions`: how the family encodes
-# positions (the coverage table's column); `exporters`: the exporters that can export it (the
-# coverage command also runs the others, to show why not); `parity_exporter`: the one exporter
-# the default test run uses for it (the coverage command covers every exporter × target).
-# These families are proven in the default run by the parity test only; the generic
-# Optimum-based tests iterate `CORE`.
-ARCHITECTURES.update(
-    {
-        # ALiBi (a per-head slope · key position on the scores), LayerNorm without bias,
-        # QKV clipped to ±6
-        "mpt": {**_LAYER_NORM, "rope": None, "positions": "ALiBi", "parity_exporter": "optimum"},
-        # learned absolute positions offset by 2, the query scaled before Q·Kᵀ, QKV biases
-        "opt": {
-            **_LAYER_NORM,
-            "rope": None,
-            "positions": "learned (+2)",
-            "parity_exporter": "optimum",
+# --- rotary coverage (issue 11): RoPE of any width and style, per-head Q/K norms, the
+# lowering each layer takes per target ("lowering": one for every layer, or a list per layer),
+# which exporters can export the family
+# ("exporters", default all) and which one the default test run proves it with
+# ("parity_exporters"; `python -m kvfuse.models.coverage` runs every one).
+_ROTARY_LOWERED = {"ort": "rotary-op+gqa", "onnx": "rotary-op+attention"}  # GQA cannot rotate
+_ROTARY_FUSED = {"ort": "gqa-rotary", "onnx": "rotary-op+attention"}
+
+ROTARY_ARCHITECTURES: dict[str, dict] = {
+    # 4 of 16 dims: GQA's fused rotary takes multiples of 16 only
+    "gpt_neox_r4": {
+        **_LAYER_NORM,
+        "rope": "half-partial",
+        "max_nodes_ratio": 0.6,  # the dynamo export is small to begin with
+        "lowering": _ROTARY_LOWERED,
+        "parity_exporters": ("optimum",),
+    },
+    # 8 of 32 dims, interleaved
+    "gptj": {
+        **_LAYER_NORM,
+        "rope": "interleaved-partial",
+        "max_nodes_ratio": 0.4,
+        "lowering": _ROTARY_LOWERED,
+        "parity_exporters": ("dynamo",),
+    },
+    "codegen": {
+        **_LAYER_NORM,
+        "rope": "interleaved-partial",
+        "max_nodes_ratio": 0.4,
+        "lowering": _ROTARY_FUSED,
+        "parity_exporters": ("optimum",),
+    },
+    "phi": {
+        **_LAYER_NORM,
+        "rope": "half-partial",
+        "max_nodes_ratio": 0.4,
+        "lowering": _ROTARY_FUSED,
+        "parity_exporters": ("dynamo",),
+    },
+    "gemma": {**_ROPE_LLAMA, "lowering": _ROTARY_FUSED, "parity_exporters": ("optimum",)},
+    "glm": {
+        **_ROPE_LLAMA,
+        "rope": "interleaved-partial",
+        "lowering": _ROTARY_FUSED,
+        "parity_exporters": ("optimum",),
+    },
+    # Optimum has no StarCoder2 export config
+    "starcoder2": {
+        **_LAYER_NORM,
+        "rope": "half",
+        "max_nodes_ratio": 0.4,
+        "lowering": _ROTARY_FUSED,
+        "exporters": ("dynamo",),
+        "parity_exporters": ("dynamo",),
+    },
+    # per-head RMSNorm on Q and K: 4 norms per layer
+    "qwen3": {
+        **_ROPE_LLAMA,
+        "rms_norms_per_layer": 4,
+        "lowering": _ROTARY_FUSED,
+        "parity_exporters": ("dynamo",),
+    },
+    # whole-width RMSNorm on the Q and K projections (before the head reshape), post-norms
+    "olmo2": {
+        **_ROPE_LLAMA,
+        "rms_norms_per_layer": 4,
+        "lowering": _ROTARY_FUSED,
+        "parity_exporters": ("optimum",),
+    },
+    # NoPE layers: layer 1 of 2 has no RoPE, so its attention takes the plain lowering
+    "smollm3": {
+        **_ROPE_LLAMA,
+        "lowering": {
+            "ort": ["gqa-rotary", "gqa"],
+            "onnx": ["rotary-op+attention", "attention"],
         },
-        # multi-query: one KV head taken from one fused c_attn projection
-        "gpt_bigcode": {
-            **_LAYER_NORM,
-            "rope": None,
-            "positions": "learned",
-            "parity_exporter": "optimum",
-        },
-        # MoE MLP (router softmax → top-2): attention fuses, the MLP stays as exported
-        # (`softmax_left`: the routers' softmaxes, one per layer, which are no attention)
-        "mixtral": {
-            **_ROPE_LLAMA,
-            "exporters": ("dynamo",),
-            "parity_exporter": "dynamo",
-            "softmax_left": 2,
-        },
-        # sliding and global layers alternating (window 6, then none)
-        "gemma2": {
-            **_ROPE_LLAMA,
-            "rms_norms_per_layer": 4,
-            "exporters": ("dynamo",),
-            "parity_exporter": "dynamo",
-        },
-    }
-)
+        "parity_exporters": ("optimum",),
+    },
+}
+ARCHITECTURES.update(ROTARY_ARCHITECTURES)
+
+
+def exporters_of(architecture: str) -> tuple[str, ...]:
+    """The exporters that can export this architecture."""
+    return tuple(ARCHITECTURES[architecture].get("exporters", EXPORTERS))
+
+
+def parity_exporters(architecture: str) -> tuple[str, ...]:
+    """The exporters the default test run proves this architecture with, end to end."""
+    return tuple(ARCHITECTURES[architecture].get("parity_exporters", exporters_of(architecture)))
+
+
+# --- positions, score modifiers and MoE (issue 11): `positions`, how the family encodes
+# positions (the coverage table's column); "exporters" and "parity_exporters" as above. These
+# families are proven in the default run by the exporters' parity test.
+POSITION_ARCHITECTURES: dict[str, dict] = {
+    # ALiBi (a per-head slope · key position on the scores), LayerNorm without bias, QKV ±6
+    "mpt": {**_LAYER_NORM, "rope": None, "positions": "ALiBi", "parity_exporters": ("optimum",)},
+    # learned absolute positions offset by 2, the query scaled before Q·Kᵀ, QKV biases
+    "opt": {
+        **_LAYER_NORM,
+        "rope": None,
+        "positions": "learned (+2)",
+        "parity_exporters": ("optimum",),
+    },
+    # multi-query: one KV head taken from one fused c_attn projection
+    "gpt_bigcode": {
+        **_LAYER_NORM,
+        "rope": None,
+        "positions": "learned",
+        "parity_exporters": ("optimum",),
+    },
+    # MoE MLP (router softmax → top-2): attention fuses, the MLP stays as exported
+    # (`softmax_left`: the routers' softmaxes, one per layer, which are no attention)
+    "mixtral": {**_ROPE_LLAMA, "exporters": ("dynamo",), "softmax_left": 2},
+    # sliding and global layers alternating (window 6, then none); Optimum's export stops at
+    # its RoPE builder
+    "gemma2": {**_ROPE_LLAMA, "rms_norms_per_layer": 4, "exporters": ("dynamo",)},
+}
+ARCHITECTURES.update(POSITION_ARCHITECTURES)
 # tiny configs kvfuse does not fuse yet: the coverage command runs them to show why not
 PENDING: dict[str, dict] = {
     "bloom": {"positions": "ALiBi"},  # scores as a [B·H, S, T] batched MatMul (baddbmm)
     "gpt_oss": {"positions": "rope"},  # RoPE as chunk halves · cos/sin, then cat
 }
-CORE = sorted(name for name, facts in ARCHITECTURES.items() if "parity_exporter" not in facts)
-
-
-def exporters_of(architecture: str) -> tuple[str, ...]:
-    """The exporters that export `architecture` (every one in `EXPORTERS` unless listed)."""
-    return ARCHITECTURES[architecture].get("exporters", EXPORTERS)
 
 
 def positions_of(architecture: str) -> str:

@@ -43,8 +43,8 @@ class LayerOutcome:
     layer: str
     fused: bool
     near_misses: list[NearMiss]
-    lowering: str = ""  # the target op the layer's attention became, once lowered
-    lowering_reason: str = ""  # what that lowering carries of the layer, and why it was chosen
+    lowering: str = ""  # the target's lowering of the fused layer (e.g. "gqa-rotary")
+    lowering_reason: str = ""  # why that lowering (e.g. the kernel limit another avoids)
 
 
 def run_stages(model: ir.Model, stages: Sequence[Stage]) -> list[StageRecord]:
@@ -156,9 +156,8 @@ def attention_outcomes(
     misses: dict[str | None, list[NearMiss]] = collections.defaultdict(list)
     diagnoses: dict[str, NearMiss] = {}
     for node in model.graph:
-        if diagnose is not None and (
-            _is_candidate(node) or (node.domain == KVFUSE_DOMAIN and node.op_type == "Attention")
-        ):
+        attention = node.domain == KVFUSE_DOMAIN and node.op_type == "Attention"
+        if diagnose is not None and (_is_candidate(node) or attention):
             found = diagnose(node)
             if found is not None:
                 diagnoses[node_layer(node) or node.name] = found
@@ -174,18 +173,3 @@ def attention_outcomes(
             best.insert(0, diagnoses[layer])
         outcomes.append(LayerOutcome(layer, layer not in left, best))
     return outcomes
-
-
-LOWERING_TAG = "kvfuse.lowering"  # metadata of a lowered attention node: "op: reason"
-
-
-def record_lowerings(model: ir.Model, layers: list[LayerOutcome]) -> None:
-    """Fill each layer's `lowering` from the lowered nodes' `kvfuse.lowering` metadata."""
-    by_layer = {}
-    for node in model.graph.all_nodes():
-        entry = node.metadata_props.get(LOWERING_TAG)
-        if entry is not None:
-            by_layer[layer_of(node.name) or node.name] = entry
-    for layer in layers:
-        op, _, reason = by_layer.get(layer.layer, "").partition(": ")
-        layer.lowering, layer.lowering_reason = op, reason

@@ -57,7 +57,7 @@ def mask_window(graph: ir.Graph, mask: ir.Value, kind: str, max_context: int) ->
     last slot sees (None: all of them). `kind` says how the mask reads ("add": 0 visible,
     very negative hidden; "keep": True visible; "fill": True hidden)."""
     nodes, inputs, feeds = _builder(mask, max_context)
-    (array,) = _run(nodes, inputs, [mask], feeds, dtype=mask.dtype)
+    (array,) = _run(nodes, inputs, [mask], feeds)
     if array.shape[-1] != max_context:
         raise KvfuseError(
             f"attention mask {mask.name} evaluates to shape {list(array.shape)}, expected "

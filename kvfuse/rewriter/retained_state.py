@@ -22,7 +22,13 @@ import onnx_ir as ir
 
 from kvfuse.errors import KvfuseError
 from kvfuse.rewriter import position_bias, rotary_cache
-from kvfuse.rewriter.rules import KVFUSE_DOMAIN, add_initializer
+from kvfuse.rewriter.pipeline import layer_of
+from kvfuse.rewriter.rules import (
+    KVFUSE_DOMAIN,
+    LOWERING_REASON_TAG,
+    LOWERING_TAG,
+    add_initializer,
+)
 
 SEQLENS = "seqlens_k"
 TOTAL_LENGTH = "total_sequence_length"
@@ -39,7 +45,10 @@ class KVSignature:
     batch_size: int | None
     inputs: list[str]
     logits: str = "all"  # "last": one position per row
+    # per layer: which lowering its attention took and why ({"lowering": kind, "reason": …})
+    lowerings: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
     static: dict | None = None  # a static pair's files and prefill length
+    dtype: str = "float32"  # the KV buffers' (and the graph's) precision; logits stay float32
 
 
 # (graph, CachedAttention, its old presents, seqlens_k, total_sequence_length, rotary tables
@@ -67,7 +76,7 @@ def convert_to_retained_state(
     seqlens = _add_input(graph, SEQLENS, ir.DataType.INT32, [batch])
     total = _add_input(graph, TOTAL_LENGTH, ir.DataType.INT32, [])
     caches: dict[tuple[str, str], tuple[ir.Value, ir.Value]] = {}
-    pairs = []
+    pairs, lowerings = [], {}
     kv_heads = head_dim = None
     # read every layer's window and position bias before any lowering changes the cache
     # shapes their builders read
@@ -83,6 +92,7 @@ def convert_to_retained_state(
         head_dim = past_v.shape[-1]
         presents = (_present_of(past_k), _present_of(past_v))
         new_presents = lower(graph, node, presents, seqlens, total, rotary, window)
+        lowerings[layer_of(past_k.name) or past_k.name] = _lowering_of(new_presents[0])
         for past, present in zip((past_k, past_v), new_presents, strict=True):
             fixed = ir.Shape([batch, kv_heads, max_context, head_dim])
             past.shape, present.shape = fixed, ir.Shape(fixed)
@@ -96,7 +106,14 @@ def convert_to_retained_state(
         max_context=max_context,
         batch_size=batch_size,
         inputs=[v.name for v in graph.inputs],
+        lowerings=lowerings,
     )
+
+
+def _lowering_of(present: ir.Value) -> dict[str, str]:
+    """The lowering kind and reason the target recorded on the op writing a present buffer."""
+    props = present.producer().metadata_props if present.producer() is not None else {}
+    return {"lowering": props.get(LOWERING_TAG, ""), "reason": props.get(LOWERING_REASON_TAG, "")}
 
 
 def _present_of(past: ir.Value) -> ir.Value:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvfuse.models.architectures import ARCHITECTURES, EXPORTERS, expected_fusions
+from kvfuse.models.architectures import ARCHITECTURES, expected_fusions, parity_exporters
 from kvfuse.models.tiny import TINY_CONFIGS
 from kvfuse.optimize import optimize
 
@@ -17,10 +17,7 @@ def _cases():
     for name in sorted(TINY_CONFIGS):
         if name not in ARCHITECTURES:
             continue  # a tiny config kvfuse does not fuse yet (see the coverage table)
-        # a family added for its structure runs here with one exporter (the coverage command
-        # runs every exporter × target)
-        parity = ARCHITECTURES[name].get("parity_exporter")
-        for exporter in [parity] if parity else EXPORTERS:
+        for exporter in parity_exporters(name):
             yield pytest.param(name, exporter, id=f"{name}-{exporter}")
 
 
@@ -33,18 +30,16 @@ STRUCTURE_FAMILIES = [pytest.param("mpt", "optimum", id="mpt-optimum")]
 def exported(tiny_export, tmp_path_factory):
     """`exported(name, exporter)` → (hf_dir, export_dir); Optimum's from the shared fixture."""
     from kvfuse.exporters.export import export
-    from kvfuse.models.tiny import build_tiny_model
 
     root, done = tmp_path_factory.mktemp("dynamo"), {}
 
     def get(name: str, exporter: str):
         if exporter == "optimum":
             return tiny_export(name)
-        if name not in done:
-            if ARCHITECTURES[name].get("parity_exporter") == "dynamo":  # no Optimum export
-                hf_dir = build_tiny_model(name, root / f"{name}-hf")
-            else:
-                hf_dir = tiny_export(name)[0]
+        if name not in done:  # its own model dir: Optimum may not export it at all
+            from kvfuse.models.tiny import build_tiny_model
+
+            hf_dir = build_tiny_model(name, root / f"{name}-hf")
             done[name] = hf_dir, export(hf_dir, root / name, quiet=True, exporter=exporter).out_dir
         return done[name]
 
@@ -83,6 +78,10 @@ def test_export_optimize_verify_and_generate_like_pytorch(exported, tmp_path, na
     # no attention softmax is left (an MoE router's is not attention and stays)
     assert result.ops_after.get("Softmax", 0) == ARCHITECTURES[name].get("softmax_left", 0)
     assert result.verification.passed and result.verification.max_abs_diff < 1e-4
+    lowering = ARCHITECTURES[name].get("lowering", {}).get("ort")
+    if lowering is not None:  # which lowering each layer took is a per-architecture fact
+        expected_lowering = lowering if isinstance(lowering, list) else [lowering] * 2
+        assert [layer.lowering for layer in result.layers] == expected_lowering
 
     config = kvfuse.GenerationConfig(max_new_tokens=NEW_TOKENS, ignore_eos=True)
     tokens = kvfuse.load(result.output).generate(PROMPT, config).tokens[0]
