@@ -13,7 +13,6 @@ from kvfuse.exporters.reference import ConcatCacheRunner
 from kvfuse.models.architectures import ARCHITECTURES, POSITION_ARCHITECTURES, parity_exporters
 from kvfuse.models.tiny import TINY_CONFIGS
 
-
 # fp32 through different kernels: logits of these tiny models are O(1), differences O(1e-7)
 ATOL = 1e-4
 # the families the default run exports with Optimum (the others: dynamo, see their data)

@@ -108,7 +108,10 @@ def test_static_onnx_target_generates_like_pytorch(exported, tmp_path, name, exp
         quiet=True,
     )
     assert result.fused_layers == len(result.layers) == 2
-    assert all(layer.lowering == "Attention" for layer in result.layers)
+    assert all(layer.lowering == "attention" for layer in result.layers)
+    assert all(
+        "ALiBi slopes in the float position mask" in x.lowering_reason for x in result.layers
+    )
     assert result.verification.passed and result.verification.max_abs_diff < 1e-4
     config = kvfuse.GenerationConfig(max_new_tokens=NEW_TOKENS, ignore_eos=True)
     tokens = kvfuse.load(result.output).generate(PROMPT, config).tokens[0]

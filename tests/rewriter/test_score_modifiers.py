@@ -40,7 +40,7 @@ def test_soft_capping_lowers_to_gqa_softcap(tmp_path, layout, how):
     gqa, _ = _gqa(result)
     assert _attributes(gqa)["softcap"] == pytest.approx(SOFTCAP)
     assert "Tanh" not in result.ops_after
-    assert result.layers[0].lowering == "GroupQueryAttention"
+    assert result.layers[0].lowering == "gqa-rotary"
     assert "softcap" in result.layers[0].lowering_reason
     assert result.verification.passed, result.verification.summary()
 
@@ -82,7 +82,7 @@ def test_modifiers_lower_to_standard_attention_over_the_fixed_buffer(tmp_path, h
     """Target onnx: softcap as Attention's softcap, ALiBi in a float position mask, sinks as
     one zero key masked with the sink logit, the window in the mask; verified."""
     result = run(tmp_path, build_lm("BHSD", scores=how), target="onnx")
-    assert result.layers[0].lowering == "Attention"
+    assert result.layers[0].lowering == "rotary-op+attention"
     model = onnx.load(result.output)
     assert {n.domain for n in model.graph.node} <= {""}
     attention = next(n for n in model.graph.node if n.op_type == "Attention")
@@ -100,11 +100,11 @@ def test_sliding_window_is_read_from_the_layer_mask(tmp_path):
 
 
 def test_plain_layer_records_its_lowering(tmp_path):
-    """A layer with no modifier says so: causal attention over the shared buffer."""
+    """A layer with no score modifier: the reason names only what the kernel fuses."""
     result = run(tmp_path, build_lm("BHSD"))
     layer = result.layers[0]
-    assert (layer.lowering, layer.fused) == ("GroupQueryAttention", True)
-    assert "RoPE fused" in layer.lowering_reason
+    assert (layer.lowering, layer.fused) == ("gqa-rotary", True)
+    assert layer.lowering_reason == "RoPE fused into GroupQueryAttention (do_rotary)"
 
 
 def test_router_softmax_is_not_an_attention_candidate(tmp_path):
