@@ -134,6 +134,47 @@ def parity_exporters(architecture: str) -> tuple[str, ...]:
     return tuple(ARCHITECTURES[architecture].get("parity_exporters", exporters_of(architecture)))
 
 
+# --- positions, score modifiers and MoE (issue 11): `positions`, how the family encodes
+# positions (the coverage table's column); "exporters" and "parity_exporters" as above. These
+# families are proven in the default run by the exporters' parity test.
+POSITION_ARCHITECTURES: dict[str, dict] = {
+    # ALiBi (a per-head slope · key position on the scores), LayerNorm without bias, QKV ±6
+    "mpt": {**_LAYER_NORM, "rope": None, "positions": "ALiBi", "parity_exporters": ("optimum",)},
+    # learned absolute positions offset by 2, the query scaled before Q·Kᵀ, QKV biases
+    "opt": {
+        **_LAYER_NORM,
+        "rope": None,
+        "positions": "learned (+2)",
+        "parity_exporters": ("optimum",),
+    },
+    # multi-query: one KV head taken from one fused c_attn projection
+    "gpt_bigcode": {
+        **_LAYER_NORM,
+        "rope": None,
+        "positions": "learned",
+        "parity_exporters": ("optimum",),
+    },
+    # MoE MLP (router softmax → top-2): attention fuses, the MLP stays as exported
+    # (`softmax_left`: the routers' softmaxes, one per layer, which are no attention)
+    "mixtral": {**_ROPE_LLAMA, "exporters": ("dynamo",), "softmax_left": 2},
+    # sliding and global layers alternating (window 6, then none); Optimum's export stops at
+    # its RoPE builder
+    "gemma2": {**_ROPE_LLAMA, "rms_norms_per_layer": 4, "exporters": ("dynamo",)},
+}
+ARCHITECTURES.update(POSITION_ARCHITECTURES)
+# tiny configs kvfuse does not fuse yet: the coverage command runs them to show why not
+PENDING: dict[str, dict] = {
+    "bloom": {"positions": "ALiBi"},  # scores as a [B·H, S, T] batched MatMul (baddbmm)
+    "gpt_oss": {"positions": "rope"},  # RoPE as chunk halves · cos/sin, then cat
+}
+
+
+def positions_of(architecture: str) -> str:
+    """How the family encodes positions, for the coverage table."""
+    facts = ARCHITECTURES.get(architecture) or PENDING[architecture]
+    return facts.get("positions") or facts.get("rope") or "learned"
+
+
 def expected_fusions(architecture: str, num_layers: int) -> dict[str, int]:
     """Counts a complete `ort` rewrite of this architecture makes for `num_layers` layers."""
     facts = ARCHITECTURES[architecture]

@@ -9,8 +9,10 @@ from kvfuse.patterns import axes, lower_onnx, lower_ort, norm, packed_mlp, packe
 from kvfuse.patterns.attention import cached, diagnose_cache, repeat_kv, sdpa
 from kvfuse.rewriter import last_logits, packed_heads, shapes
 from kvfuse.rewriter.pipeline import Stage
+from kvfuse.rewriter.unsqueezed_split import split_unsqueezed_projections
 
 FUSION_STAGES = [
+    Stage("split fused projections before their head axis", run=split_unsqueezed_projections),
     Stage("canonicalize axis swaps and head selections", rules=axes.RULES),
     Stage("fused projections' parts as column blocks", run=packed_heads.split_parts_stage),
     Stage("fuse RMSNorm", rules=norm.RULES),
