@@ -43,6 +43,9 @@ def export(
     exporter: Annotated[
         str, typer.Option(help="optimum (TorchScript via Optimum) or dynamo (torch.onnx).")
     ] = "optimum",
+    dtype: Annotated[
+        str, typer.Option(help="float32, float16 or bfloat16 (bfloat16 needs --exporter dynamo).")
+    ] = "float32",
 ) -> None:
     """Export a causal LM to ONNX with past KV (text-generation-with-past I/O)."""
     from kvfuse.exporters.export import export as run_export
@@ -54,6 +57,7 @@ def export(
         trust_remote_code=trust_remote_code,
         quiet=quiet,
         exporter=exporter,
+        dtype=dtype,
     )
     if not quiet:
         _print_export_summary(result)
@@ -119,17 +123,26 @@ def optimize(
     except PartialFusion as error:
         if explain:
             _print_layers(error.result)
+        if report is not None:  # why not fused, in the report too (no model was written)
+            _write_optimize_report(source, None, error.result, report, quiet)
         raise
     if not quiet:
         _print_optimize_summary(result, explain)
     if report is not None:
-        from kvfuse import report as reports
-        from kvfuse.report.diff import build_report
+        _write_optimize_report(source, result.output, result, report, quiet)
 
-        source_model = source / "model.onnx" if source.is_dir() else source
-        written = reports.write_all(build_report(source_model, result.output, result), report)
-        if not quiet:
-            console.print("report: " + ", ".join(str(p) for p in written))
+
+def _write_optimize_report(source: Path, output: Path | None, result, stem: Path, quiet: bool):
+    """STEM.json/.md/.html for an optimize run; a partial fusion compares the input with
+    itself, so the report carries the layers and their near misses."""
+    from kvfuse import report as reports
+    from kvfuse.report.diff import build_report
+
+    source_model = source / "model.onnx" if source.is_dir() else source
+    built = build_report(source_model, output or source_model, result)
+    written = reports.write_all(built, stem)
+    if not quiet:
+        console.print("report: " + ", ".join(str(p) for p in written))
 
 
 @app.command()
@@ -180,12 +193,48 @@ def run(
             console.out(delta, end="", highlight=False)
         history.append({"role": "assistant", "content": generator.last.texts[0]})
         stats = generator.last.stats
+        reused = f", {stats.reused_tokens} prompt tokens reused" if stats.reused_tokens else ""
         console.print()
         Console(stderr=True).print(
             f"[dim]prefill {stats.prefill_ms:.0f} ms ({stats.prompt_tokens[0]} tokens) · decode "
             f"{stats.decode_tokens_per_s:.1f} tokens/s ({stats.new_tokens[0]} tokens) · KV "
-            f"{stats.kv_bytes / 2**20:.1f} MiB ({generator.last.finish_reasons[0]})[/dim]"
+            f"{stats.kv_bytes / 2**20:.1f} MiB ({generator.last.finish_reasons[0]}{reused})[/dim]"
         )
+
+
+@app.command()
+def serve(
+    model: Annotated[Path, typer.Argument(help="An optimized .onnx file or its directory.")],
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    slots: Annotated[int, typer.Option(help="KV rows: requests generating at once.")] = 4,
+    max_queue: Annotated[int, typer.Option(help="Requests that may wait for a row.")] = 64,
+    threads: Annotated[int | None, typer.Option(help="Threads (default: physical cores).")] = None,
+    prefill_chunk: Annotated[
+        int, typer.Option(help="Prompt tokens per step, between the other rows' decode steps.")
+    ] = 64,
+    max_new_tokens: Annotated[
+        int, typer.Option(help="Default max new tokens of a request that gives none.")
+    ] = 256,
+    request_timeout: Annotated[
+        float, typer.Option(help="End a request running longer than this many seconds.")
+    ] = 600.0,
+) -> None:
+    """Serve the model over HTTP: OpenAI /v1/chat/completions, /v1/completions, /v1/models;
+    TGI /generate, /generate_stream, /, /info, /health; Prometheus /metrics."""
+    from kvfuse.serve import serve_forever
+
+    serve_forever(
+        model,
+        host,
+        port,
+        slots=slots,
+        max_queue=max_queue,
+        threads=threads,
+        prefill_chunk=prefill_chunk,
+        default_max_new_tokens=max_new_tokens,
+        request_timeout_s=request_timeout,
+    )
 
 
 def _chat_turns():

@@ -139,13 +139,29 @@ ROTARY_CONFIGS: dict[str, dict[str, Any]] = {
 TINY_CONFIGS.update(ROTARY_CONFIGS)
 
 
+# not tiny: a random Llama of 2.49 GB in fp32 (623 M parameters, most in two wide layers and an
+# untied 32k-token head), past protobuf's 2 GiB limit, to prove weights stay external end to end
+LARGE_CONFIGS: dict[str, dict[str, Any]] = {
+    "llama_2gb": {
+        "model_type": "llama",
+        "vocab_size": 32768,
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+    },
+}
+
+
 def tiny_config(name: str) -> Any:
-    """The transformers config of the tiny model `name` (a key of `TINY_CONFIGS`)."""
+    """The transformers config of the test model `name` (a key of `TINY_CONFIGS` or
+    `LARGE_CONFIGS`)."""
     from transformers import AutoConfig
 
-    overrides = dict(TINY_CONFIGS[name])
+    overrides = dict(TINY_CONFIGS.get(name) or LARGE_CONFIGS[name])
     model_type = overrides.pop("model_type")
-    config = AutoConfig.for_model(model_type, **_COMMON, **overrides)
+    config = AutoConfig.for_model(model_type, **{**_COMMON, **overrides})
     config.bos_token_id, config.eos_token_id = 1, 2
     return config
 
@@ -165,6 +181,28 @@ def build_tiny_model(name: str, out_dir: Path, seed: int = 0) -> Path:
                 parameter.add_(0.1 * torch.randn_like(parameter))
     model.eval()
     model.save_pretrained(out_dir)
+    save_byte_tokenizer(Path(out_dir))
+    return Path(out_dir)
+
+
+def build_large_model(name: str, out_dir: Path, seed: int = 0) -> Path:
+    """Create the model `name` of `LARGE_CONFIGS` with seeded uniform random weights (fast to
+    draw, unlike the default initialisers) and save it in bfloat16 (half the bytes to write and
+    read back; the values export exactly in float32)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_utils import no_init_weights
+
+    generator = torch.Generator().manual_seed(seed)
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(tiny_config(name), dtype=torch.bfloat16)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            bound = 1.0 / parameter.shape[-1] ** 0.5  # keeps activations of order one
+            parameter.uniform_(-bound, bound, generator=generator)
+            if parameter.ndim == 1:  # norm weights: around one
+                parameter.add_(1.0)
+    model.eval().save_pretrained(out_dir)
     save_byte_tokenizer(Path(out_dir))
     return Path(out_dir)
 

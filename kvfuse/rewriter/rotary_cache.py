@@ -156,7 +156,9 @@ def _run(nodes, inputs, outputs, feeds) -> list[np.ndarray]:
     for node in nodes:
         for value in node.inputs:
             if value is not None and value.is_initializer():
-                initializers[value.name] = ir.serde.serialize_tensor(value.const_value)
+                # inline (a tensor kept in the model's external data file has no file here)
+                inline = ir.Tensor(value.const_value.numpy(), name=value.name)
+                initializers[value.name] = ir.serde.serialize_tensor(inline)
                 initializers[value.name].name = value.name
     graph = onnx.helper.make_graph(
         [proto for node in nodes for proto in _standard(node)],
