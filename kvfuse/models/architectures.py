@@ -67,7 +67,7 @@ ROTARY_ARCHITECTURES: dict[str, dict] = {
         "rope": "interleaved-partial",
         "max_nodes_ratio": 0.4,
         "lowering": _ROTARY_LOWERED,
-        "parity_exporters": ("dynamo",),
+        "parity_exporters": ("optimum",),
     },
     "codegen": {
         **_LAYER_NORM,
@@ -81,7 +81,7 @@ ROTARY_ARCHITECTURES: dict[str, dict] = {
         "rope": "half-partial",
         "max_nodes_ratio": 0.4,
         "lowering": _ROTARY_FUSED,
-        "parity_exporters": ("dynamo",),
+        "parity_exporters": ("optimum",),
     },
     "gemma": {**_ROPE_LLAMA, "lowering": _ROTARY_FUSED, "parity_exporters": ("optimum",)},
     "glm": {
