@@ -412,8 +412,15 @@ def write_report(results, bandwidth, weights, args) -> None:
             f"{m['decode_short_tps'] / roofline:.0%} | {m['peak_rss_mb']:.0f} | {same} |"
         )
     out = Path(__file__).with_name("RESULTS.md")
-    out.write_text("\n".join(lines) + "\n")
+    previous = out.read_text() if out.exists() else ""
+    marks = [previous.index(m) for m in (SECTION_MARK, GPU_MARK) if m in previous]
+    others = previous[min(marks) :] if marks else ""  # other scripts' sections (serving, GPU)
+    out.write_text("\n".join(lines) + "\n" + ("\n" + others if others else ""))
     print("\n".join(lines))
+
+
+GPU_MARK = "<!-- gpu: benchmarks/bench_gpu.py -->"
+SECTION_MARK = "<!-- section:"  # benchmarks/bench_serve.py's section
 
 
 def _first_mismatch(tokens, reference) -> str:
