@@ -529,10 +529,13 @@ def _probe_shapes(model: ir.Model) -> dict[str, int]:
     """Measure the shapes inference cannot see in position-only subgraphs (GLM's RoPE
     tables), then fold the plumbing they unblock."""
     counts = shape_probe.probe_position_shapes(model)
-    if counts["shape/probed"]:  # fold before shape inference forgets the measured shapes
-        counts["shape/static_dims"] = shapes.fold_static_dims(model.graph)
+    # fold before shape inference forgets the measured shapes; clean up only what that unblocked
+    folded = shapes.fold_static_dims(model.graph) if counts["shape/probed"] else 0
+    if folded:
         optimizer.fold_constants(model)
-        counts |= {k: v + counts.get(k, 0) for k, v in _clean_up(model).items()}
+        counts |= {
+            k: v + (folded if k == "shape/static_dims" else 0) for k, v in _clean_up(model).items()
+        }
     return counts
 
 

@@ -2,10 +2,12 @@
 
 `cache_layout`: the layout the exported graph keeps its KV cache in; `rope`: RoPE style
 ("half" = rotate-half on the full head dim, "half-partial" = rotate-half on the first
-`rotary_pct` of each head, None = learned positions); per layer, how many attention fusions
+`rotary_pct` of each head, "interleaved-partial" = GPT-J's rotate-every-two on the first dims,
+None = learned positions); per layer, how many attention fusions
 and RMSNorm fusions a complete rewrite makes; `max_nodes_ratio`: the most nodes the rewrite
 may leave, as a fraction of the export's (the shape plumbing must fold away). Every
-architecture here fuses with every exporter in `EXPORTERS`: the end-to-end tests assert it and
+architecture here fuses with every exporter in `EXPORTERS` that can export it: the end-to-end
+tests assert it and
 the README's table is generated from a real run (`python -m kvfuse.models.coverage`), never
 typed by hand.
 """
@@ -65,7 +67,7 @@ ROTARY_ARCHITECTURES: dict[str, dict] = {
         "rope": "interleaved-partial",
         "max_nodes_ratio": 0.4,
         "lowering": _ROTARY_LOWERED,
-        "parity_exporters": ("dynamo",),
+        "parity_exporters": ("optimum",),
     },
     "codegen": {
         **_LAYER_NORM,
@@ -79,7 +81,7 @@ ROTARY_ARCHITECTURES: dict[str, dict] = {
         "rope": "half-partial",
         "max_nodes_ratio": 0.4,
         "lowering": _ROTARY_FUSED,
-        "parity_exporters": ("dynamo",),
+        "parity_exporters": ("optimum",),
     },
     "gemma": {**_ROPE_LLAMA, "lowering": _ROTARY_FUSED, "parity_exporters": ("optimum",)},
     "glm": {

@@ -26,8 +26,8 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "qwen2": {"model_type": "qwen2", **_LLAMA_LIKE, "use_sliding_window": False},
     "phi3": {"model_type": "phi3", **_LLAMA_LIKE, "pad_token_id": 0},
     "gpt2": {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 512},
-    # head dim 64, not 16: GPT-NeoX rotates rotary_pct of each head, and onnxruntime's
-    # GroupQueryAttention rotates only multiples of 16 dims (16 of 64 here, as in Pythia)
+    # head dim 64, as in Pythia: 16 of 64 dims rotated, which GroupQueryAttention's fused
+    # rotary takes (gpt_neox_r4 below rotates 4 of 16, which it does not)
     "gpt_neox": {
         "model_type": "gpt_neox",
         "hidden_size": 256,
