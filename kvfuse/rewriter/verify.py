@@ -138,6 +138,8 @@ def verify(
     `original` step by step, within `tolerance` (atol, rtol). The two run one after the other —
     the original's logits and greedy tokens are recorded, its session closed, then the rewritten
     model replays those tokens — so only one model's weights are in memory at a time."""
+    if isinstance(rewritten, dict):  # a static pair: the prompt is one step of its prefill graph
+        prompt_tokens = min(prompt_tokens, max(rewritten))
     reference = ConcatCacheRunner(None, session=_session(Path(original)))
     vocab = _vocab_size(reference.session)
     ids = np.random.default_rng(seed).integers(3, min(vocab, 1000), size=(batch, prompt_tokens))

@@ -127,6 +127,13 @@ def test_static_needs_the_onnx_target_and_a_prefill_that_fits(tiny_export, tmp_p
     assert not list(tmp_path.iterdir())
 
 
+def test_a_prefill_shorter_than_the_verification_prompt_verifies(onnx_target):
+    """--prefill-len 8 (below verification's 12-token prompt): verified with an 8-token prompt,
+    not a traceback."""
+    result = onnx_target("llama", static=True, prefill_len=8)
+    assert result.verification.passed and result.verification.prompt_tokens == 8
+
+
 def test_shared_weights_are_one_copy(onnx_target):
     """Every initializer handed to the sessions is a view into the one buffer read from the
     weights file; a pair whose graphs disagree on their weights is refused."""
