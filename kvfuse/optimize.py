@@ -17,7 +17,7 @@ import onnx
 import onnx_ir as ir
 from onnxscript import optimizer
 
-from kvfuse import __version__
+from kvfuse import __version__, quantization
 from kvfuse.errors import KvfuseError
 from kvfuse.exporters.metadata import read_metadata
 from kvfuse.files import staged_file
@@ -59,6 +59,8 @@ class OptimizeResult:
     verification: Verification | None
     signature: retained_state.KVSignature | None
     shared_weights: static_graphs.SharedWeights | None = None  # a static pair's weights file
+    quantization: dict | None = None  # what --quantize did and measured
+    warning: str | None = None  # e.g. written with --force past --max-kld
 
     @property
     def fused_layers(self) -> int:
@@ -86,6 +88,7 @@ def optimize(
     verify_numerics: bool = True,
     overwrite: bool = False,
     quiet: bool = False,
+    quantize: str | quantization.Quantize | None = None,
 ) -> OptimizeResult:
     """Rewrite an exported ONNX LLM into fused attention with a fixed-size in-place KV cache.
 
@@ -105,12 +108,19 @@ def optimize(
         verify_numerics: compare against the original before writing (default on).
         overwrite: replace an existing output (never the input).
         quiet: no progress display.
+        quantize: "int4", "int8" or "gguf" (or a `kvfuse.quantization.Quantize` with its
+            options): weight-only block quantization of every MatMul and of the embedding/LM
+            head; checked exactly against the dequantized original, and its quality measured
+            against the original (the write is refused above `max_kld` unless `force`).
 
     Returns:
         An `OptimizeResult`; the output is written only if every attention layer fused and
         verification passed (a `KvfuseError` says why otherwise).
     """
     plan = _plan(source, output, target, max_context, batch_size, logits, static, prefill_len)
+    plan = dataclasses.replace(plan, quant=quantization.as_options(quantize))
+    if plan.quant is not None:
+        plan.quant.check(target)
     steps = Steps(quiet)
     with steps.step(f"Loading {plan.model_path.name}"):
         model = _load(plan.model_path)
@@ -131,9 +141,11 @@ def optimize(
     elif target == "onnx":
         with steps.step("Checking the model with onnx.checker (full check)"):
             static_graphs.check_standard(onnx.load_from_string(proto_bytes))
-    if verify_numerics:
+    if verify_numerics and plan.quant is None:
         with steps.step("Verifying against the original (prefill + 8 decode steps)"):
             _verify(plan, result, candidate, proto_bytes)
+    if plan.quant is not None:
+        _check_quantized(plan, result, candidate, proto_bytes, verify_numerics, steps)
     with steps.step(f"Writing {plan.output if pair is None else plan.output.with_suffix('.*')}"):
         if pair is None:
             _write(plan.output, proto_bytes, plan.model_path, result, overwrite)
@@ -159,6 +171,7 @@ class _Plan:
     logits: str
     static: bool
     prefill_len: int | None
+    quant: quantization.Quantize | None = None
 
 
 def _plan(source, output, target, max_context, batch_size, logits, static, prefill_len) -> _Plan:
@@ -238,8 +251,14 @@ def _lower(model: ir.Model, plan: _Plan, result: OptimizeResult) -> None:
             model, [Stage("logits for the last position", run=gather_last_logits)]
         )
         signature.logits = "last" if records[-1].counts["logits/last_position"] else "all"
+    if plan.quant is not None:
+        spec = quantization.spec_for(plan.quant, plan.export_info)
+        stages = quantization.stages(spec, lowering.quantized, plan.quant.accuracy_level)
+        records += pipeline.run_stages(model, stages)
     records += pipeline.run_stages(model, lowering.finishing)
     records += pipeline.run_stages(model, [Stage("final clean up", run=_clean_up)])
+    if plan.quant is not None:
+        result.quantization = {"records": quantization.records_of(model)}
     if plan.static:
         signature.static = static_layout(plan.output, plan.prefill_len)
     _stamp_metadata(model, signature, plan.target, plan.model_path)
@@ -259,6 +278,29 @@ def _verify(plan: _Plan, result: OptimizeResult, candidate, proto_bytes: bytes) 
             f"{result.verification.summary()}; {where or 'no shared tensor to compare'}; "
             "nothing was written"
         )
+
+
+def _check_quantized(plan, result, candidate, proto_bytes, verify_numerics, steps) -> None:
+    """The quantized model's two checks: the rewrite exact against the dequantized original,
+    then its quality against the original, which gates the write (`--max-kld`)."""
+    options, records = plan.quant, result.quantization["records"]
+    signature, batch = result.signature, plan.batch_size or 1
+    kv_shape = [batch, signature.kv_heads, plan.max_context, signature.head_dim]
+    if verify_numerics:
+        with steps.step("Verifying against the original with dequantized weights (fp32 acts)"):
+            result.verification = quantization.verify_exact(
+                plan.model_path, candidate, records, signature.pairs, kv_shape, batch
+            )
+        if not result.verification.passed:
+            raise KvfuseError(f"{result.verification.summary()}; nothing was written")
+    label = f"Measuring quality over {options.quality_tokens} tokens of pydoc_data.topics"
+    with steps.step(label):
+        kv_one = [1, *kv_shape[1:]]
+        measured = quantization.measure_quality(
+            options, plan.model_path, proto_bytes, signature.pairs, kv_one
+        )
+    result.quantization = quantization.summary(options, records, result.verification, measured)
+    result.warning = quantization.gate(options, measured)
 
 
 class PartialFusion(KvfuseError):
@@ -431,6 +473,8 @@ def _write_sidecar(path: Path, source: Path, result, shared=None) -> None:
         sidecar["verification"] = dataclasses.asdict(result.verification)
     if shared is not None:
         sidecar["shared_weights"] = dataclasses.asdict(shared)
+    if result.quantization is not None:
+        sidecar["quantization"] = result.quantization
     path.write_text(json.dumps(sidecar, indent=2))
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from kvfuse.patterns import axes, lower_onnx, lower_ort, norm, packed_qkv, rotary
+from kvfuse.patterns import axes, lower_onnx, lower_ort, lower_quant, norm, packed_qkv, rotary
 from kvfuse.patterns.attention import cached, diagnose, repeat_kv, sdpa
 from kvfuse.rewriter import packed_heads, shapes
 from kvfuse.rewriter.pipeline import Stage
@@ -36,6 +36,8 @@ class Target:
     lowering: list[Stage]
     attention: Callable[[int], Callable]  # max_context → a per-graph CachedAttention lowering
     finishing: list[Stage]
+    # (model, accuracy level) → counts: lowers the block-quantized ops of `patterns.quantize`
+    quantized: Callable[[object, int], dict] = lower_quant.lower_ort
 
 
 ORT = Target(
@@ -63,6 +65,7 @@ ONNX = Target(
     ],
     attention=lower_onnx.AttentionLowering,
     finishing=[Stage("read transposed weights in place", rules=lower_onnx.WEIGHT_RULES)],
+    quantized=lambda model, _level: lower_quant.lower_onnx(model),
 )
 
 TARGETS = {target.name: target for target in (ORT, ONNX)}

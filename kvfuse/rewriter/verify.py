@@ -115,7 +115,7 @@ class FixedCacheRunner:
 
 
 def verify(
-    original: Path,
+    original: Path | bytes,
     rewritten: bytes | Path,
     pairs,
     kv_shape,
@@ -126,7 +126,8 @@ def verify(
     seed: int = 0,
 ) -> Verification:
     """Compare logits and greedy tokens of `rewritten` against `original` step by step."""
-    reference = ConcatCacheRunner(None, session=_session(Path(original)))
+    original = original if isinstance(original, bytes) else Path(original)
+    reference = ConcatCacheRunner(None, session=_session(original))
     candidate = FixedCacheRunner(rewritten, pairs, kv_shape)
     vocab = _vocab_size(reference.session)
     ids = np.random.default_rng(seed).integers(3, min(vocab, 1000), size=(batch, prompt_tokens))
