@@ -28,7 +28,7 @@ from kvfuse.rewriter.verify import Verification, verify
 
 MODES = ("int4", "int8", "gguf")
 HEADS = {"int8": 8, "int4": 4, "float": None}
-DEFAULT_MAX_KLD = 0.1
+DEFAULT_MAX_KLD = 0.5  # SmolLM2-135M int4 measures ~0.25; a broken kernel or head measures > 1
 QUALITY_TOKENS = 2048
 
 

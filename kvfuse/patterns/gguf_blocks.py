@@ -11,7 +11,7 @@ and that row's raw blocks become its blocks. Which file rows those are is found 
 | Q4_0 | d·(q − 8) | 4 bits, zero point 8, scale d |
 | Q8_0 | d·q (int8) | 8 bits, codes q + 128, zero point 128, scale d |
 | Q4_1 | d·q + m | 4 bits, zero point 0, scale d, offset m |
-| Q4_K | (d·sc_j)·q − dmin·m_j per 32 of 256 | 4 bits, zero point 0, scale d·sc_j, offset −dmin·m_j |
+| Q4_K | (d·sc_j)·q − dmin·m_j, 8 × 32 | 4 bits, zero point 0, scale d·sc_j, offset −dmin·m_j |
 
 Any other type (Q5_K, Q6_K, …) is reported as not mapped and the weight is quantized by
 round-to-nearest instead. The blocks found are accepted only if they dequantize bit for bit to

@@ -168,6 +168,8 @@ def _structural(a: onnx.ModelProto, b: onnx.ModelProto) -> dict:
 
 
 def _add_optimize_result(report: dict, result: Any) -> None:
+    if getattr(result, "quantization", None) is not None:
+        report["quantization"] = result.quantization
     report["layers"] = [{"layer": layer.layer, "fused": layer.fused} for layer in result.layers]
     report["near_misses"] = [
         {"layer": layer.layer, **dataclasses.asdict(miss)}

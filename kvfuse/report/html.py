@@ -8,6 +8,8 @@ import collections
 import html
 import json
 
+from kvfuse.report import quantization
+
 STYLE = """
 body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
 table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ccc;padding:3px 8px}
@@ -86,6 +88,7 @@ def to_html(report: dict) -> str:
         _rewrites(report),
         _layers(report),
         _numerics(report),
+        quantization.to_html(report.get("quantization")),
         f"<script>{SORT}</script></body></html>",
     ]
     return "\n".join(parts)

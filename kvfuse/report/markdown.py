@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import collections
 
+from kvfuse.report import quantization
+
 
 def to_markdown(report: dict) -> str:
     a, b = report["models"]["a"], report["models"]["b"]
@@ -53,6 +55,7 @@ def to_markdown(report: dict) -> str:
             f"`{report['io']['aliases'][0]['input']}`.",
         ]
     lines += _rewrites(report) + _layers(report) + _numerics(report)
+    lines += quantization.to_markdown(report.get("quantization"))
     structural = report["structural"]
     lines += [
         "",

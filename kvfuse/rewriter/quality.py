@@ -93,8 +93,8 @@ def measure(
     Returns:
         The figures.
     """
-    reference = ConcatCacheRunner(None, session=_session(Path(original)))
-    quantized = FixedCacheRunner(all_position_logits(candidate), pairs, kv_shape)
+    reference = ConcatCacheRunner(None, session=_session(Path(original), optimized=True))
+    quantized = FixedCacheRunner(all_position_logits(candidate), pairs, kv_shape, optimized=True)
     kld, top1, nll_ref, nll_q = [], [], [], []
     for start in range(0, len(token_ids) - 1, window):
         ids = np.array([token_ids[start : start + window]], np.int64)

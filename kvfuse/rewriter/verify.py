@@ -67,9 +67,10 @@ class FixedCacheRunner:
     token runs the decode graph, a longer one (up to the prefill length) the prefill graph,
     right-padded — the padding's cache slots lie past the valid length and are never read."""
 
-    def __init__(self, model, pairs: list[tuple[str, str]], kv_shape: list[int]):
+    def __init__(self, model, pairs, kv_shape: list[int], optimized: bool = False):
+        """`optimized`: onnxruntime's own graph optimisations on (as a deployed model runs)."""
         graphs = model if isinstance(model, dict) else {None: model}
-        self.sessions = {length: _session(graph) for length, graph in graphs.items()}
+        self.sessions = {length: _session(graph, optimized) for length, graph in graphs.items()}
         self.session = next(iter(self.sessions.values()))
         self.input_names = {i.name for i in self.session.get_inputs()}
         self.pairs, self.kv_shape = pairs, kv_shape
@@ -166,10 +167,12 @@ def _step_ok(step: StepCheck) -> bool:
     return step.tolerance_used <= 1.0 and step.token_original == step.token_rewritten
 
 
-def _session(model) -> ort.InferenceSession:
-    """A session with onnxruntime's graph optimisations off, from bytes, a proto or a path."""
+def _session(model, optimized: bool = False) -> ort.InferenceSession:
+    """A session with onnxruntime's graph optimisations off (or on), from bytes, a proto or a
+    path."""
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if not optimized:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
     if hasattr(model, "SerializeToString"):
         model = model.SerializeToString()
