@@ -43,8 +43,9 @@ class Blocks:
         blocks = self.codes.reshape(n, -1, self.block_size).astype(np.float32)
         centred = blocks - self.zero_points[..., None].astype(np.float32)
         values = centred * self.scales[..., None]
-        if self.offsets is not None:
-            values = values + self.offsets[..., None]
+        if self.offsets is not None:  # (a zero offset is skipped: −0 + 0 would become +0)
+            offsets = self.offsets[..., None]
+            values = np.where(offsets != 0, values + offsets, values)
         return values.reshape(n, k)
 
     def nbytes(self) -> int:

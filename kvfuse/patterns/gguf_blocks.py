@@ -96,33 +96,48 @@ class GGUFBlocks:
         unmapped = sorted(types - DECODERS.keys())
         if unmapped:
             return None, f"GGUF type {', '.join(unmapped)} is not mapped onto integer blocks"
-        parts = [self._decode(t, r) for t, r in found]
-        if len({p[4] for p in parts}) != 1:
+        blocks = self._assemble(found, weight_NK.shape)
+        if blocks is None:
             return None, f"rows mix bit widths ({', '.join(sorted(types))})"
-        blocks = _assemble(parts, weight_NK.shape, "+".join(sorted(types)))
+        blocks.source = "+".join(sorted(types))
         values = blocks.dequantize()
         if not np.array_equal(values.view(np.uint32), weight_NK.view(np.uint32)):
             worst = float(np.abs(values - weight_NK).max())
             return None, f"{blocks.source} blocks differ from the export (max |Δ| {worst:.2e})"
         return blocks, ""
 
-    def _decode(self, tensor_index: int, row: int):
+    def _assemble(self, found: list[tuple[int, int]], shape: tuple[int, int]) -> Blocks | None:
+        """One Blocks of the file rows `found` (in order), decoded tensor by tensor."""
+        n, k = shape
+        codes = np.empty((n, k), np.uint8)
+        scales = np.empty((n, k // BLOCK), np.float32)
+        zero_points = np.empty((n, k // BLOCK), np.uint8)
+        offsets = np.zeros((n, k // BLOCK), np.float32)
+        by_tensor: dict[int, list[tuple[int, int]]] = {}
+        for position, (tensor, row) in enumerate(found):
+            by_tensor.setdefault(tensor, []).append((position, row))
+        widths, with_offsets = set(), False
+        for tensor, pairs in by_tensor.items():
+            positions = np.array([p for p, _ in pairs])
+            rows = np.array([r for _, r in pairs])
+            c, s, z, o, bits = self._decode(tensor, rows)
+            codes[positions] = c.reshape(len(rows), k)
+            scales[positions] = s.reshape(len(rows), -1)
+            zero_points[positions] = z.reshape(len(rows), -1)
+            if o is not None:
+                offsets[positions] = o.reshape(len(rows), -1)
+                with_offsets = True
+            widths.add(bits)
+        if len(widths) != 1:
+            return None
+        return Blocks(
+            codes, scales, zero_points, widths.pop(), BLOCK, offsets if with_offsets else None
+        )
+
+    def _decode(self, tensor_index: int, rows: np.ndarray):
         tensor = self.tensors[tensor_index]
         name = tensor.tensor_type.name
         data = np.asarray(tensor.data)
-        raw = data.reshape(data.shape[0], -1)[row]
+        raw = data.reshape(data.shape[0], -1)[rows]
         block_bytes = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34, "Q4_K": 144}[name]
         return DECODERS[name](raw.reshape(-1, block_bytes))
-
-
-def _assemble(parts, shape: tuple[int, int], source: str) -> Blocks:
-    """One Blocks from per-row decoded parts (codes, scales, zero points, offsets, bits)."""
-    n, k = shape
-    codes = np.stack([p[0].reshape(-1) for p in parts]).astype(np.uint8).reshape(n, k)
-    scales = np.stack([p[1] for p in parts]).astype(np.float32)
-    zero_points = np.stack([p[2] for p in parts]).astype(np.uint8)
-    offsets = None
-    if any(p[3] is not None for p in parts):
-        offsets = np.stack([p[3] if p[3] is not None else np.zeros_like(p[1]) for p in parts])
-        offsets = offsets.astype(np.float32)
-    return Blocks(codes, scales, zero_points, parts[0][4], BLOCK, offsets, source)
