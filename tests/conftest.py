@@ -67,3 +67,26 @@ def static_smollm2(smollm2_export):
         max_context=256,
         quiet=True,
     )
+
+
+@pytest.fixture(scope="session")
+def quantized_smollm2(smollm2_export):
+    """Factory: SmolLM2 optimized for `ort` with `--quantize MODE` (256 positions, quality over
+    512 tokens), built once per mode."""
+    from kvfuse.optimize import optimize
+    from kvfuse.quantization import Quantize
+
+    done = {}
+
+    def get(mode: str):
+        if mode not in done:
+            done[mode] = optimize(
+                smollm2_export.out_dir,
+                smollm2_export.out_dir / f"model-{mode}.onnx",
+                max_context=256,
+                quantize=Quantize(mode, quality_tokens=512),
+                quiet=True,
+            )
+        return done[mode]
+
+    return get

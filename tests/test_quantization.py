@@ -159,3 +159,36 @@ def test_bad_quantize_options(tiny_export, tmp_path, args, message):
     _, export_dir = tiny_export("llama")
     done = run_cli("optimize", str(export_dir), str(tmp_path / "o.onnx"), *args)
     assert_one_line_error(done, message)
+
+
+def test_static_pair_shares_one_weights_file(tiny_export, tmp_path):
+    """--static with --quantize: both graphs read the 4-bit blocks from one OUT.weights, which
+    the runtime holds once (packed 4-bit tensors handed to onnxruntime without a copy)."""
+    from kvfuse.runtime.generate import GenerationConfig, load
+
+    _, export_dir = tiny_export("llama")
+    result = optimize(
+        export_dir,
+        tmp_path / "pair.onnx",
+        target="onnx",
+        static=True,
+        prefill_len=16,
+        max_context=64,
+        quantize=Quantize("int4", **QUICK),
+        quiet=True,
+    )
+    assert result.verification.passed
+    shared = result.shared_weights
+    assert shared.file == "pair.weights" and shared.tensors > 20
+    uint4 = [
+        t.name
+        for t in onnx.load(
+            str(tmp_path / "pair.decode.onnx"), load_external_data=False
+        ).graph.initializer
+        if t.data_type == onnx.TensorProto.UINT4
+    ]
+    assert uint4, "the pair's blocks are 4-bit tensors"
+    completion = load(result.output).generate(
+        "hello", GenerationConfig(max_new_tokens=8, chat=False)
+    )
+    assert len(completion.tokens[0]) == 8

@@ -95,6 +95,14 @@ def measure(
     """
     reference = ConcatCacheRunner(None, session=_session(Path(original), optimized=True))
     quantized = FixedCacheRunner(all_position_logits(candidate), pairs, kv_shape, optimized=True)
+    return compare(reference, quantized, token_ids, window, greedy_steps, accuracy_level)
+
+
+def compare(
+    reference, quantized, token_ids: list[int], window: int, greedy_steps: int = 32, level=None
+) -> Quality:
+    """The figures of any two runners with `prefill(ids)` / `step(ids)` returning logits for
+    every new position (e.g. a peer's model driven by `ConcatCacheRunner`)."""
     kld, top1, nll_ref, nll_q = [], [], [], []
     for start in range(0, len(token_ids) - 1, window):
         ids = np.array([token_ids[start : start + window]], np.int64)
@@ -113,7 +121,7 @@ def measure(
         text=reference_text()[0],
         tokens=int(kld_all.size),
         window=window,
-        accuracy_level=accuracy_level,
+        accuracy_level=level,
         kld_mean=float(kld_all.mean()),
         kld_p99=float(np.percentile(kld_all, 99)),
         kld_p999=float(np.percentile(kld_all, 99.9)),
