@@ -38,9 +38,9 @@ def lower_ort(model: ir.Model, accuracy_level: int = 4) -> dict[str, int]:
     nodes_of_weight, tied = _quantized(graph), _tied(graph)
     for node in nodes_of_weight:
         bits, block = _attrs(node)
-        codes = _codes(node)
-        table, scales, zero_points = _ort_tensors(graph, node, codes, bits, block, packed, tied)
+        tensors = _ort_tensors(graph, node, _codes(node), bits, block, packed, tied)
         if node.op_type == GATHER_OP:
+            table, scales, zero_points = tensors
             new = _ms(
                 "GatherBlockQuantized",
                 [table, node.inputs[1], scales, zero_points],
@@ -51,29 +51,35 @@ def lower_ort(model: ir.Model, accuracy_level: int = 4) -> dict[str, int]:
             )
             _swap(graph, node, [new], new)
             counts["lower/gather_block_quantized"] += 1
-            continue
-        n, k = codes.const_value.shape
-        nodes = []
-        weight = table
-        if table.const_value.numpy().ndim == 2:  # a tied table: the head reads it reshaped
-            shape = _const(graph, f"{table.name}.shape", [n, k // block, block * bits // 8])
-            nodes.append(ir.node("Reshape", [table, shape]))
-            weight = nodes[-1].outputs[0]
-        x = node.inputs[0]
-        matmul = _ms(
-            "MatMulNBits",
-            [x, weight, scales, zero_points],
-            K=k,
-            N=n,
-            bits=bits,
-            block_size=block,
-            accuracy_level=accuracy_level,
-        )
-        nodes.append(matmul)
-        nodes += _offset_term(graph, node, matmul.outputs[0], block, sums)
-        _swap(graph, node, nodes, matmul)
-        counts["lower/matmul_nbits"] += 1
+        else:
+            _matmul_nbits(graph, node, tensors, accuracy_level, sums)
+            counts["lower/matmul_nbits"] += 1
     return counts
+
+
+def _matmul_nbits(graph, node: ir.Node, tensors, accuracy_level: int, sums) -> None:
+    """One BlockQuantMatMul → MatMulNBits (+ the offset term); a tied table is read through a
+    Reshape to B's [N, K/bs, bs·bits/8]."""
+    table, scales, zero_points = tensors
+    bits, block = _attrs(node)
+    n, k = _codes(node).const_value.shape
+    nodes, weight = [], table
+    if table.const_value.numpy().ndim == 2:
+        shape = _const(graph, f"{table.name}.shape", [n, k // block, block * bits // 8])
+        nodes.append(ir.node("Reshape", [table, shape]))
+        weight = nodes[-1].outputs[0]
+    matmul = _ms(
+        "MatMulNBits",
+        [node.inputs[0], weight, scales, zero_points],
+        K=k,
+        N=n,
+        bits=bits,
+        block_size=block,
+        accuracy_level=accuracy_level,
+    )
+    nodes.append(matmul)
+    nodes += _offset_term(graph, node, matmul.outputs[0], block, sums)
+    _swap(graph, node, nodes, matmul)
 
 
 def _ort_tensors(graph, node, codes: ir.Value, bits: int, block: int, packed, tied) -> tuple:
