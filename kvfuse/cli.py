@@ -43,6 +43,9 @@ def export(
     exporter: Annotated[
         str, typer.Option(help="optimum (TorchScript via Optimum) or dynamo (torch.onnx).")
     ] = "optimum",
+    dtype: Annotated[
+        str, typer.Option(help="float32, float16 or bfloat16 (bfloat16 needs --exporter dynamo).")
+    ] = "float32",
 ) -> None:
     """Export a causal LM to ONNX with past KV (text-generation-with-past I/O)."""
     from kvfuse.exporters.export import export as run_export
@@ -54,6 +57,7 @@ def export(
         trust_remote_code=trust_remote_code,
         quiet=quiet,
         exporter=exporter,
+        dtype=dtype,
     )
     if not quiet:
         _print_export_summary(result)
@@ -220,12 +224,48 @@ def run(
             console.out(delta, end="", highlight=False)
         history.append({"role": "assistant", "content": generator.last.texts[0]})
         stats = generator.last.stats
+        reused = f", {stats.reused_tokens} prompt tokens reused" if stats.reused_tokens else ""
         console.print()
         Console(stderr=True).print(
             f"[dim]prefill {stats.prefill_ms:.0f} ms ({stats.prompt_tokens[0]} tokens) · decode "
             f"{stats.decode_tokens_per_s:.1f} tokens/s ({stats.new_tokens[0]} tokens) · KV "
-            f"{stats.kv_bytes / 2**20:.1f} MiB ({generator.last.finish_reasons[0]})[/dim]"
+            f"{stats.kv_bytes / 2**20:.1f} MiB ({generator.last.finish_reasons[0]}{reused})[/dim]"
         )
+
+
+@app.command()
+def serve(
+    model: Annotated[Path, typer.Argument(help="An optimized .onnx file or its directory.")],
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    slots: Annotated[int, typer.Option(help="KV rows: requests generating at once.")] = 4,
+    max_queue: Annotated[int, typer.Option(help="Requests that may wait for a row.")] = 64,
+    threads: Annotated[int | None, typer.Option(help="Threads (default: physical cores).")] = None,
+    prefill_chunk: Annotated[
+        int, typer.Option(help="Prompt tokens per step, between the other rows' decode steps.")
+    ] = 64,
+    max_new_tokens: Annotated[
+        int, typer.Option(help="Default max new tokens of a request that gives none.")
+    ] = 256,
+    request_timeout: Annotated[
+        float, typer.Option(help="End a request running longer than this many seconds.")
+    ] = 600.0,
+) -> None:
+    """Serve the model over HTTP: OpenAI /v1/chat/completions, /v1/completions, /v1/models;
+    TGI /generate, /generate_stream, /, /info, /health; Prometheus /metrics."""
+    from kvfuse.serve import serve_forever
+
+    serve_forever(
+        model,
+        host,
+        port,
+        slots=slots,
+        max_queue=max_queue,
+        threads=threads,
+        prefill_chunk=prefill_chunk,
+        default_max_new_tokens=max_new_tokens,
+        request_timeout_s=request_timeout,
+    )
 
 
 def _chat_turns():
@@ -278,6 +318,8 @@ def _print_optimize_summary(result, explain: bool) -> None:
             f"weights file {escape(shared.file)} ({shared.bytes_total / 2**20:.0f} MiB, "
             f"{shared.tensors} tensors) read by both"
         )
+    for line in lowering_lines(result.layers):
+        console.print(escape(line))
     table = Table("rule", "fired", title="Rules")
     for rule, count in result.rule_counts.items():
         if count or explain:
@@ -291,8 +333,22 @@ def _print_optimize_summary(result, explain: bool) -> None:
         _print_layers(result)
 
 
+def lowering_lines(layers) -> list[str]:
+    """One line per lowering kind: which layers took it and why (the first layer's reason)."""
+    groups: dict[str, list] = {}
+    for layer in layers:
+        if layer.lowering:
+            groups.setdefault(layer.lowering, []).append(layer)
+    return [
+        f"lowering {kind}: layers {', '.join(x.layer for x in group)} ({group[0].lowering_reason})"
+        for kind, group in groups.items()
+    ]
+
+
 def _print_layers(result) -> None:
-    table = Table("layer", "fused", "closest rule", "why not", title="Attention layers")
+    table = Table(
+        "layer", "fused", "closest rule", "why not", "lowering", "why", title="Attention layers"
+    )
     for layer in result.layers:
         miss = layer.near_misses[0] if layer.near_misses else None
         table.add_row(
@@ -300,6 +356,8 @@ def _print_layers(result) -> None:
             "yes" if layer.fused else "[red]no[/red]",
             miss.rule if miss and not layer.fused else "",
             escape(miss.reason if miss else "no rule came close") if not layer.fused else "",
+            layer.lowering,
+            escape(layer.lowering_reason),
         )
     Console(stderr=True).print(table)
 

@@ -37,3 +37,9 @@ def test_runtime_needs_no_optimizer():
     """A deployed model runs without the rewriter, the rules or the exporters."""
     for forbidden in ("kvfuse.rewriter", "kvfuse.patterns", "kvfuse.exporters", "kvfuse.optimize"):
         assert offenders("runtime", forbidden) == []
+
+
+def test_server_uses_the_runtime_only():
+    """serve/ drives the runtime; it needs no optimizer, exporter or rule."""
+    for forbidden in ("kvfuse.rewriter", "kvfuse.patterns", "kvfuse.exporters", "kvfuse.optimize"):
+        assert offenders("serve", forbidden) == []
