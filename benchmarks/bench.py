@@ -283,7 +283,7 @@ def prepare(work: Path, genai_python: str | None, wanted: list[str] = SYSTEMS) -
             build += ["-o", str(work / system), "-e", "cpu", "-c", str(work / "genai-cache")]
             subprocess.run(build + arguments, check=True)
     return [
-        s for s in SYSTEMS if s not in GENAI_MODELS or (work / s / "genai_config.json").exists()
+        s for s in wanted if s not in GENAI_MODELS or (work / s / "genai_config.json").exists()
     ]
 
 
