@@ -282,9 +282,7 @@ def prepare(work: Path, genai_python: str | None, wanted: list[str] = SYSTEMS) -
             build = [genai_python, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir)]
             build += ["-o", str(work / system), "-e", "cpu", "-c", str(work / "genai-cache")]
             subprocess.run(build + arguments, check=True)
-    return [
-        s for s in wanted if s not in GENAI_MODELS or (work / s / "genai_config.json").exists()
-    ]
+    return [s for s in wanted if s not in GENAI_MODELS or (work / s / "genai_config.json").exists()]
 
 
 def set_genai_threads(work: Path, threads: int) -> None:
@@ -345,7 +343,7 @@ def model_bytes(work: Path, system: str) -> int:
     return sum(f.stat().st_size for f in files)
 
 
-def quality_worker(system: str, work: Path, threads: int) -> dict:
+def quality_worker(system: str, work: Path, threads: int, tokens: int = QUALITY_TOKENS) -> dict:
     """KLD etc. of a quantized system against Optimum's fp32 export, on the same tokens."""
     from tokenizers import Tokenizer
 
@@ -355,10 +353,19 @@ def quality_worker(system: str, work: Path, threads: int) -> dict:
 
     text = quality.reference_text()[1]
     tokenizer = Tokenizer.from_file(str(work / "export" / "tokenizer.json"))
-    ids = tokenizer.encode(text).ids[:QUALITY_TOKENS]
+    ids = tokenizer.encode(text).ids[:tokens]
     reference = ConcatCacheRunner(work / "export" / "model.onnx", threads=threads)
     if system in GENAI_MODELS:
-        candidate = ConcatCacheRunner(work / system / "model.onnx", threads=threads)
+        facts = json.loads((work / "export" / "kvfuse-export.json").read_text())["model"]
+
+        class GenaiCache(ConcatCacheRunner):
+            """genai names its head dim `kv_cache_dim` (symbolic): an empty past [B, Hkv, 0, D]."""
+
+            def _empty_past(self, name, batch):
+                heads = self.inputs[name].shape[1]
+                return np.zeros([batch, heads, 0, facts["head_dim"]], np.float32)
+
+        candidate = GenaiCache(work / system / "model.onnx", threads=threads)
     else:
         file = work / "export" / KVFUSE_MODELS[system][0]
         sidecar = json.loads(file.with_suffix(".kvfuse.json").read_text())
@@ -397,6 +404,7 @@ def main() -> None:
     )
     parser.add_argument("--worker")
     parser.add_argument("--quality", help="(internal) measure one quantized system's quality")
+    parser.add_argument("--quality-tokens", type=int, default=QUALITY_TOKENS)
     parser.add_argument("--systems", help="comma-separated subset")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -404,7 +412,8 @@ def main() -> None:
         print(json.dumps(worker(args.worker, args.work, args.threads)))
         return
     if args.quality:
-        print(json.dumps(quality_worker(args.quality, args.work, args.threads)))
+        figures = quality_worker(args.quality, args.work, args.threads, args.quality_tokens)
+        print(json.dumps(figures))
         return
     args.work.mkdir(parents=True, exist_ok=True)
     wanted = [s for s in SYSTEMS if not args.systems or s in args.systems.split(",")]
@@ -447,7 +456,7 @@ def main() -> None:
 
 def _run_self(arguments: list[str], args) -> subprocess.CompletedProcess:
     command = [sys.executable, __file__, *arguments, "--work", str(args.work)]
-    command += ["--threads", str(args.threads)]
+    command += ["--threads", str(args.threads), "--quality-tokens", str(args.quality_tokens)]
     return subprocess.run(command, capture_output=True, text=True)
 
 
@@ -507,9 +516,10 @@ def _quality_table(qualities: dict) -> list[str]:
     """Quality of each quantized row against the same fp32 reference (Optimum's export)."""
     if not qualities:
         return []
+    tokens = next(iter(qualities.values()))["tokens"]
     lines = [
         "",
-        f"Quality against the fp32 export, teacher-forced over {QUALITY_TOKENS} tokens of "
+        f"Quality against the fp32 export, teacher-forced over {tokens} tokens of "
         f"pydoc_data.topics in windows of {QUALITY_WINDOW}; greedy: 32 tokens after the text's "
         "first 32, the fp32 model choosing, with the fp32 logit margin at each mismatch.",
         "",
