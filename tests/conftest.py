@@ -84,7 +84,7 @@ def tiny_served_model(tiny_export, tmp_path_factory):
 @pytest.fixture(scope="session")
 def quantized_smollm2(smollm2_export):
     """Factory: SmolLM2 optimized for `ort` with `--quantize MODE` (256 positions, quality over
-    512 tokens), built once per mode."""
+    256 tokens), built once per mode."""
     from kvfuse.optimize import optimize
     from kvfuse.quantization import Quantize
 
@@ -96,7 +96,7 @@ def quantized_smollm2(smollm2_export):
                 smollm2_export.out_dir,
                 smollm2_export.out_dir / f"model-{mode}.onnx",
                 max_context=256,
-                quantize=Quantize(mode, quality_tokens=512),
+                quantize=Quantize(mode, quality_tokens=256),
                 quiet=True,
             )
         return done[mode]
