@@ -192,3 +192,25 @@ def test_static_pair_shares_one_weights_file(tiny_export, tmp_path):
         "hello", GenerationConfig(max_new_tokens=8, chat=False)
     )
     assert len(completion.tokens[0]) == 8
+
+
+def test_cli_prints_the_figures_and_writes_the_report(tiny_export, tmp_path):
+    """`kvfuse optimize … --quantize int8 --report R`: the summary names what was quantized
+    and the quality; the HTML report carries the section."""
+    _, export_dir = tiny_export("llama")
+    out, stem = tmp_path / "q.onnx", tmp_path / "report"
+    done = run_cli(
+        "optimize",
+        str(export_dir),
+        str(out),
+        "--quantize",
+        "int8",
+        "--max-context",
+        "64",
+        "--report",
+        str(stem),
+    )
+    assert done.returncode == 0, done.stderr
+    assert "quantized 12 ops" in done.stdout and "quality at accuracy level 4: KLD" in done.stdout
+    assert "rewrite exact vs dequantized original" in done.stdout
+    assert "<h2>Quantization</h2>" in (tmp_path / "report.html").read_text()
