@@ -508,7 +508,9 @@ def write_report(results, bandwidth, weights, args, sizes=None, qualities=None) 
         )
     lines += _quality_table(qualities or {})
     out = Path(__file__).with_name("RESULTS.md")
-    out.write_text("\n".join(lines) + "\n")
+    previous = out.read_text() if out.exists() else ""
+    gpu = previous[previous.index(GPU_MARK) :] if GPU_MARK in previous else ""
+    out.write_text("\n".join(lines) + "\n" + ("\n" + gpu if gpu else ""))  # keeps the GPU part
     print("\n".join(lines))
 
 
@@ -535,6 +537,9 @@ def _quality_table(qualities: dict) -> list[str]:
             f"{', '.join(map(str, q['mismatch_margins'])) or '—'} |"
         )
     return lines
+
+
+GPU_MARK = "<!-- gpu: benchmarks/bench_gpu.py -->"
 
 
 def _first_mismatch(tokens, reference) -> str:

@@ -68,8 +68,16 @@ def optimize(
     source: Annotated[Path, typer.Argument(help="An .onnx file or a `kvfuse export` directory.")],
     output: Annotated[Path, typer.Argument(help="The optimized .onnx file to write.")],
     target: Annotated[
-        str, typer.Option(help="'ort': onnxruntime's fused ops; 'onnx': standard ops only.")
+        str,
+        typer.Option(
+            help="'ort': onnxruntime's fused ops; 'onnx': standard ops only; 'cuda': the ort "
+            "ops in half precision for onnxruntime's CUDA provider."
+        ),
     ] = "ort",
+    dtype: Annotated[
+        str | None,
+        typer.Option(help="(--target cuda) float16 (default) or bfloat16."),
+    ] = None,
     max_context: Annotated[
         int | None, typer.Option(help="KV buffer length (default: min(model, 2048)).")
     ] = None,
@@ -148,6 +156,7 @@ def optimize(
             logits=logits,
             static=static,
             prefill_len=prefill_len,
+            dtype=dtype,
             verify_numerics=not no_verify,
             overwrite=overwrite,
             quiet=quiet,
@@ -156,6 +165,8 @@ def optimize(
     except PartialFusion as error:
         if explain:
             _print_layers(error.result)
+        if report is not None:  # why not fused, in the report too (no model was written)
+            _write_optimize_report(source, None, error.result, report, quiet)
         raise
     if not quiet:
         _print_optimize_summary(result, explain)
@@ -167,13 +178,20 @@ def optimize(
     if result.warning:
         console.print(f"[yellow]warning:[/yellow] {escape(result.warning)}")
     if report is not None:
-        from kvfuse import report as reports
-        from kvfuse.report.diff import build_report
+        _write_optimize_report(source, result.output, result, report, quiet)
 
-        source_model = source / "model.onnx" if source.is_dir() else source
-        written = reports.write_all(build_report(source_model, result.output, result), report)
-        if not quiet:
-            console.print("report: " + ", ".join(str(p) for p in written))
+
+def _write_optimize_report(source: Path, output: Path | None, result, stem: Path, quiet: bool):
+    """STEM.json/.md/.html for an optimize run; a partial fusion compares the input with
+    itself, so the report carries the layers and their near misses."""
+    from kvfuse import report as reports
+    from kvfuse.report.diff import build_report
+
+    source_model = source / "model.onnx" if source.is_dir() else source
+    built = build_report(source_model, output or source_model, result)
+    written = reports.write_all(built, stem)
+    if not quiet:
+        console.print("report: " + ", ".join(str(p) for p in written))
 
 
 @app.command()
@@ -198,6 +216,13 @@ def run(
             "twice the weight memory) instead of both sharing one copy.",
         ),
     ] = False,
+    device: Annotated[
+        str,
+        typer.Option(help="'cpu', or 'cuda' (a --target cuda model; decode as a CUDA graph)."),
+    ] = "cpu",
+    cuda_graph: Annotated[
+        bool, typer.Option(help="(--device cuda) Replay decode steps as a CUDA graph.")
+    ] = True,
 ) -> None:
     """Generate with an optimized model, streaming text; prints prefill ms, decode tokens/s
     and KV memory at the end."""
@@ -206,7 +231,7 @@ def run(
 
     if prompt is None and not chat:
         raise KvfuseError("give --prompt TEXT, or --chat for an interactive session")
-    generator = load(model, threads, prepack)
+    generator = load(model, threads, prepack, device=device, cuda_graph=cuda_graph)
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
         stop=tuple(stop or ()),
@@ -250,6 +275,9 @@ def serve(
     request_timeout: Annotated[
         float, typer.Option(help="End a request running longer than this many seconds.")
     ] = 600.0,
+    device: Annotated[
+        str, typer.Option(help="'cpu', or 'cuda' (a --target cuda model, KV in device memory).")
+    ] = "cpu",
 ) -> None:
     """Serve the model over HTTP: OpenAI /v1/chat/completions, /v1/completions, /v1/models;
     TGI /generate, /generate_stream, /, /info, /health; Prometheus /metrics."""
@@ -265,6 +293,7 @@ def serve(
         prefill_chunk=prefill_chunk,
         default_max_new_tokens=max_new_tokens,
         request_timeout_s=request_timeout,
+        device=device,
     )
 
 
@@ -325,12 +354,26 @@ def _print_optimize_summary(result, explain: bool) -> None:
         if count or explain:
             table.add_row(rule, str(count))
     console.print(table)
+    if result.rewrite_verification is not None:
+        console.print("float32 rewrite: " + result.rewrite_verification.summary())
+    if result.precision is not None:
+        _print_precision(result.precision)
     if result.verification is not None:
         console.print(result.verification.summary())
     else:
         console.print("[yellow]verification skipped (--no-verify)[/yellow]")
     if explain:
         _print_layers(result)
+
+
+def _print_precision(choice) -> None:
+    console.print(
+        f"{choice.dtype}: {choice.counts['precision/half_nodes']} nodes in {choice.dtype}, "
+        f"{len(choice.kept)} kept in float32 for range"
+        + ("" if choice.rounds else " (unchecked: --no-verify)")
+    )
+    for kept in choice.kept:
+        console.print(f"  float32: {escape(kept.node)} ({kept.op_type}): {escape(kept.reason)}")
 
 
 def lowering_lines(layers) -> list[str]:

@@ -225,6 +225,18 @@ def summary(options: Quantize, records, exact: Verification | None, measured) ->
     first = measured[0]
     weights = {r["weight"]: r for r in records}  # a tied table counts once
     return {
+        # the figures the report's verdict card reads (kvfuse.report.digest)
+        "scheme": options.mode,
+        "bits": sorted({r["bits"] for r in records}),
+        "mean_kld": first.kld_mean,
+        "p99_kld": first.kld_p99,
+        "p999_kld": first.kld_p999,
+        "same_top1": first.same_top1,
+        "perplexity_before": first.perplexity_original,
+        "perplexity_after": first.perplexity_quantized,
+        "tokens": first.tokens,
+        "kld": first.kld_by_position,
+        "passed": first.kld_mean <= options.max_kld,
         "mode": options.mode,
         "block_size": options.block_size,
         "accuracy_level": options.accuracy_level,

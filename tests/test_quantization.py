@@ -122,7 +122,7 @@ def test_report_has_a_quantization_section(quantized):
     result = quantized("int4")
     report = build_report(result.output.parent / "model.onnx", result.output, result)
     page = to_html(report)
-    assert "<h2>Quantization</h2>" in page and "<svg" in page and "class='kld'" in page
+    assert "<h2>Quantized weights</h2>" in page and "<svg" in page and "class='kld'" in page
     assert "## Quantization" in to_markdown(report) and "MatMulNBits" in to_markdown(report)
 
 
@@ -213,4 +213,4 @@ def test_cli_prints_the_figures_and_writes_the_report(tiny_export, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "quantized 12 ops" in done.stdout and "quality at accuracy level 4: KLD" in done.stdout
     assert "rewrite exact vs dequantized original" in done.stdout
-    assert "<h2>Quantization</h2>" in (tmp_path / "report.html").read_text()
+    assert "<h2>Quantized weights</h2>" in (tmp_path / "report.html").read_text()

@@ -52,7 +52,7 @@ def to_markdown(quant: dict | None) -> list[str]:
     """The section as Markdown lines (empty when nothing was quantized)."""
     if not quant:
         return []
-    lines = ["", "## Quantization", ""] + [f"- {line}" for line in summary_lines(quant)]
+    lines = ["", "### Quantized weights", ""] + [f"- {line}" for line in summary_lines(quant)]
     for q in quant["quality"]:
         for m in q["mismatches"]:
             lines.append(
@@ -96,7 +96,7 @@ def to_html(quant: dict | None) -> str:
         f"<th>{h}</th>" for h in ("node", "op", "bits", "block", "source", "K × N", "MB")
     )
     return (
-        f"<h2>Quantization</h2><ul>{items}</ul>{charts}"
+        f"<h2>Quantized weights</h2><ul>{items}</ul>{charts}"
         f"<table id='quantization'><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
     )
 

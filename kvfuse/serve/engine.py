@@ -133,6 +133,8 @@ class Engine:
         request_timeout_s: a request still running after this long (queue wait included) is
             ended with finish reason "timeout" (None: never), unless it sets its own.
         name: the model's name in the APIs (default: the model directory's name).
+        device: "cpu", or "cuda" (a `--target cuda` model: the KV rows in device memory,
+            steps run eagerly — spans of rows change from step to step).
     """
 
     def __init__(
@@ -145,6 +147,7 @@ class Engine:
         default_max_new_tokens: int = 256,
         request_timeout_s: float | None = 600.0,
         name: str | None = None,
+        device: str = "cpu",
     ) -> None:
         if slots < 1 or max_queue < 0 or prefill_chunk < 1:
             raise KvfuseError("slots and prefill_chunk must be ≥ 1 and max_queue ≥ 0")
@@ -155,7 +158,7 @@ class Engine:
         self.slots, self.max_queue = slots, max_queue
         self.prefill_chunk, self.default_max_new_tokens = prefill_chunk, default_max_new_tokens
         self.request_timeout_s = request_timeout_s
-        self._steps = RowSteps(Session(self.spec, slots, threads))
+        self._steps = RowSteps(_session(self.spec, slots, threads, device))
         self.metrics = Metrics(slots)
         self._rows = [_Row(i) for i in range(slots)]
         self._waiting: collections.deque[Request] = collections.deque()
@@ -385,3 +388,14 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 def _logprob(logits: np.ndarray, token: int) -> float:
     top = float(logits.max())
     return float(logits[token]) - top - float(np.log(np.exp(logits - top).sum()))
+
+
+def _session(spec, slots: int, threads: int | None, device: str):
+    """The rows' session: on the CPU, or on the GPU through the CUDA provider."""
+    if device == "cpu":
+        return Session(spec, slots, threads)
+    if device != "cuda":
+        raise KvfuseError(f"device must be 'cpu' or 'cuda', not {device!r}")
+    from kvfuse.runtime.device import CudaSession, open_cuda_session
+
+    return CudaSession(spec, slots, open_cuda_session(spec, cuda_graph=False), cuda_graph=False)
