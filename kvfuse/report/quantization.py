@@ -49,8 +49,9 @@ def _bits(quant: dict) -> str:
 
 
 def to_markdown(quant: dict | None) -> list[str]:
-    """The section as Markdown lines (empty when nothing was quantized)."""
-    if not quant:
+    """The section as Markdown lines (empty when nothing was quantized, or the dict holds only
+    the card's summary figures)."""
+    if not quant or "nodes" not in quant:
         return []
     lines = ["", "### Quantized weights", ""] + [f"- {line}" for line in summary_lines(quant)]
     for q in quant["quality"]:
@@ -70,8 +71,9 @@ def to_markdown(quant: dict | None) -> list[str]:
 
 
 def to_html(quant: dict | None) -> str:
-    """The section as HTML with its chart (empty when nothing was quantized)."""
-    if not quant:
+    """The section as HTML with its chart (empty when nothing was quantized, or the dict holds
+    only the card's summary figures)."""
+    if not quant or "nodes" not in quant:
         return ""
     items = "".join(f"<li>{html.escape(line)}</li>" for line in summary_lines(quant))
     charts = "".join(kld_chart(q) for q in quant["quality"])
