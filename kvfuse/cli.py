@@ -108,11 +108,43 @@ def optimize(
         typer.Option(help="Write the graph diff report as REPORT.json, .md and .html."),
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress, no summary.")] = False,
+    quantize: Annotated[
+        str | None,
+        typer.Option(
+            help="Weight-only block quantization: int4, int8, or gguf (the source GGUF's own "
+            "blocks, kept exactly)."
+        ),
+    ] = None,
+    block_size: Annotated[int, typer.Option(help="--quantize: block length along K.")] = 32,
+    accuracy_level: Annotated[
+        int, typer.Option(help="--quantize: MatMulNBits accuracy level (4: int8 activations).")
+    ] = 4,
+    head: Annotated[
+        str, typer.Option(help="--quantize: LM head and embedding bits: int8, int4 or float.")
+    ] = "int8",
+    exclude: Annotated[
+        list[str] | None,
+        typer.Option(help="--quantize: keep MatMuls whose node name matches this glob in fp32."),
+    ] = None,
+    max_kld: Annotated[
+        float,
+        typer.Option(help="--quantize: refuse to write above this mean KL divergence."),
+    ] = 0.5,
+    force: Annotated[
+        bool, typer.Option("--force", help="--quantize: write even above --max-kld.")
+    ] = False,
 ) -> None:
     """Fuse attention + KV cache into fixed, in-place KV buffers (GroupQueryAttention for
     --target ort; TensorScatter + Attention for --target onnx)."""
     from kvfuse.optimize import PartialFusion
     from kvfuse.optimize import optimize as run_optimize
+    from kvfuse.quantization import Quantize
+
+    quant = None
+    if quantize is not None:
+        quant = Quantize(
+            quantize, block_size, accuracy_level, head, tuple(exclude or ()), max_kld, force
+        )
 
     try:
         result = run_optimize(
@@ -128,6 +160,7 @@ def optimize(
             verify_numerics=not no_verify,
             overwrite=overwrite,
             quiet=quiet,
+            quantize=quant,
         )
     except PartialFusion as error:
         if explain:
@@ -137,6 +170,13 @@ def optimize(
         raise
     if not quiet:
         _print_optimize_summary(result, explain)
+        if result.quantization is not None:
+            from kvfuse.report.quantization import summary_lines
+
+            for line in summary_lines(result.quantization):
+                console.print(escape(line))
+    if result.warning:
+        console.print(f"[yellow]warning:[/yellow] {escape(result.warning)}")
     if report is not None:
         _write_optimize_report(source, result.output, result, report, quiet)
 
@@ -227,8 +267,11 @@ def serve(
     max_queue: Annotated[int, typer.Option(help="Requests that may wait for a row.")] = 64,
     threads: Annotated[int | None, typer.Option(help="Threads (default: physical cores).")] = None,
     prefill_chunk: Annotated[
-        int, typer.Option(help="Prompt tokens per step, between the other rows' decode steps.")
-    ] = 64,
+        int, typer.Option(help="Prompt tokens per step while no other row decodes.")
+    ] = 256,
+    chunk_while_decoding: Annotated[
+        int, typer.Option(help="Prompt tokens per step between the other rows' decode steps.")
+    ] = 16,
     max_new_tokens: Annotated[
         int, typer.Option(help="Default max new tokens of a request that gives none.")
     ] = 256,
@@ -241,8 +284,12 @@ def serve(
 ) -> None:
     """Serve the model over HTTP: OpenAI /v1/chat/completions, /v1/completions, /v1/models;
     TGI /generate, /generate_stream, /, /info, /health; Prometheus /metrics."""
-    from kvfuse.serve import serve_forever
-
+    try:
+        from kvfuse.serve import serve_forever
+    except ImportError as error:  # the server's libraries are an extra
+        raise KvfuseError(
+            f"kvfuse serve needs {error.name}: pip install 'kvfuse[serve]'"
+        ) from error
     serve_forever(
         model,
         host,
@@ -251,6 +298,7 @@ def serve(
         max_queue=max_queue,
         threads=threads,
         prefill_chunk=prefill_chunk,
+        chunk_while_decoding=chunk_while_decoding,
         default_max_new_tokens=max_new_tokens,
         request_timeout_s=request_timeout,
         device=device,

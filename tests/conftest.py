@@ -79,3 +79,26 @@ def tiny_served_model(tiny_export, tmp_path_factory):
     out = tmp_path_factory.mktemp("served") / "model.onnx"
     optimize(export_dir, out, max_context=128, quiet=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def quantized_smollm2(smollm2_export):
+    """Factory: SmolLM2 optimized for `ort` with `--quantize MODE` (256 positions, quality over
+    256 tokens), built once per mode."""
+    from kvfuse.optimize import optimize
+    from kvfuse.quantization import Quantize
+
+    done = {}
+
+    def get(mode: str):
+        if mode not in done:
+            done[mode] = optimize(
+                smollm2_export.out_dir,
+                smollm2_export.out_dir / f"model-{mode}.onnx",
+                max_context=256,
+                quantize=Quantize(mode, quality_tokens=256),
+                quiet=True,
+            )
+        return done[mode]
+
+    return get
