@@ -222,6 +222,53 @@ def diff(
     console.print(f"report: {output}")
 
 
+@app.command("optimize-many")
+def optimize_many(
+    models: Annotated[Path, typer.Argument(help="MODELS.json: the models and their options.")],
+    out_root: Annotated[Path, typer.Argument(help="Directory for every model's results.")],
+    jobs: Annotated[int, typer.Option(help="Jobs at a time on this machine.")] = 1,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            "--ray",
+            is_flag=False,
+            flag_value="local",
+            metavar="[ADDRESS]",
+            help="Run each job as a Ray task: on the cluster at ADDRESS, or a local Ray "
+            "cluster when no address is given (needs kvfuse[ray]).",
+        ),
+    ] = None,
+    retry_failed: Annotated[
+        bool, typer.Option("--retry-failed", help="Run again the models whose last run failed.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No live progress.")] = False,
+) -> None:
+    """Export, optimize and benchmark many models, one isolated job each; writes
+    OUT_ROOT/index.json and index.html; a rerun redoes only what changed."""
+    from kvfuse.jobs.run import LOCAL, run_many
+
+    address = LOCAL if ray is None else (None if ray == "local" else ray)
+    try:
+        rows = run_many(
+            models, out_root, jobs=jobs, ray=address, retry_failed=retry_failed, quiet=quiet
+        )
+    except KeyboardInterrupt:
+        Console(stderr=True).print(
+            f"interrupted; finished models are kept in {escape(str(out_root))}: run the same "
+            "command again to go on"
+        )
+        raise typer.Exit(130) from None
+    ok = sum(row.get("status") == "ok" for row in rows)
+    reused = sum(bool(row.get("reused")) for row in rows)
+    console.print(
+        f"{ok} of {len(rows)} models optimized ({reused} reused from an earlier run): "
+        f"{escape(str(out_root / 'index.html'))}"
+    )
+    for row in rows:
+        if row.get("status") != "ok":
+            console.print(f"[red]{escape(row['name'])}[/red]: {escape(row.get('reason', ''))}")
+
+
 def _print_optimize_summary(result, explain: bool) -> None:
     signature = result.signature
     console.print(
