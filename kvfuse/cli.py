@@ -96,6 +96,14 @@ def optimize(
         typer.Option(help="Write the graph diff report as REPORT.json, .md and .html."),
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress, no summary.")] = False,
+    genai_config: Annotated[
+        bool,
+        typer.Option(
+            "--genai-config",
+            help="Also write OUTPUT.genai.onnx and genai_config.json so onnxruntime-genai's "
+            "own loop runs the model (target ort).",
+        ),
+    ] = False,
 ) -> None:
     """Fuse attention + KV cache into fixed, in-place KV buffers (GroupQueryAttention for
     --target ort; TensorScatter + Attention for --target onnx)."""
@@ -115,6 +123,7 @@ def optimize(
             verify_numerics=not no_verify,
             overwrite=overwrite,
             quiet=quiet,
+            genai_config=genai_config,
         )
     except PartialFusion as error:
         if explain:
@@ -231,8 +240,6 @@ def optimize_many(
         str | None,
         typer.Option(
             "--ray",
-            is_flag=False,
-            flag_value="local",
             metavar="[ADDRESS]",
             help="Run each job as a Ray task: on the cluster at ADDRESS, or a local Ray "
             "cluster when no address is given (needs kvfuse[ray]).",
@@ -334,9 +341,22 @@ def _print_export_summary(result) -> None:
     console.print(io)
 
 
+def optional_value(args: list[str], option: str, bare: str) -> list[str]:
+    """`option` given with no value (last, or before another option) becomes `option=bare`:
+    `--ray` alone starts a local Ray cluster, `--ray ADDRESS` joins one (typer has no options
+    with an optional value)."""
+    return [
+        f"{option}={bare}"
+        if arg == option and (i + 1 == len(args) or args[i + 1][:1] == "-")
+        else arg
+        for i, arg in enumerate(args)
+    ]
+
+
 def main() -> None:
     """Console-script entry point: user errors become one line on stderr and exit status 1."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sys.argv[1:] = optional_value(sys.argv[1:], "--ray", "local")
     try:
         app()
     except KvfuseError as error:

@@ -86,6 +86,7 @@ def optimize(
     verify_numerics: bool = True,
     overwrite: bool = False,
     quiet: bool = False,
+    genai_config: bool = False,
 ) -> OptimizeResult:
     """Rewrite an exported ONNX LLM into fused attention with a fixed-size in-place KV cache.
 
@@ -105,12 +106,17 @@ def optimize(
         verify_numerics: compare against the original before writing (default on).
         overwrite: replace an existing output (never the input).
         quiet: no progress display.
+        genai_config: (target "ort") also write what onnxruntime-genai needs to run the model
+            with its own loop: OUT.genai.onnx (valid lengths derived from an attention mask)
+            and genai_config.json beside OUT.onnx and the tokenizer files.
 
     Returns:
         An `OptimizeResult`; the output is written only if every attention layer fused and
         verification passed (a `KvfuseError` says why otherwise).
     """
     plan = _plan(source, output, target, max_context, batch_size, logits, static, prefill_len)
+    if genai_config:
+        _check_genai_request(plan)
     steps = Steps(quiet)
     with steps.step(f"Loading {plan.model_path.name}"):
         model = _load(plan.model_path)
@@ -136,7 +142,8 @@ def optimize(
             _verify(plan, result, candidate, proto_bytes)
     with steps.step(f"Writing {plan.output if pair is None else plan.output.with_suffix('.*')}"):
         if pair is None:
-            _write(plan.output, proto_bytes, plan.model_path, result, overwrite)
+            genai = plan.export_info if genai_config else None
+            _write(plan.output, proto_bytes, plan.model_path, result, overwrite, genai)
             result.output = plan.output
         else:
             result.shared_weights = _write_static(
@@ -399,11 +406,31 @@ def metadata_record(signature, target: str, source: Path) -> dict:
     }
 
 
-def _write(output: Path, proto_bytes: bytes, source: Path, result, overwrite: bool) -> None:
+def _write(output: Path, proto_bytes: bytes, source: Path, result, overwrite: bool, genai=None):
+    """OUT.onnx and OUT.kvfuse.json (+ the tokenizer files; + onnxruntime-genai's files when
+    `genai` holds the export's facts)."""
     with staged_file(output, overwrite=overwrite, inputs=[source]) as staging:
         (staging / output.name).write_bytes(proto_bytes)
         _write_sidecar(staging / f"{output.stem}.kvfuse.json", source, result)
         _copy_companions(source, staging, output.parent)
+        if genai is not None:
+            from kvfuse.genai import write_genai_files
+
+            record = metadata_record(result.signature, result.target, source)
+            write_genai_files(proto_bytes, record, genai, staging, output.stem)
+
+
+def _check_genai_request(plan: _Plan) -> None:
+    if plan.target != "ort" or plan.static:
+        raise KvfuseError(
+            "--genai-config needs --target ort without --static (onnxruntime-genai runs "
+            "GroupQueryAttention graphs)"
+        )
+    if not (plan.export_info or {}).get("model"):
+        raise KvfuseError(
+            f"--genai-config needs the export's kvfuse-export.json beside {plan.model_path}; "
+            "optimize a `kvfuse export` directory"
+        )
 
 
 def _write_static(output: Path, pair: dict, source: Path, result, overwrite: bool):

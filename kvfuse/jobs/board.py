@@ -52,7 +52,7 @@ class Board:
 
     def _table(self) -> Table:
         table = Table("model", "stage", "s", "layers", "nodes", "decode tok/s")
-        table.add_column("status", no_wrap=True, overflow="ellipsis", max_width=70)
+        table.add_column("status", no_wrap=True, overflow="ellipsis", max_width=48)
         now = time.monotonic()
         for name, stage in self.stages.items():
             row = self.rows.get(name)

@@ -16,6 +16,7 @@ import inspect
 import json
 import os
 import shutil
+import socket
 import sys
 import time
 import traceback
@@ -46,6 +47,7 @@ def run_job(job: Job, dest_root: Path, report: Report | None = None) -> dict:
     """
     report = report or (lambda name, stage: None)
     row = {"name": job.name, "source": job.source, "key": job.key, "options": job.options}
+    row["worker"] = {"host": socket.gethostname(), "pid": os.getpid()}
     started = time.perf_counter()
     with staged_directory(Path(dest_root) / job.name, overwrite=True) as staging:
         with _log_to(staging / LOG_FILE):

@@ -1,0 +1,164 @@
+"""What onnxruntime-genai needs to run a kvfuse model with its own C++ generation loop.
+
+genai's "decoder" model type feeds `input_ids`, an `attention_mask` int64 [batch, total]
+(ones for the valid positions so far, longer by the new tokens each step), `position_ids` when
+the graph has that input, and `past_key_values.%d.key|value` → `present.%d.key|value` on one
+shared buffer per layer (`past_present_share_buffer`), sized from the graph's fixed
+max_context. kvfuse's `ort` graph takes `seqlens_k` (valid positions − 1 per row) and
+`total_sequence_length` (the batch maximum) instead, so the genai graph derives both from the
+mask inside the graph, as genai's own builder does for GroupQueryAttention:
+
+    attention_mask ─ ReduceSum(axis 1) ─ Sub 1 ─ Cast int32 ─▶ seqlens_k
+                   └ Shape ─ Gather 1 ─ Cast int32 ───────────▶ total_sequence_length
+
+Everything else is the verified kvfuse graph, unchanged. `OUT.genai.onnx` and
+`genai_config.json` are written beside `OUT.onnx` and its tokenizer files, so
+`onnxruntime_genai.Model(directory)` loads them.
+"""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+from onnx import TensorProto, helper
+
+from kvfuse.errors import KvfuseError
+
+CONFIG_FILE = "genai_config.json"
+LENGTH_INPUTS = ("seqlens_k", "total_sequence_length")
+
+
+def genai_filename(output_stem: str) -> str:
+    """The genai graph's file name beside `OUT.onnx`."""
+    return f"{output_stem}.genai.onnx"
+
+
+def genai_graph(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of a kvfuse `ort` model whose valid lengths come from an `attention_mask` input.
+
+    Args:
+        model: the optimized model (inputs `seqlens_k`, `total_sequence_length`).
+
+    Returns:
+        The same graph with `attention_mask` int64 [batch, total] in their place.
+    """
+    names = [i.name for i in model.graph.input]
+    if not all(name in names for name in LENGTH_INPUTS):
+        raise KvfuseError(
+            "--genai-config needs the ort target's seqlens_k/total_sequence_length inputs; "
+            "optimize with --target ort"
+        )
+    genai = onnx.ModelProto()
+    genai.CopyFrom(model)
+    graph = genai.graph
+    batch = next(i for i in graph.input if i.name == "input_ids").type.tensor_type.shape.dim[0]
+    kept = [i for i in graph.input if i.name not in LENGTH_INPUTS]
+    mask = helper.make_tensor_value_info(
+        "attention_mask",
+        TensorProto.INT64,
+        [batch.dim_param or batch.dim_value or "batch", "total"],
+    )
+    del graph.input[:]
+    graph.input.extend([kept[0], mask, *kept[1:]])
+    prefix = "kvfuse.genai/"
+    derive = [
+        helper.make_node("Constant", [], [prefix + "axis1"], value_ints=[1]),
+        helper.make_node("Constant", [], [prefix + "one"], value_int=1),
+        helper.make_node(
+            "ReduceSum", ["attention_mask", prefix + "axis1"], [prefix + "valid"], keepdims=0
+        ),
+        helper.make_node("Sub", [prefix + "valid", prefix + "one"], [prefix + "last"]),
+        helper.make_node("Cast", [prefix + "last"], ["seqlens_k"], to=TensorProto.INT32),
+        helper.make_node("Shape", ["attention_mask"], [prefix + "shape"], start=1, end=2),
+        helper.make_node("Squeeze", [prefix + "shape"], [prefix + "total"]),
+        helper.make_node(
+            "Cast", [prefix + "total"], ["total_sequence_length"], to=TensorProto.INT32
+        ),
+    ]
+    nodes = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(derive + nodes)
+    return genai
+
+
+def genai_config(record: dict, facts: dict, graph: onnx.ModelProto, filename: str) -> dict:
+    """genai_config.json for the genai graph: the "decoder" model type, its I/O names, and a
+    search over the whole fixed KV buffer (max_length = max_context)."""
+    model = facts.get("model") or {}
+    if not model:
+        raise KvfuseError(
+            "--genai-config needs the export's kvfuse-export.json beside the input (layers, "
+            "heads, vocab, eos); optimize a `kvfuse export` directory"
+        )
+    inputs = {i.name for i in graph.graph.input}
+    decoder_inputs = {"input_ids": "input_ids", "attention_mask": "attention_mask"}
+    if "position_ids" in inputs:
+        decoder_inputs["position_ids"] = "position_ids"
+    eos = model.get("eos_token_ids") or []
+    context = record["max_context"]
+    return {
+        "model": {
+            "type": "decoder",
+            "bos_token_id": model.get("bos_token_id")
+            if model.get("bos_token_id") is not None
+            else 1,
+            "eos_token_id": eos[0] if len(eos) == 1 else eos,
+            "pad_token_id": eos[0] if eos else 0,
+            "context_length": context,
+            "vocab_size": model["vocab_size"],
+            "decoder": {
+                "filename": filename,
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "head_size": record["head_dim"],
+                "hidden_size": model["hidden_size"],
+                "num_attention_heads": model["num_heads"],
+                "num_hidden_layers": len(record["kv_pairs"]) // 2,
+                "num_key_value_heads": record["kv_heads"],
+                "inputs": {
+                    **decoder_inputs,
+                    "past_key_names": "past_key_values.%d.key",
+                    "past_value_names": "past_key_values.%d.value",
+                },
+                "outputs": {
+                    "logits": "logits",
+                    "present_key_names": "present.%d.key",
+                    "present_value_names": "present.%d.value",
+                },
+            },
+        },
+        "search": {
+            "do_sample": False,
+            "early_stopping": True,
+            "max_length": context,
+            "min_length": 0,
+            "num_beams": 1,
+            "num_return_sequences": 1,
+            "past_present_share_buffer": True,
+            "repetition_penalty": 1.0,
+            "temperature": 1.0,
+            "top_k": 1,
+            "top_p": 1.0,
+        },
+    }
+
+
+def write_genai_files(proto_bytes: bytes, record: dict, facts: dict, directory, stem: str):
+    """Write `stem`.genai.onnx and genai_config.json into `directory` (a staging directory).
+
+    Args:
+        proto_bytes: the verified kvfuse model.
+        record: its kvfuse metadata record (max_context, kv heads, head dim, KV pairs).
+        facts: the export's kvfuse-export.json.
+        directory: where to write.
+        stem: OUT.onnx's stem.
+
+    Returns:
+        The names written.
+    """
+    graph = genai_graph(onnx.load_from_string(proto_bytes))
+    filename = genai_filename(stem)
+    (directory / filename).write_bytes(graph.SerializeToString())
+    config = genai_config(record, facts, graph, filename)
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    return [filename, CONFIG_FILE]
