@@ -19,14 +19,26 @@ Everything else is the verified kvfuse graph, unchanged. `OUT.genai.onnx` and
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import onnx
 from onnx import TensorProto, helper
 
 from kvfuse.errors import KvfuseError
+from kvfuse.files import staged_file
 
 CONFIG_FILE = "genai_config.json"
 LENGTH_INPUTS = ("seqlens_k", "total_sequence_length")
+EXPORT_FACTS = "kvfuse-export.json"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+    "config.json",
+)
 
 
 def genai_filename(output_stem: str) -> str:
@@ -162,3 +174,37 @@ def write_genai_files(proto_bytes: bytes, record: dict, facts: dict, directory, 
     config = genai_config(record, facts, graph, filename)
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return [filename, CONFIG_FILE]
+
+
+def add_genai_files(model: str | Path, directory: str | Path | None = None) -> Path:
+    """Make onnxruntime-genai's files for a model `kvfuse optimize` already wrote.
+
+    Args:
+        model: the optimized `OUT.onnx` (target ort), with its OUT.kvfuse.json and the
+            export's kvfuse-export.json beside it.
+        directory: where to write them (default: beside the model); the tokenizer files are
+            copied there when it is another directory.
+
+    Returns:
+        The directory to give `onnxruntime_genai.Model`.
+    """
+    model = Path(model)
+    directory = Path(directory) if directory is not None else model.parent
+    try:
+        record = json.loads(model.with_suffix(".kvfuse.json").read_text())
+        facts = json.loads((model.parent / EXPORT_FACTS).read_text())
+        proto_bytes = model.read_bytes()
+    except (OSError, ValueError) as error:
+        raise KvfuseError(
+            f"{model} is not a kvfuse-optimized model with its records beside it ({error}); "
+            "run kvfuse optimize on a `kvfuse export` directory"
+        ) from error
+    if record.get("target") != "ort" or record.get("static"):
+        raise KvfuseError(f"{model} is not an `ort` target model; onnxruntime-genai runs those")
+    with staged_file(directory / CONFIG_FILE, overwrite=True, inputs=[model]) as staging:
+        write_genai_files(proto_bytes, record, facts, staging, model.stem)
+        if directory.resolve() != model.parent.resolve():
+            for name in TOKENIZER_FILES:
+                if (model.parent / name).is_file():
+                    shutil.copyfile(model.parent / name, staging / name)
+    return directory

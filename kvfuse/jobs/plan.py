@@ -84,8 +84,10 @@ def load_jobs(path: str | Path) -> list[Job]:
 
 def check_document(document, path: Path) -> None:
     """Refuse a document the schema rejects, with the JSON path of the worst field."""
-    import jsonschema
-
+    try:
+        import jsonschema
+    except ImportError as error:
+        raise KvfuseError("optimize-many needs jsonschema: pip install 'kvfuse[jobs]'") from error
     validator = jsonschema.Draft202012Validator(schema())
     error = jsonschema.exceptions.best_match(validator.iter_errors(document))
     if error is not None:

@@ -43,10 +43,15 @@ def models_file(tiny_export, tmp_path_factory) -> Path:
     return path
 
 
-def kvfuse(*args: str, **popen) -> subprocess.Popen:
-    command = [sys.executable, "-m", "kvfuse", *args]
+def kvfuse(*args: str) -> subprocess.Popen:
+    """The CLI in a process of its own, with Ctrl-C's default meaning even when the tests run
+    where SIGINT is ignored (a background job of a non-interactive shell)."""
     return subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen
+        [sys.executable, "-m", "kvfuse", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
