@@ -10,7 +10,9 @@ onnxruntime loop over Optimum's export; onnxruntime-genai 0.18 on a model its ow
 from the same weights (needs a second virtualenv with transformers 5.x, see --genai-python);
 kvfuse (`kvfuse.load`) for each target: `ort` (GroupQueryAttention), `onnx` (standard ops,
 dynamic shapes) and `onnx --static` (a prefill graph of 128 tokens and a decode graph sharing
-one weights file). Writes benchmarks/RESULTS.md.
+one weights file); and `kvfuse-genai`, kvfuse's `ort` model under onnxruntime-genai's runtime
+(its C++ loop over the graph `optimize --genai-config` writes), which separates the graph's
+quality from kvfuse's Python loop. Writes benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ SYSTEMS = [
     "plain-ort",
     "genai",
     "kvfuse",
+    "kvfuse-genai",
     "kvfuse-onnx",
     "kvfuse-static",
     "kvfuse-static-prepack",
@@ -49,6 +52,8 @@ KVFUSE_MODELS = {
 }
 KVFUSE_MODELS["kvfuse-static-prepack"] = KVFUSE_MODELS["kvfuse-static"]  # its own copy per graph
 STATIC_MARK = "model-static.kvfuse.json"  # the file a static pair lands last
+KVFUSE_GENAI = "kvfuse-genai"  # genai's files for the `kvfuse` model (add_genai_files)
+GENAI_DIRS = ("genai", KVFUSE_GENAI)
 SHORT, LONG, NEW_SHORT, NEW_LONG, PARITY = 64, 1024, 128, 64, 32
 TEXT = (
     "The history of computing is a story of people finding ways to make machines do more of "
@@ -172,10 +177,10 @@ def plain_runner(work: Path, threads: int):
     return run
 
 
-def genai_runner(work: Path, threads: int):
+def genai_runner(work: Path, threads: int, directory: str = "genai"):
     import onnxruntime_genai as og
 
-    model = og.Model(str(work / "genai"))
+    model = og.Model(str(work / directory))
 
     def run(ids, new, decode=False):
         params = og.GeneratorParams(model)
@@ -218,6 +223,7 @@ RUNNERS = {
     "plain-ort": plain_runner,
     "genai": genai_runner,
     "kvfuse": kvfuse_runner,
+    "kvfuse-genai": lambda work, threads: genai_runner(work, threads, KVFUSE_GENAI),
     "kvfuse-onnx": lambda work, threads: kvfuse_runner(work, threads, "kvfuse-onnx"),
     "kvfuse-static": lambda work, threads: kvfuse_runner(work, threads, "kvfuse-static"),
     "kvfuse-static-prepack": lambda work, threads: kvfuse_runner(
@@ -227,22 +233,29 @@ RUNNERS = {
 
 
 # ── orchestration ─────────────────────────────────────────────────────────────────────────
-def prepare(work: Path, genai_python: str | None) -> list[str]:
-    """Export, optimize and (if a builder environment is given) build the genai model."""
+def prepare(work: Path, genai_python: str | None, wanted: list[str] | None = None) -> list[str]:
+    """Export, optimize what the `wanted` systems (default: all) run, and (if a builder
+    environment is given) build genai's own model."""
     from kvfuse import export, optimize
     from kvfuse.exporters import default_model
     from kvfuse.exporters.export import DEFAULT_HF_DIR
+    from kvfuse.genai import add_genai_files
+
+    wanted = wanted or SYSTEMS
 
     if not (work / "export" / "model.onnx").exists():
         export("default", work / "export", overwrite=True)
     hf_dir = default_model.default_gguf_path().parent / DEFAULT_HF_DIR
     if not (work / "hf").exists():
         (work / "hf").symlink_to(hf_dir)
-    for file, options in dict(KVFUSE_MODELS.values()).items():
+    needed = {"kvfuse" if s == KVFUSE_GENAI else s for s in wanted}
+    for file, options in dict(KVFUSE_MODELS[s] for s in needed if s in KVFUSE_MODELS).items():
         done = STATIC_MARK if options.get("static") else file
         if not (work / "export" / done).exists():
             optimize(work / "export", work / "export" / file, max_context=2048, **options)
-    systems = [s for s in SYSTEMS if s != "genai"]
+    if KVFUSE_GENAI in wanted and not (work / KVFUSE_GENAI / "genai_config.json").exists():
+        add_genai_files(work / "export" / KVFUSE_MODELS["kvfuse"][0], work / KVFUSE_GENAI)
+    systems = [s for s in SYSTEMS if s != "genai" and s in wanted]
     if genai_python and not (work / "genai" / "genai_config.json").exists():
         subprocess.run(
             [
@@ -262,13 +275,17 @@ def prepare(work: Path, genai_python: str | None) -> list[str]:
             ],
             check=True,
         )
-    if (work / "genai" / "genai_config.json").exists():
-        systems.insert(3, "genai")
+    if (work / "genai" / "genai_config.json").exists() and "genai" in wanted:
+        systems.insert(min(3, len(systems)), "genai")
     return systems
 
 
 def set_genai_threads(work: Path, threads: int) -> None:
-    path = work / "genai" / "genai_config.json"
+    for directory in GENAI_DIRS:
+        _set_threads(work / directory / "genai_config.json", threads)
+
+
+def _set_threads(path: Path, threads: int) -> None:
     if path.exists():
         config = json.loads(path.read_text())
         options = config["model"]["decoder"].setdefault("session_options", {})
@@ -336,9 +353,8 @@ def main() -> None:
         print(json.dumps(worker(args.worker, args.work, args.threads)))
         return
     args.work.mkdir(parents=True, exist_ok=True)
-    systems = prepare(args.work, args.genai_python)
-    if args.systems:
-        systems = [s for s in systems if s in args.systems.split(",")]
+    wanted = args.systems.split(",") if args.systems else None
+    systems = prepare(args.work, args.genai_python, wanted)
     set_genai_threads(args.work, args.threads)
     bandwidth = read_bandwidth(args.threads)
     results: dict[str, list[dict]] = {s: [] for s in systems}
