@@ -13,26 +13,10 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from kvfuse.errors import KvfuseError
+from kvfuse.cluster import connect
 from kvfuse.files import staged_directory
 from kvfuse.jobs.job import ROW_FILE, one_line, run_job
 from kvfuse.jobs.plan import Job
-
-
-def connect(address: str | None):
-    """Join the cluster at `address`, or start a local one when None; returns `ray`."""
-    try:
-        import ray
-    except ImportError as error:
-        raise KvfuseError(
-            "--ray needs Ray: pip install 'kvfuse[ray]' (or drop --ray to run locally)"
-        ) from error
-    if not ray.is_initialized():
-        try:
-            ray.init(address=address, include_dashboard=False, log_to_driver=False)
-        except ConnectionError as error:
-            raise KvfuseError(f"cannot reach the Ray cluster at {address}: {error}") from error
-    return ray
 
 
 def run_ray(jobs: list[Job], out_root: Path, address: str | None, board) -> Iterator[dict]:
