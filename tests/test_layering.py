@@ -37,3 +37,10 @@ def test_runtime_needs_no_optimizer():
     """A deployed model runs without the rewriter, the rules or the exporters."""
     for forbidden in ("kvfuse.rewriter", "kvfuse.patterns", "kvfuse.exporters", "kvfuse.optimize"):
         assert offenders("runtime", forbidden) == []
+
+
+def test_jobs_use_export_and_optimize_only_through_their_public_functions():
+    """jobs/ knows nothing of the exporters', the engine's, the rules' or the runtime's insides:
+    it calls kvfuse.export, kvfuse.optimize and kvfuse.load."""
+    for forbidden in ("kvfuse.rewriter", "kvfuse.patterns", "kvfuse.exporters", "kvfuse.runtime"):
+        assert offenders("jobs", forbidden) == []

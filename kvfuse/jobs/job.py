@@ -64,6 +64,15 @@ def run_job(job: Job, dest_root: Path, report: Report | None = None) -> dict:
     return row
 
 
+def lost_row(job: Job, dest_root: Path, reason: str) -> dict:
+    """The failed row of a job whose process never reported back, written like any other."""
+    row = {"name": job.name, "source": job.source, "key": job.key, "options": job.options}
+    row.update(status="failed", reason=reason)
+    with staged_directory(Path(dest_root) / job.name, overwrite=True) as staging:
+        (staging / ROW_FILE).write_text(json.dumps(row, indent=2) + "\n")
+    return row
+
+
 def one_line(error: BaseException) -> str:
     """A failure as one line: kvfuse's own message, or the exception's type and first line."""
     if isinstance(error, KvfuseError):
@@ -151,7 +160,7 @@ def _optimize_figures(result, staging: Path) -> dict:
         "layers": len(result.layers),
         "nodes_before": result.nodes_before,
         "nodes_after": result.nodes_after,
-        "bytes": sum(p.stat().st_size for p in model_files if p.suffix in (".onnx", ".weights")),
+        "bytes": sum(p.stat().st_size for p in model_files if _is_weights_or_graph(p)),
         "verification": None
         if verification is None
         else {
@@ -163,6 +172,11 @@ def _optimize_figures(result, staging: Path) -> dict:
         "model": f"{MODEL_DIR}/{result.output.name}",
         "report": {"html": "report.html", "json": "report.json", "md": "report.md"},
     }
+
+
+def _is_weights_or_graph(path: Path) -> bool:
+    """A file kvfuse's runtime loads (graphs, weights), not genai's copy or the tokenizer."""
+    return path.suffix in (".onnx", ".weights", ".data") and not path.name.endswith(".genai.onnx")
 
 
 def benchmark(model: Path, prompt_tokens: int, new_tokens: int) -> dict:

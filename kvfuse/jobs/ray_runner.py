@@ -15,7 +15,7 @@ from pathlib import Path
 
 from kvfuse.cluster import connect
 from kvfuse.files import staged_directory
-from kvfuse.jobs.job import ROW_FILE, one_line, run_job
+from kvfuse.jobs.job import lost_row, one_line, run_job
 from kvfuse.jobs.plan import Job
 
 
@@ -38,7 +38,7 @@ def run_ray(jobs: list[Job], out_root: Path, address: str | None, board) -> Iter
             try:
                 row, archive = ray.get(ref)
             except ray.exceptions.RayError as error:  # the worker died, ran out of memory …
-                yield _lost(job, out_root, error)
+                yield lost_row(job, out_root, f"the Ray task failed: {one_line(error)}")
                 continue
             _unpack(archive, out_root / job.name)
             yield row
@@ -74,14 +74,3 @@ def _unpack(archive: bytes, destination: Path) -> None:
     with staged_directory(destination, overwrite=True) as staging:
         with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
             tar.extractall(staging, filter="data")
-
-
-def _lost(job: Job, out_root: Path, error: Exception) -> dict:
-    """The row of a task Ray could not finish, written like any failed job's."""
-    import json
-
-    row = {"name": job.name, "source": job.source, "key": job.key, "options": job.options}
-    row.update(status="failed", reason=f"the Ray task failed: {one_line(error)}")
-    with staged_directory(out_root / job.name, overwrite=True) as staging:
-        (staging / ROW_FILE).write_text(json.dumps(row, indent=2) + "\n")
-    return row

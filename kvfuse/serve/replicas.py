@@ -148,3 +148,28 @@ def stop_replicas() -> None:
     from ray import serve
 
     serve.delete(APP_NAME)
+
+
+def serve_replicas_forever(
+    model: str | Path,
+    plan: ReplicaPlan,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    address: str | None = None,
+) -> None:
+    """`kvfuse serve --replicas N`: start the replicas, print where they listen, and keep them
+    until interrupted (Ctrl-C removes the application)."""
+    import time
+
+    from rich.console import Console
+
+    url = start_replicas(model, plan, host, port, address)
+    count = plan.replicas if plan.autoscale is None else "{}–{}".format(*plan.autoscale)
+    Console(stderr=True).print(f"serving {model} on {url} with {count} replicas (Ctrl-C stops)")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop_replicas()

@@ -143,3 +143,27 @@ def test_malformed_models_file_is_refused_with_the_field_path(tmp_path):
     assert err.strip().count("\n") == 0
     assert "models[1].max_context" in err and "'long' is not of type 'integer'" in err
     assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+def test_a_job_whose_process_dies_is_its_failed_row(tiny_export, tmp_path):
+    """A job process killed from outside (as the out-of-memory killer would) becomes that
+    model's row, with the signal, instead of hanging the run."""
+    import psutil
+
+    models = tmp_path / "models.json"
+    models.write_text(json.dumps({"models": [str(tiny_export("llama")[0])]}))
+    run = kvfuse("optimize-many", str(models), str(tmp_path / "out"), "-q")
+    deadline = time.monotonic() + 120
+    while True:
+        assert run.poll() is None and time.monotonic() < deadline
+        children = psutil.Process(run.pid).children()
+        jobs = [c for c in children if "spawn_main" in " ".join(c.cmdline())]
+        if jobs:
+            break
+        time.sleep(0.1)
+    jobs[0].kill()
+    code, out, _ = finished(run)
+    assert code == 0 and "0 of 1 models optimized" in out
+    row = json.loads((tmp_path / "out" / "index.json").read_text())["models"][0]
+    assert row["status"] == "failed"
+    assert row["reason"] == "the job's process died (killed by signal 9) (out of memory?)"
