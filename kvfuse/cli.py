@@ -189,12 +189,72 @@ def run(
             console.out(delta, end="", highlight=False)
         history.append({"role": "assistant", "content": generator.last.texts[0]})
         stats = generator.last.stats
+        reused = f", {stats.reused_tokens} prompt tokens reused" if stats.reused_tokens else ""
         console.print()
         Console(stderr=True).print(
             f"[dim]prefill {stats.prefill_ms:.0f} ms ({stats.prompt_tokens[0]} tokens) · decode "
             f"{stats.decode_tokens_per_s:.1f} tokens/s ({stats.new_tokens[0]} tokens) · KV "
-            f"{stats.kv_bytes / 2**20:.1f} MiB ({generator.last.finish_reasons[0]})[/dim]"
+            f"{stats.kv_bytes / 2**20:.1f} MiB ({generator.last.finish_reasons[0]}{reused})[/dim]"
         )
+
+
+@app.command()
+def serve(
+    model: Annotated[Path, typer.Argument(help="An optimized .onnx file or its directory.")],
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    slots: Annotated[int, typer.Option(help="KV rows: requests generating at once.")] = 4,
+    max_queue: Annotated[int, typer.Option(help="Requests that may wait for a row.")] = 64,
+    threads: Annotated[int | None, typer.Option(help="Threads (default: physical cores).")] = None,
+    prefill_chunk: Annotated[
+        int, typer.Option(help="Prompt tokens per step, between the other rows' decode steps.")
+    ] = 64,
+    max_new_tokens: Annotated[
+        int, typer.Option(help="Default max new tokens of a request that gives none.")
+    ] = 256,
+    request_timeout: Annotated[
+        float, typer.Option(help="End a request running longer than this many seconds.")
+    ] = 600.0,
+    replicas: Annotated[
+        int | None,
+        typer.Option(
+            help="Serve on Ray Serve with N replicas, each its own engine (kvfuse\\[ray])."
+        ),
+    ] = None,
+    autoscale: Annotated[
+        tuple[int, int] | None,
+        typer.Option(metavar="MIN MAX", help="Ray Serve: keep between MIN and MAX replicas."),
+    ] = None,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            "--ray",
+            metavar="[ADDRESS]",
+            help="The Ray cluster for --replicas (default: a local one).",
+        ),
+    ] = None,
+    replica_cpus: Annotated[float, typer.Option(help="CPUs Ray reserves per replica.")] = 1.0,
+) -> None:
+    """Serve the model over HTTP: OpenAI /v1/chat/completions, /v1/completions, /v1/models;
+    TGI /generate, /generate_stream, /, /info, /health; Prometheus /metrics."""
+    engine_options = dict(
+        slots=slots,
+        max_queue=max_queue,
+        threads=threads,
+        prefill_chunk=prefill_chunk,
+        default_max_new_tokens=max_new_tokens,
+        request_timeout_s=request_timeout,
+    )
+    if replicas is not None or autoscale is not None:
+        from kvfuse.serve.replicas import ReplicaPlan, serve_replicas_forever
+
+        plan = ReplicaPlan(replicas or 1, autoscale, replica_cpus, engine_options)
+        address = None if ray in (None, "local") else ray
+        serve_replicas_forever(model, plan, host, port, address)
+        return
+    from kvfuse.serve import serve_forever
+
+    serve_forever(model, host, port, **engine_options)
 
 
 def _chat_turns():

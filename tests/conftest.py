@@ -70,6 +70,18 @@ def static_smollm2(smollm2_export):
 
 
 @pytest.fixture(scope="session")
+def tiny_served_model(tiny_export, tmp_path_factory):
+    """The tiny Llama optimized for `ort` with a dynamic batch and a 128-position context: the
+    model the server tests serve."""
+    from kvfuse.optimize import optimize
+
+    _, export_dir = tiny_export("llama")
+    out = tmp_path_factory.mktemp("served") / "model.onnx"
+    optimize(export_dir, out, max_context=128, quiet=True)
+    return out
+
+
+@pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray cluster for the whole session (start-up takes ~10 s): its GCS address, for
     drivers in other processes to join (`--ray ADDRESS`); this process is a driver too."""

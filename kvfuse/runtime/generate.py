@@ -44,6 +44,7 @@ class Stats:
     prefill_ms: float
     decode_tokens_per_s: float
     kv_bytes: int
+    reused_tokens: int = 0  # prompt tokens whose KV the previous generation left in place
 
 
 @dataclasses.dataclass
@@ -118,8 +119,12 @@ class _Run:
     def steps(self) -> Iterator[str]:
         """The loop. Yields row 0's text deltas (for streaming)."""
         start = time.perf_counter()
-        self.session.reset()
-        logits, lengths = self._prefill()
+        self.reused = self._reusable()
+        self.session.held = []  # nothing is reusable until this generation ends
+        if not self.reused:
+            self.session.reset()
+        logits, lengths = self._prefill(self.reused)
+        fed = list(self.prompts[0]) if len(self.prompts) == 1 else None  # row 0's KV tokens
         self.prefill_ms = (time.perf_counter() - start) * 1e3
         decode_start, decoded = time.perf_counter(), 0
         while True:
@@ -134,9 +139,12 @@ class _Run:
                 break
             lengths = lengths + 1
             logits = self.session.run(tokens[:, None], lengths)[:, 0]
+            if fed is not None:
+                fed.append(int(tokens[0]))
             decoded += 1
             if decoded == 1:
                 self.session.check_in_place()  # the cache must not have moved
+        self.session.held = fed or []  # what row 0 holds, for the next generation to reuse
         seconds = time.perf_counter() - decode_start
         self.decode_rate = decoded / seconds if decoded and seconds > 0 else 0.0
 
@@ -146,14 +154,24 @@ class _Run:
             return None
         return [p + n for p, n in zip(self.prompts, self.new, strict=True)]
 
-    def _prefill(self) -> tuple[np.ndarray, np.ndarray]:
-        """Fill the buffers with the prompts; returns each row's last logits and lengths."""
+    def _reusable(self) -> int:
+        """Prompt tokens already in the buffers: a single prompt that starts with what the
+        last single-prompt generation left (a chat's next turn), on a dynamic-shape model."""
+        held = self.session.held
+        if len(self.prompts) != 1 or self.session.prefill_len or not held:
+            return 0
+        prompt, size = self.prompts[0], min(len(held), len(self.prompts[0]) - 1)
+        return next((i for i in range(size) if held[i] != prompt[i]), size)
+
+    def _prefill(self, reused: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Fill the buffers with the prompts (past the `reused` tokens already there); returns
+        each row's last logits and lengths."""
         lengths = np.array([len(p) for p in self.prompts])
         static = self.session.prefill_len  # a static prefill graph takes this many tokens
         chunk = static or self.config.prefill_chunk
-        if len(self.prompts) == 1 and lengths[0] > chunk:  # long prompt: chunks of `chunk`
+        if len(self.prompts) == 1 and (lengths[0] > chunk or reused):  # chunks of `chunk`
             ids = np.array(self.prompts)
-            for begin in range(0, lengths[0], chunk):
+            for begin in range(reused, lengths[0], chunk):
                 end = min(begin + chunk, lengths[0])
                 if static:  # a full last chunk, overlapping the one before: the overlap's
                     begin = end - chunk  # positions are recomputed to the same values
@@ -214,6 +232,7 @@ class _Run:
             prefill_ms=self.prefill_ms,
             decode_tokens_per_s=self.decode_rate,
             kv_bytes=self.session.kv_bytes,
+            reused_tokens=self.reused,
         )
         return Completion(self.texts, self.new, [f or "length" for f in self.finish], stats)
 

@@ -57,6 +57,7 @@ class Session:
         self._logits: dict[tuple[int, int | None], np.ndarray] = {}
         self._probed: set[int | None] = set()
         self._seqlens = np.zeros([batch], np.int32)
+        self.held: list[int] = []  # tokens row 0 holds, left by the last single-prompt run
         self._total = np.zeros([], np.int32)
 
     def _open(self, path) -> tuple[ort.InferenceSession, ort.IOBinding]:
@@ -160,6 +161,7 @@ class Session:
     def reset(self) -> None:
         """Forget every cached position (the buffers stay where they are)."""
         self.arena[...] = 0.0
+        self.held = []
 
     def _logits_buffer(self, binding, key, steps: int) -> np.ndarray:
         if (steps, key) not in self._logits:

@@ -72,6 +72,14 @@ class StreamDecoder:
         self.prefix, self.read = self.read, len(self.tokens)
         return after[len(before) :]
 
+    def flush(self) -> str:
+        """What is still held back once no more tokens come (an incomplete UTF-8 sequence
+        decodes as U+FFFD, as it does in a full decode)."""
+        before = self.text.decode(self.tokens[self.prefix : self.read])
+        after = self.text.decode(self.tokens[self.prefix :])
+        self.prefix = self.read = len(self.tokens)
+        return after[len(before) :]
+
 
 def _json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}

@@ -166,4 +166,6 @@ def finish_text(events: list[Event]) -> str:
 def raise_on_error(events: list[Event], openai: bool) -> None:
     """A generation that failed after admission: 500 (OpenAI) or 424 (TGI), with the reason."""
     if events and events[-1].kind == "error":
-        raise ApiError(500 if openai else 424, events[-1].text, "server_error" if openai else "generation")
+        raise ApiError(
+            500 if openai else 424, events[-1].text, "server_error" if openai else "generation"
+        )

@@ -130,6 +130,8 @@ class Engine:
         threads: onnxruntime intra-op threads (default: physical cores).
         prefill_chunk: prompt tokens per step; bounds how long one step delays the streams.
         default_max_new_tokens: max_new_tokens when a request gives none (capped by its row).
+        request_timeout_s: a request still running after this long (queue wait included) is
+            ended with finish reason "timeout" (None: never), unless it sets its own.
         name: the model's name in the APIs (default: the model directory's name).
     """
 
@@ -141,6 +143,7 @@ class Engine:
         threads: int | None = None,
         prefill_chunk: int = 64,
         default_max_new_tokens: int = 256,
+        request_timeout_s: float | None = 600.0,
         name: str | None = None,
     ) -> None:
         if slots < 1 or max_queue < 0 or prefill_chunk < 1:
@@ -151,6 +154,7 @@ class Engine:
         self.max_context = self.spec.max_context
         self.slots, self.max_queue = slots, max_queue
         self.prefill_chunk, self.default_max_new_tokens = prefill_chunk, default_max_new_tokens
+        self.request_timeout_s = request_timeout_s
         self._steps = RowSteps(Session(self.spec, slots, threads))
         self.metrics = Metrics(slots)
         self._rows = [_Row(i) for i in range(slots)]
@@ -168,9 +172,11 @@ class Engine:
         if not prompt:
             raise KvfuseError("the prompt is empty after tokenization")
         room = self.max_context - len(prompt)
-        wanted = params.max_new_tokens
-        if wanted is None:
-            params = dataclasses.replace(params, max_new_tokens=min(self.default_max_new_tokens, room))
+        if params.max_new_tokens is None:
+            wanted = min(self.default_max_new_tokens, room)
+            params = dataclasses.replace(params, max_new_tokens=wanted)
+        if params.timeout_s is None and self.request_timeout_s:
+            params = dataclasses.replace(params, timeout_s=self.request_timeout_s)
         if room < 1 or params.max_new_tokens > room:
             self.metrics.outcome("rejected_context")
             raise ContextTooLong(len(prompt), params.max_new_tokens or 1, self.max_context)
@@ -312,7 +318,11 @@ class Engine:
     def _accept(self, row: _Row, logits: np.ndarray) -> None:
         """Sample the row's next token and apply its stop conditions."""
         request = row.request
-        seen = [request.prompt + request.new] if request.params.sampling.repetition_penalty != 1.0 else None
+        seen = (
+            [request.prompt + request.new]
+            if request.params.sampling.repetition_penalty != 1.0
+            else None
+        )
         token = int(request._sampler.pick(logits[None, :], seen)[0])
         now = time.monotonic()
         if request._last_token_at is None:
@@ -339,7 +349,8 @@ class Engine:
         request.state, request.finish_reason = "done", reason
         last = last or Event("done")
         last.finish_reason = reason
-        if reason != "stop":
+        if reason != "stop":  # what the decoder and the stop filter held back
+            last.text += request._stop.push(request._decoder.flush())
             last.text += request._stop.flush()
         with self._lock:
             self._busy -= 1

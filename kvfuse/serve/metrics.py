@@ -47,9 +47,7 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.requests = Counter(
-            "kvfuse_requests", "Requests by outcome", ["outcome"], registry=r
-        )
+        self.requests = Counter("kvfuse_requests", "Requests by outcome", ["outcome"], registry=r)
         self._window: collections.deque[tuple[float, int]] = collections.deque()
         self._durations: collections.deque[float] = collections.deque(maxlen=32)
         self._lock = threading.Lock()

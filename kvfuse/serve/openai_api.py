@@ -64,7 +64,9 @@ class CompletionBody(_Common):
 
 def _params(body: _Common, max_tokens: int | None) -> Params:
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-    sampling = Sampling(body.temperature, body.top_k, body.top_p, body.repetition_penalty, body.seed)
+    sampling = Sampling(
+        body.temperature, body.top_k, body.top_p, body.repetition_penalty, body.seed
+    )
     return Params(max_tokens, sampling, stop, body.ignore_eos)
 
 
@@ -91,7 +93,9 @@ def models(request: Request) -> dict:
 async def chat_completions(body: ChatBody, request: Request):
     engine = request.app.state.engine
     if engine.text.chat_template is None:
-        raise ApiError(400, "this model has no chat template; use /v1/completions", "invalid_request_error")
+        raise ApiError(
+            400, "this model has no chat template; use /v1/completions", "invalid_request_error"
+        )
     messages = [{"role": m.role, "content": _text_of(m.content)} for m in body.messages]
     prompt = engine.text.encode_conversation(messages)
     params = _params(body, body.max_completion_tokens or body.max_tokens)
@@ -104,11 +108,18 @@ async def completions(body: CompletionBody, request: Request):
     prompt = body.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
         if len(prompt) != 1:
-            raise ApiError(400, "one prompt per request is supported", "invalid_request_error", "prompt")
+            raise ApiError(
+                400, "one prompt per request is supported", "invalid_request_error", "prompt"
+            )
         prompt = prompt[0]
     ids = engine.text.encode(prompt, chat=False) if isinstance(prompt, str) else list(prompt)
     if any(not 0 <= token < engine.spec.vocab_size for token in ids):
-        raise ApiError(400, f"token ids must lie in 0..{engine.spec.vocab_size - 1}", "invalid_request_error", "prompt")
+        raise ApiError(
+            400,
+            f"token ids must lie in 0..{engine.spec.vocab_size - 1}",
+            "invalid_request_error",
+            "prompt",
+        )
     return await _respond(request, body, ids, _params(body, body.max_tokens), chat=False)
 
 
@@ -165,7 +176,9 @@ class _Shape:
 
     async def chunks(self, include_usage: bool) -> AsyncIterator[str]:
         if self.chat:
-            opening = self._choice(None, None, True) | {"delta": {"role": "assistant", "content": ""}}
+            opening = self._choice(None, None, True) | {
+                "delta": {"role": "assistant", "content": ""}
+            }
             yield json.dumps(self._frame([opening]))
         async for event in self.stream:
             if event.kind == "error":

@@ -27,7 +27,9 @@ class Server:
         deadline = time.monotonic() + 30
         while not self._server.started:
             if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise KvfuseError(f"the server could not listen on {host}:{port}; pick another --port")
+                raise KvfuseError(
+                    f"the server could not listen on {host}:{port}; pick another --port"
+                )
             time.sleep(0.02)
         bound = self._server.servers[0].sockets[0].getsockname()
         self.host, self.port = bound[0], bound[1]
@@ -75,7 +77,10 @@ def serve_forever(model, host: str = "127.0.0.1", port: int = 8000, **engine_opt
     try:
         config = uvicorn.Config(create_app(engine), host=host, port=port, log_level="info")
         server = uvicorn.Server(config)
-        server.run()
+        try:
+            server.run()
+        except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
+            return
         if not server.started:
             raise KvfuseError(f"the server could not listen on {host}:{port}; pick another --port")
     finally:

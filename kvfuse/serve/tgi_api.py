@@ -53,8 +53,11 @@ class GenerateBody(BaseModel):
 
 def _params(parameters: Parameters) -> Params:
     p = parameters
-    sample = bool(p.do_sample) or p.temperature not in (None, 1.0) or bool(p.top_k) or (
-        p.top_p is not None and p.top_p < 1.0
+    sample = (
+        bool(p.do_sample)
+        or p.temperature not in (None, 1.0)
+        or bool(p.top_k)
+        or (p.top_p is not None and p.top_p < 1.0)
     )
     seed = p.seed if p.seed is not None or not sample else secrets.randbits(63)
     sampling = Sampling(
@@ -138,7 +141,11 @@ async def _events(stream: Stream, prompt: list[int], body: GenerateBody) -> Asyn
                 text = body.inputs + text
             details = _details(stream, prompt, seen)
             details.pop("tokens"), details.pop("prefill")
-            frame = {"index": index + 1, "token": _last_token(stream, event), "generated_text": text}
+            frame = {
+                "index": index + 1,
+                "token": _last_token(stream, event),
+                "generated_text": text,
+            }
             yield json.dumps(frame | {"details": details})
 
 

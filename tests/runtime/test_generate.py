@@ -197,3 +197,16 @@ def test_kvfuse_run_cli_prompt_and_chat(tiny):
         if line.startswith("prefill")
     ]
     assert prompts[1] > prompts[0] + 5  # the second turn carries the first as history
+    assert "prompt tokens reused" in chat.stderr.splitlines()[-1]  # the first turn's KV
+
+
+def test_a_continued_prompt_reuses_the_cache_and_gives_fresh_tokens(tiny):
+    """A prompt that starts with what the last generation left in the buffers is prefilled
+    from there on, and its greedy tokens are those of a fresh run."""
+    generator, _ = tiny
+    first = generator.generate("hello", greedy(8, ignore_eos=True))
+    prompt = generator.text.encode("hello", chat=False) + first.tokens[0] + [65, 66]
+    again = generator.generate(prompt, greedy(8))
+    assert again.stats.reused_tokens == len(prompt) - 3  # all but the last new token and AB
+    fresh = load(generator.spec.path).generate(prompt, greedy(8))
+    assert fresh.stats.reused_tokens == 0 and fresh.tokens == again.tokens

@@ -3,14 +3,19 @@ openai client behind Ray Serve's proxy with the answers one engine gives."""
 
 from __future__ import annotations
 
+import signal
 import socket
+import subprocess
+import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import openai
 import pytest
 
 import kvfuse
-from kvfuse.serve.replicas import REPLICA_HEADER, ReplicaPlan, start_replicas, stop_replicas
+from kvfuse.serve.replicas import REPLICA_HEADER, ReplicaPlan
 
 QUESTION = [{"role": "user", "content": "hello there"}]
 
@@ -22,15 +27,36 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def replicas(ray_cluster, tiny_export, tmp_path_factory):
-    """A tiny Llama optimized for `ort`, served by two replicas (half a CPU each)."""
-    _, export_dir = tiny_export("llama")
-    model = tmp_path_factory.mktemp("replicas") / "model.onnx"
-    kvfuse.optimize(export_dir, model, max_context=128, quiet=True)
-    plan = ReplicaPlan(replicas=2, cpus=0.5, engine_options={"slots": 2, "threads": 1})
-    url = start_replicas(model, plan, port=free_port())
-    yield model, url
-    stop_replicas()
+def replicas(ray_cluster, tiny_served_model):
+    """`kvfuse serve --replicas 2` (half a CPU and one thread each) on the session's Ray
+    cluster, serving the tiny Llama; Ctrl-C at the end removes the application."""
+    port = free_port()
+    command = [sys.executable, "-m", "kvfuse", "serve", str(tiny_served_model), "--replicas", "2"]
+    command += ["--replica-cpus", "0.5", "--slots", "2", "--threads", "1", "--port", str(port)]
+    server = subprocess.Popen(
+        [*command, "--ray", ray_cluster],
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while not _healthy(url):
+        assert server.poll() is None, server.communicate()
+        assert time.monotonic() < deadline, "the replicas did not come up"
+        time.sleep(0.5)
+    yield tiny_served_model, url
+    server.send_signal(signal.SIGINT)
+    _, err = server.communicate(timeout=120)
+    assert server.returncode == 0, err
+    assert not _healthy(url), "the application is still served after Ctrl-C"
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def test_two_replicas_answer_the_openai_client(replicas):
