@@ -131,6 +131,12 @@ def optimize(
         raise
     if not quiet:
         _print_optimize_summary(result, explain)
+        if genai_config:
+            console.print(
+                f"onnxruntime-genai: {escape(str(output.parent / 'genai_config.json'))} → "
+                f"{escape(output.stem)}.genai.onnx (onnxruntime_genai.Model"
+                f"({escape(str(output.parent))!r}))"
+            )
     if report is not None:
         from kvfuse import report as reports
         from kvfuse.report.diff import build_report
