@@ -43,6 +43,9 @@ def export(
     exporter: Annotated[
         str, typer.Option(help="optimum (TorchScript via Optimum) or dynamo (torch.onnx).")
     ] = "optimum",
+    dtype: Annotated[
+        str, typer.Option(help="float32, float16 or bfloat16 (bfloat16 needs --exporter dynamo).")
+    ] = "float32",
 ) -> None:
     """Export a causal LM to ONNX with past KV (text-generation-with-past I/O)."""
     from kvfuse.exporters.export import export as run_export
@@ -54,6 +57,7 @@ def export(
         trust_remote_code=trust_remote_code,
         quiet=quiet,
         exporter=exporter,
+        dtype=dtype,
     )
     if not quiet:
         _print_export_summary(result)
@@ -358,6 +362,8 @@ def _print_optimize_summary(result, explain: bool) -> None:
             f"weights file {escape(shared.file)} ({shared.bytes_total / 2**20:.0f} MiB, "
             f"{shared.tensors} tensors) read by both"
         )
+    for line in lowering_lines(result.layers):
+        console.print(escape(line))
     table = Table("rule", "fired", title="Rules")
     for rule, count in result.rule_counts.items():
         if count or explain:
@@ -371,8 +377,22 @@ def _print_optimize_summary(result, explain: bool) -> None:
         _print_layers(result)
 
 
+def lowering_lines(layers) -> list[str]:
+    """One line per lowering kind: which layers took it and why (the first layer's reason)."""
+    groups: dict[str, list] = {}
+    for layer in layers:
+        if layer.lowering:
+            groups.setdefault(layer.lowering, []).append(layer)
+    return [
+        f"lowering {kind}: layers {', '.join(x.layer for x in group)} ({group[0].lowering_reason})"
+        for kind, group in groups.items()
+    ]
+
+
 def _print_layers(result) -> None:
-    table = Table("layer", "fused", "closest rule", "why not", title="Attention layers")
+    table = Table(
+        "layer", "fused", "closest rule", "why not", "lowering", "why", title="Attention layers"
+    )
     for layer in result.layers:
         miss = layer.near_misses[0] if layer.near_misses else None
         table.add_row(
@@ -380,6 +400,8 @@ def _print_layers(result) -> None:
             "yes" if layer.fused else "[red]no[/red]",
             miss.rule if miss and not layer.fused else "",
             escape(miss.reason if miss else "no rule came close") if not layer.fused else "",
+            layer.lowering,
+            escape(layer.lowering_reason),
         )
     Console(stderr=True).print(table)
 

@@ -11,7 +11,8 @@ mask inside the graph, as genai's own builder does for GroupQueryAttention:
     attention_mask ─ ReduceSum(axis 1) ─ Sub 1 ─ Cast int32 ─▶ seqlens_k
                    └ Shape ─ Gather 1 ─ Cast int32 ───────────▶ total_sequence_length
 
-Everything else is the verified kvfuse graph, unchanged. `OUT.genai.onnx` and
+Everything else is the verified kvfuse graph, unchanged (its external weights file, if it has
+one, is read by both graphs). `OUT.genai.onnx` and
 `genai_config.json` are written beside `OUT.onnx` and its tokenizer files, so
 `onnxruntime_genai.Model(directory)` loads them.
 """
@@ -19,6 +20,7 @@ Everything else is the verified kvfuse graph, unchanged. `OUT.genai.onnx` and
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -155,25 +157,36 @@ def genai_config(record: dict, facts: dict, graph: onnx.ModelProto, filename: st
     }
 
 
-def write_genai_files(proto_bytes: bytes, record: dict, facts: dict, directory, stem: str):
-    """Write `stem`.genai.onnx and genai_config.json into `directory` (a staging directory).
+def write_genai_files(model_path: Path, record: dict, facts: dict, directory: Path, stem: str):
+    """Write `stem`.genai.onnx and genai_config.json into `directory`.
 
     Args:
-        proto_bytes: the verified kvfuse model.
+        model_path: the verified kvfuse model (weights inline, or in a file beside it that
+            the genai graph then reads too: external weights are not copied).
         record: its kvfuse metadata record (max_context, kv heads, head dim, KV pairs).
         facts: the export's kvfuse-export.json.
-        directory: where to write.
+        directory: where to write (beside `model_path`, or a directory holding its weights).
         stem: OUT.onnx's stem.
 
     Returns:
         The names written.
     """
-    graph = genai_graph(onnx.load_from_string(proto_bytes))
+    graph = genai_graph(onnx.load(str(model_path), load_external_data=False))
     filename = genai_filename(stem)
-    (directory / filename).write_bytes(graph.SerializeToString())
+    onnx.save(graph, str(directory / filename))
     config = genai_config(record, facts, graph, filename)
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return [filename, CONFIG_FILE]
+
+
+def _weight_files(model: onnx.ModelProto) -> set[str]:
+    """The external-data files a model's initializers point at (relative to its directory)."""
+    return {
+        entry.value
+        for tensor in model.graph.initializer
+        for entry in tensor.external_data
+        if entry.key == "location"
+    }
 
 
 def add_genai_files(model: str | Path, directory: str | Path | None = None) -> Path:
@@ -193,7 +206,7 @@ def add_genai_files(model: str | Path, directory: str | Path | None = None) -> P
     try:
         record = json.loads(model.with_suffix(".kvfuse.json").read_text())
         facts = json.loads((model.parent / EXPORT_FACTS).read_text())
-        proto_bytes = model.read_bytes()
+        weights = _weight_files(onnx.load(str(model), load_external_data=False))
     except (OSError, ValueError) as error:
         raise KvfuseError(
             f"{model} is not a kvfuse-optimized model with its records beside it ({error}); "
@@ -202,9 +215,19 @@ def add_genai_files(model: str | Path, directory: str | Path | None = None) -> P
     if record.get("target") != "ort" or record.get("static"):
         raise KvfuseError(f"{model} is not an `ort` target model; onnxruntime-genai runs those")
     with staged_file(directory / CONFIG_FILE, overwrite=True, inputs=[model]) as staging:
-        write_genai_files(proto_bytes, record, facts, staging, model.stem)
+        write_genai_files(model, record, facts, staging, model.stem)
         if directory.resolve() != model.parent.resolve():
             for name in TOKENIZER_FILES:
                 if (model.parent / name).is_file():
                     shutil.copyfile(model.parent / name, staging / name)
+            for name in weights:  # the genai graph reads them by the same relative name
+                _link_or_copy(model.parent / name, staging / name)
     return directory
+
+
+def _link_or_copy(source: Path, destination: Path) -> None:
+    """A hard link where the filesystem allows one (no second copy of the weights)."""
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copyfile(source, destination)

@@ -18,13 +18,14 @@ import onnx_ir as ir
 from onnxscript import optimizer
 
 from kvfuse import __version__
+from kvfuse.checks import check_model_file
 from kvfuse.errors import KvfuseError
 from kvfuse.exporters.metadata import read_metadata
 from kvfuse.files import staged_file
 from kvfuse.patterns import targets
 from kvfuse.progress import Steps
 from kvfuse.report.summary import load_structure
-from kvfuse.rewriter import packed_heads, pipeline, retained_state, shapes
+from kvfuse.rewriter import packed_heads, pipeline, retained_state, shape_probe, shapes
 from kvfuse.rewriter import static as static_graphs
 from kvfuse.rewriter.last_logits import gather_last_logits
 from kvfuse.rewriter.pipeline import Stage
@@ -33,6 +34,9 @@ from kvfuse.rewriter.verify import Verification, locate_divergence, verify
 DEFAULT_MAX_CONTEXT = 2048
 DEFAULT_PREFILL_LEN = 128
 PROTOBUF_LIMIT = 2**31
+INLINE_WEIGHTS_LIMIT = 2**31 - 2**26  # above this the weights go external (room for the graph)
+EXTERNAL_MIN_BYTES = 1024  # smaller tensors (folded index constants) stay inline
+DATA_ALIGNMENT = 65536  # external tensors' offsets: onnxruntime maps aligned ones from the file
 COMPANION_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -119,37 +123,52 @@ def optimize(
         _check_genai_request(plan)
     steps = Steps(quiet)
     with steps.step(f"Loading {plan.model_path.name}"):
-        model = _load(plan.model_path)
+        model = _load(plan.model_path, in_memory=plan.static)
     result = _fuse(model, plan, steps)
     with steps.step(f"Lowering to {target} with fixed {plan.max_context}-position KV buffers"):
         _lower(model, plan, result)
-    proto_bytes = ir.serde.serialize_model(model).SerializeToString()
-    del model  # from here on the serialized graph(s) are what is checked and written
-    candidate, pair = proto_bytes, None
     if plan.static:
-        with steps.step(f"Specialising static graphs (S = {plan.prefill_len} and S = 1)"):
-            pair = {
-                role: static_graphs.specialize(onnx.load_from_string(proto_bytes), s, _clean_up)
-                for role, s in (("prefill", plan.prefill_len), ("decode", 1))
-            }
-            candidate = {plan.prefill_len: pair["prefill"], 1: pair["decode"]}
-            result.nodes_after = len(pair["decode"].graph.node)
-    elif target == "onnx":
-        with steps.step("Checking the model with onnx.checker (full check)"):
-            static_graphs.check_standard(onnx.load_from_string(proto_bytes))
+        return _finish_static(model, plan, result, steps, verify_numerics, overwrite)
+    with staged_file(plan.output, overwrite=overwrite, inputs=[plan.model_path]) as staging:
+        candidate = staging / plan.output.name
+        with steps.step(f"Writing {plan.output}"):
+            _save(model, candidate)
+            _release(model)
+            del model  # from here on the written files are what is checked: one model at a time
+        if target == "onnx":
+            with steps.step("Checking the model with onnx.checker (full check)"):
+                static_graphs.check_standard(str(candidate))
+        if verify_numerics:
+            with steps.step("Verifying against the original (prefill + 8 decode steps)"):
+                _verify(plan, result, candidate)
+        _write_sidecar(staging / f"{plan.output.stem}.kvfuse.json", plan.model_path, result)
+        _copy_companions(plan.model_path, staging, plan.output.parent)
+        if genai_config:
+            from kvfuse.genai import write_genai_files
+
+            record = metadata_record(result.signature, target, plan.model_path)
+            write_genai_files(candidate, record, plan.export_info, staging, plan.output.stem)
+    result.output = plan.output
+    return result
+
+
+def _finish_static(model, plan, result, steps, verify_numerics: bool, overwrite: bool):
+    """`--static`: specialise the two graphs in memory, verify them as a pair, write them over
+    one shared weights file."""
+    proto_bytes = ir.serde.serialize_model(model).SerializeToString()
+    del model
+    with steps.step(f"Specialising static graphs (S = {plan.prefill_len} and S = 1)"):
+        pair = {
+            role: static_graphs.specialize(onnx.load_from_string(proto_bytes), s, _clean_up)
+            for role, s in (("prefill", plan.prefill_len), ("decode", 1))
+        }
+        result.nodes_after = len(pair["decode"].graph.node)
     if verify_numerics:
         with steps.step("Verifying against the original (prefill + 8 decode steps)"):
-            _verify(plan, result, candidate, proto_bytes)
-    with steps.step(f"Writing {plan.output if pair is None else plan.output.with_suffix('.*')}"):
-        if pair is None:
-            genai = plan.export_info if genai_config else None
-            _write(plan.output, proto_bytes, plan.model_path, result, overwrite, genai)
-            result.output = plan.output
-        else:
-            result.shared_weights = _write_static(
-                plan.output, pair, plan.model_path, result, overwrite
-            )
-            result.output = plan.output.parent / result.signature.static["graphs"]["decode"]
+            _verify(plan, result, {plan.prefill_len: pair["prefill"], 1: pair["decode"]})
+    with steps.step(f"Writing {plan.output.with_suffix('.*')}"):
+        result.shared_weights = _write_static(plan.output, pair, plan.model_path, result, overwrite)
+        result.output = plan.output.parent / result.signature.static["graphs"]["decode"]
     return result
 
 
@@ -178,7 +197,7 @@ def _plan(source, output, target, max_context, batch_size, logits, static, prefi
     output = Path(output)
     if output.suffix != ".onnx":
         raise KvfuseError(f"output {output} must be an .onnx file path")
-    max_context = max_context or _default_context(export_info)
+    max_context = _check_context(max_context, export_info) or _default_context(export_info)
     if static:
         batch_size = batch_size or 1
         prefill_len = _check_static_request(target, prefill_len, max_context)
@@ -204,7 +223,8 @@ def _fuse(model: ir.Model, plan: _Plan, steps: Steps) -> OptimizeResult:
     batch = plan.batch_size
     with steps.step("Cleaning up shape plumbing"):
         specialize = Stage("fix batch size", run=lambda m: shapes.specialize_batch(m, batch))
-        records = pipeline.run_stages(model, [specialize, Stage("clean up", run=_clean_up)])
+        probe = Stage("measure position-only shapes", run=_probe_shapes)
+        records = pipeline.run_stages(model, [specialize, Stage("clean up", run=_clean_up), probe])
     with steps.step("Fusing attention, RoPE and norms"):
         records += pipeline.run_stages(model, targets.FUSION_STAGES)
     layers = pipeline.attention_outcomes(model, candidates, targets.EXPLAIN_RULES, targets.DIAGNOSE)
@@ -240,6 +260,10 @@ def _lower(model: ir.Model, plan: _Plan, result: OptimizeResult) -> None:
         sliding_window=window,
     )
     signature.logits = plan.logits
+    for outcome in result.layers:
+        record = signature.lowerings.get(outcome.layer, {})
+        outcome.lowering = record.get("lowering", "")
+        outcome.lowering_reason = record.get("reason", "")
     if plan.logits == "last":
         records += pipeline.run_stages(
             model, [Stage("logits for the last position", run=gather_last_logits)]
@@ -254,14 +278,14 @@ def _lower(model: ir.Model, plan: _Plan, result: OptimizeResult) -> None:
     result.signature = signature
 
 
-def _verify(plan: _Plan, result: OptimizeResult, candidate, proto_bytes: bytes) -> None:
-    """Check `candidate` (one graph, or the static pair) against the original; on failure name
-    the first diverging tensor and raise — nothing is written."""
+def _verify(plan: _Plan, result: OptimizeResult, candidate) -> None:
+    """Check `candidate` (a written model file, or the static pair) against the original; on
+    failure name the first diverging tensor and raise — nothing is written."""
     signature, batch = result.signature, plan.batch_size or 1
     kv_shape = [batch, signature.kv_heads, plan.max_context, signature.head_dim]
     result.verification = verify(plan.model_path, candidate, signature.pairs, kv_shape, batch=batch)
     if not result.verification.passed:
-        where = locate_divergence(plan.model_path, proto_bytes, signature.pairs, kv_shape)
+        where = locate_divergence(plan.model_path, candidate, signature.pairs, kv_shape)
         raise KvfuseError(
             f"{result.verification.summary()}; {where or 'no shared tensor to compare'}; "
             "nothing was written"
@@ -317,41 +341,72 @@ def _resolve_input(source: Path) -> tuple[Path, dict | None]:
     return source, read_metadata(source.parent)
 
 
+def _check_context(max_context: int | None, export_info: dict | None) -> int | None:
+    """--max-context may go up to the model's own limit (its max positions), not past it."""
+    if max_context is None:
+        return None
+    positions = (export_info or {}).get("model", {}).get("max_positions")
+    if max_context < 2:
+        raise KvfuseError(f"--max-context {max_context} must be at least 2 positions")
+    if positions and max_context > positions:
+        raise KvfuseError(
+            f"--max-context {max_context} is past the model's own limit of {positions} "
+            f"positions (max_position_embeddings); give at most {positions}"
+        )
+    return max_context
+
+
 def _default_context(export_info: dict | None) -> int:
     positions = (export_info or {}).get("model", {}).get("max_positions")
     return min(positions, DEFAULT_MAX_CONTEXT) if positions else DEFAULT_MAX_CONTEXT
 
 
-def _load(model_path: Path) -> ir.Model:
+def _load(model_path: Path, in_memory: bool = False) -> ir.Model:
+    """The model with its external weights left in their file (memory-mapped, read only by the
+    rules that need their values), or read into memory for `in_memory` (a static pair)."""
     proto = load_structure(model_path)  # one-line error for a missing or corrupt file
-    _check_external_data(model_path, proto)
-    del proto  # ir.load reads it again, with its weights; keep one copy in memory at a time
+    check_model_file(model_path, proto)  # one line for a damaged or hand-edited one
+    del proto  # ir.load reads it again; keep one copy in memory at a time
     model = ir.load(model_path)
-    # the rewritten model is verified and written as one protobuf: weights kept in a file
-    # beside the input (dynamo and Optimum exports above 2 GB) are read into memory first
-    if any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values()):
+    external = [v for v in model.graph.initializers.values() if _is_external(v.const_value)]
+    if in_memory and external:
         size = sum(v.const_value.nbytes for v in model.graph.initializers.values())
         if size >= PROTOBUF_LIMIT:
             raise KvfuseError(
-                f"{model_path} has {size / 2**30:.1f} GiB of weights; kvfuse writes one "
-                "protobuf (< 2 GiB) and cannot rewrite models this large yet"
+                f"{model_path} has {size / 2**30:.1f} GiB of weights; a static pair is built "
+                "in memory as one protobuf (< 2 GiB): optimize without --static"
             )
         ir.external_data.load_to_model(model)
     return model
 
 
-def _check_external_data(model_path: Path, proto) -> None:
-    """Refuse external-data locations outside the model's directory (untrusted input)."""
-    root = model_path.parent.resolve()
-    for tensor in proto.graph.initializer:
-        for entry in tensor.external_data:
-            if entry.key == "location":
-                location = (root / entry.value).resolve()
-                if root not in location.parents:
-                    raise KvfuseError(
-                        f"{model_path} points its weights outside its directory "
-                        f"({entry.value}); refusing to read it"
-                    )
+def _is_external(tensor) -> bool:
+    return isinstance(tensor, ir.ExternalTensor)
+
+
+def _save(model: ir.Model, path: Path) -> None:
+    """Write `model` to `path`: its weights stay inline when the input had them inline and they
+    fit one protobuf, else they go to one file beside it, `<name>.data` (page-aligned offsets,
+    so onnxruntime can map them), written tensor by tensor from wherever they are."""
+    tensors = [v.const_value for v in model.graph.initializers.values() if v.const_value]
+    size = sum(t.nbytes for t in tensors)
+    if size < INLINE_WEIGHTS_LIMIT and not any(_is_external(t) for t in tensors):
+        ir.save(model, path)
+        return
+    ir.save(
+        model,
+        path,
+        external_data=f"{path.name}.data",
+        size_threshold_bytes=EXTERNAL_MIN_BYTES,
+        alignment=DATA_ALIGNMENT,
+    )
+
+
+def _release(model: ir.Model) -> None:
+    """Unmap the input's weight file (the model is not used after this)."""
+    for value in model.graph.initializers.values():
+        if _is_external(value.const_value):
+            value.const_value.release()
 
 
 def _clean_up(model: ir.Model) -> dict[str, int]:
@@ -364,7 +419,8 @@ def _clean_up(model: ir.Model) -> dict[str, int]:
     folded = shapes.resolve_shapes(model)
     axes = shapes.canonicalize_concat_axes(model.graph)
     slices = shapes.remove_full_slices(model.graph)
-    reshapes = shapes.remove_identity_reshapes(model.graph)
+    reshapes = shapes.remove_identity_reshapes(model.graph) + shapes.collapse_reshapes(model.graph)
+    reshapes += shapes.read_through_sibling_reshapes(model.graph)
     parts = packed_heads.split_packed_parts(model.graph)
     optimizer.remove_unused_nodes(model)  # the replaced grid's shape reads: the weight is free
     gathers = packed_heads.fold_column_gathers(model.graph)
@@ -377,6 +433,17 @@ def _clean_up(model: ir.Model) -> dict[str, int]:
         "shape/packed_parts": parts,
         "shape/column_gathers": gathers,
     }
+
+
+def _probe_shapes(model: ir.Model) -> dict[str, int]:
+    """Measure the shapes inference cannot see in position-only subgraphs (GLM's RoPE
+    tables), then fold the plumbing they unblock."""
+    counts = shape_probe.probe_position_shapes(model)
+    if counts["shape/probed"]:  # fold before shape inference forgets the measured shapes
+        counts["shape/static_dims"] = shapes.fold_static_dims(model.graph)
+        optimizer.fold_constants(model)
+        counts |= {k: v + counts.get(k, 0) for k, v in _clean_up(model).items()}
+    return counts
 
 
 def _stamp_metadata(model, signature, target, source) -> None:
@@ -404,20 +471,6 @@ def metadata_record(signature, target: str, source: Path) -> dict:
             "position_ids": "int64 [batch, S] positions of the new tokens (if an input)",
         },
     }
-
-
-def _write(output: Path, proto_bytes: bytes, source: Path, result, overwrite: bool, genai=None):
-    """OUT.onnx and OUT.kvfuse.json (+ the tokenizer files; + onnxruntime-genai's files when
-    `genai` holds the export's facts)."""
-    with staged_file(output, overwrite=overwrite, inputs=[source]) as staging:
-        (staging / output.name).write_bytes(proto_bytes)
-        _write_sidecar(staging / f"{output.stem}.kvfuse.json", source, result)
-        _copy_companions(source, staging, output.parent)
-        if genai is not None:
-            from kvfuse.genai import write_genai_files
-
-            record = metadata_record(result.signature, result.target, source)
-            write_genai_files(proto_bytes, record, genai, staging, output.stem)
 
 
 def _check_genai_request(plan: _Plan) -> None:
@@ -453,6 +506,10 @@ def _write_sidecar(path: Path, source: Path, result, shared=None) -> None:
         "rule_counts": result.rule_counts,
         "nodes_before": result.nodes_before,
         "nodes_after": result.nodes_after,
+        "layers": [
+            {"layer": o.layer, "lowering": o.lowering, "reason": o.lowering_reason}
+            for o in result.layers
+        ],
     }
     if result.verification is not None:
         sidecar["verification"] = dataclasses.asdict(result.verification)

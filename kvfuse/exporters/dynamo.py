@@ -33,17 +33,25 @@ BATCH, NEW, PAST = "batch_size", "sequence_length", "past_sequence_length"
 
 
 def dynamo_export(
-    hf_dir: Path, out_dir: Path, facts: Any, trust_remote_code: bool, onnx_file: str
+    hf_dir: Path,
+    out_dir: Path,
+    facts: Any,
+    trust_remote_code: bool,
+    onnx_file: str,
+    dtype: str = "float32",
 ) -> None:
-    """Export the model in `hf_dir` to `out_dir/onnx_file` with the dynamo exporter, and save
-    its config, generation config and tokenizer beside it (as Optimum does)."""
+    """Export the model in `hf_dir` to `out_dir/onnx_file` with the dynamo exporter, in `dtype`
+    ("float32", "float16" or "bfloat16"), and save its config, generation config and tokenizer
+    beside it (as Optimum does)."""
     from transformers import AutoModelForCausalLM
 
+    torch_dtype = getattr(torch, dtype)
     model = AutoModelForCausalLM.from_pretrained(
-        hf_dir, trust_remote_code=trust_remote_code, dtype=torch.float32, local_files_only=True
+        hf_dir, trust_remote_code=trust_remote_code, dtype=torch_dtype, local_files_only=True
     ).eval()
     wrapper = FlatCacheLM(model, facts.num_layers).eval()
-    arguments, dynamic_shapes = _example_inputs(facts), _dynamic_shapes(facts.num_layers)
+    arguments = _example_inputs(facts, torch_dtype)
+    dynamic_shapes = _dynamic_shapes(facts.num_layers)
     try:
         with quiet_libraries(), _quiet_logger("torch.onnx"):
             program = _trace(wrapper, arguments, dynamic_shapes, facts.num_layers)
@@ -116,13 +124,13 @@ def output_names(num_layers: int) -> list[str]:
     return ["logits", *present]
 
 
-def _example_inputs(facts: Any) -> tuple:
+def _example_inputs(facts: Any, dtype: torch.dtype = torch.float32) -> tuple:
     batch, new, past = EXAMPLE_BATCH, EXAMPLE_NEW, EXAMPLE_PAST
     input_ids = torch.randint(3, min(facts.vocab_size, 1000), (batch, new))
     attention_mask = torch.ones(batch, past + new, dtype=torch.int64)
     position_ids = torch.arange(past, past + new).expand(batch, new).contiguous()
     kv_shape = (batch, facts.cache_kv_heads, past, facts.head_dim)
-    cache = tuple(torch.randn(kv_shape) for _ in range(2 * facts.num_layers))
+    cache = tuple(torch.randn(kv_shape, dtype=dtype) for _ in range(2 * facts.num_layers))
     return (input_ids, attention_mask, position_ids, cache)
 
 

@@ -31,6 +31,8 @@ TASK = "text-generation-with-past"
 ONNX_FILE = "model.onnx"
 DEFAULT_HF_DIR = "smollm2-135m-instruct-hf"
 EXPORTERS = ("optimum", "dynamo")
+# --dtype → Optimum's name for it; the dynamo exporter loads the model in that torch dtype
+DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
 @dataclasses.dataclass
@@ -51,6 +53,7 @@ def export(
     trust_remote_code: bool = False,
     quiet: bool = False,
     exporter: str = "optimum",
+    dtype: str = "float32",
 ) -> ExportResult:
     """Export a causal LM to ONNX with past KV using Optimum or PyTorch's dynamo exporter.
 
@@ -63,12 +66,15 @@ def export(
         quiet: no progress display.
         exporter: "optimum" (TorchScript, via Optimum) or "dynamo" (`torch.onnx.export` with
             `dynamo=True`); both give the same inputs, outputs and metadata.
+        dtype: "float32" (default), "float16" or "bfloat16": the weights', KV cache's and
+            logits' type in the export (the model's own upcasts, e.g. inside RMSNorm, stay).
 
     Returns:
         An `ExportResult` with the ONNX path, the architecture facts and a graph summary.
     """
     if exporter not in EXPORTERS:
         raise KvfuseError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
+    _check_dtype(dtype, exporter)
     steps = Steps(quiet)
     out_dir = Path(out_dir)
     with staged_directory(out_dir, overwrite=overwrite, inputs=_input_paths(source)) as staging:
@@ -78,18 +84,33 @@ def export(
             from kvfuse.exporters.dynamo import dynamo_export
 
             with steps.step(f"Exporting {config.model_type} with torch.onnx (dynamo)"):
-                dynamo_export(
-                    hf_dir, staging, ModelFacts.from_config(config), trust_remote_code, ONNX_FILE
-                )
+                facts = ModelFacts.from_config(config)
+                dynamo_export(hf_dir, staging, facts, trust_remote_code, ONNX_FILE, dtype)
         else:
             with steps.step(f"Exporting {config.model_type} with Optimum ({TASK})"):
-                _optimum_export(hf_dir, staging, trust_remote_code, _onnx_config_overrides(config))
+                overrides = _onnx_config_overrides(config)
+                _optimum_export(hf_dir, staging, trust_remote_code, overrides, DTYPES[dtype])
         shutil.rmtree(staging / ".source-hf", ignore_errors=True)  # a GGUF's temporary HF copy
         facts = ModelFacts.from_config(config, eos_token_ids=_eos_ids(staging))
-        extra = _provenance(origin, exporter) | {"tokenizer": _tokenizer_facts(staging)}
+        extra = _provenance(origin, exporter) | {
+            "dtype": dtype,
+            "tokenizer": _tokenizer_facts(staging),
+        }
         write_metadata(staging / EXPORT_METADATA, facts, extra)
     onnx_path = out_dir / ONNX_FILE
     return ExportResult(out_dir, onnx_path, facts, summarize(onnx_path))
+
+
+def _check_dtype(dtype: str, exporter: str) -> None:
+    if dtype not in DTYPES:
+        raise KvfuseError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if dtype == "bfloat16" and exporter == "optimum":
+        # measured: Optimum 2.1's TorchScript export stops in RoPE with "ScalarType
+        # ComplexDouble is an unexpected tensor scalar type"
+        raise KvfuseError(
+            "Optimum's exporter cannot export in bfloat16 (its TorchScript trace fails in the "
+            "rotary embedding); use --exporter dynamo --dtype bfloat16"
+        )
 
 
 def _input_paths(source: str | Path) -> list[Path]:
@@ -205,7 +226,11 @@ def _onnx_config_overrides(config: Any) -> dict | None:
 
 
 def _optimum_export(
-    hf_dir: Path, staging: Path, trust_remote_code: bool, custom_configs: dict | None = None
+    hf_dir: Path,
+    staging: Path,
+    trust_remote_code: bool,
+    custom_configs: dict | None = None,
+    dtype: str = "fp32",
 ) -> None:
     from optimum.exporters.onnx import main_export
 
@@ -220,6 +245,7 @@ def _optimum_export(
                 trust_remote_code=trust_remote_code,
                 local_files_only=True,
                 custom_onnx_configs=custom_configs,
+                dtype=dtype,
             )
         except (ValueError, RuntimeError, KeyError) as error:
             reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""

@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from kvfuse.errors import KvfuseError
+
 EXPORT_METADATA = "kvfuse-export.json"
 SCHEMA_VERSION = 1
 
@@ -104,4 +106,23 @@ def write_metadata(path: Path, facts: ModelFacts, extra: dict[str, Any]) -> None
 def read_metadata(directory: Path) -> dict[str, Any] | None:
     """The export metadata of a directory written by `kvfuse export`, or None."""
     path = Path(directory) / EXPORT_METADATA
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise KvfuseError(
+            f"{path} is not readable JSON ({type(error).__name__}); re-export the model or "
+            "delete the file"
+        ) from error
+    model = record.get("model", {}) if isinstance(record, dict) else None
+    numbers = ("max_positions", "sliding_window", "num_layers", "head_dim")
+    if not isinstance(model, dict) or any(
+        not isinstance(model.get(key), (int, type(None))) or isinstance(model.get(key), bool)
+        for key in numbers
+    ):
+        raise KvfuseError(
+            f"{path} is not a kvfuse export record (edited by hand?); re-export the model or "
+            "delete the file"
+        )
+    return record

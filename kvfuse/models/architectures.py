@@ -42,6 +42,98 @@ ARCHITECTURES: dict[str, dict] = {
 }
 
 
+# --- rotary coverage (issue 11): RoPE of any width and style, per-head Q/K norms, the
+# lowering each layer takes per target ("lowering": one for every layer, or a list per layer),
+# which exporters can export the family
+# ("exporters", default all) and which one the default test run proves it with
+# ("parity_exporters"; `python -m kvfuse.models.coverage` runs every one).
+_ROTARY_LOWERED = {"ort": "rotary-op+gqa", "onnx": "rotary-op+attention"}  # GQA cannot rotate
+_ROTARY_FUSED = {"ort": "gqa-rotary", "onnx": "rotary-op+attention"}
+
+ROTARY_ARCHITECTURES: dict[str, dict] = {
+    # 4 of 16 dims: GQA's fused rotary takes multiples of 16 only
+    "gpt_neox_r4": {
+        **_LAYER_NORM,
+        "rope": "half-partial",
+        "max_nodes_ratio": 0.6,  # the dynamo export is small to begin with
+        "lowering": _ROTARY_LOWERED,
+        "parity_exporters": ("optimum",),
+    },
+    # 8 of 32 dims, interleaved
+    "gptj": {
+        **_LAYER_NORM,
+        "rope": "interleaved-partial",
+        "max_nodes_ratio": 0.4,
+        "lowering": _ROTARY_LOWERED,
+        "parity_exporters": ("dynamo",),
+    },
+    "codegen": {
+        **_LAYER_NORM,
+        "rope": "interleaved-partial",
+        "max_nodes_ratio": 0.4,
+        "lowering": _ROTARY_FUSED,
+        "parity_exporters": ("optimum",),
+    },
+    "phi": {
+        **_LAYER_NORM,
+        "rope": "half-partial",
+        "max_nodes_ratio": 0.4,
+        "lowering": _ROTARY_FUSED,
+        "parity_exporters": ("dynamo",),
+    },
+    "gemma": {**_ROPE_LLAMA, "lowering": _ROTARY_FUSED, "parity_exporters": ("optimum",)},
+    "glm": {
+        **_ROPE_LLAMA,
+        "rope": "interleaved-partial",
+        "lowering": _ROTARY_FUSED,
+        "parity_exporters": ("optimum",),
+    },
+    # Optimum has no StarCoder2 export config
+    "starcoder2": {
+        **_LAYER_NORM,
+        "rope": "half",
+        "max_nodes_ratio": 0.4,
+        "lowering": _ROTARY_FUSED,
+        "exporters": ("dynamo",),
+        "parity_exporters": ("dynamo",),
+    },
+    # per-head RMSNorm on Q and K: 4 norms per layer
+    "qwen3": {
+        **_ROPE_LLAMA,
+        "rms_norms_per_layer": 4,
+        "lowering": _ROTARY_FUSED,
+        "parity_exporters": ("dynamo",),
+    },
+    # whole-width RMSNorm on the Q and K projections (before the head reshape), post-norms
+    "olmo2": {
+        **_ROPE_LLAMA,
+        "rms_norms_per_layer": 4,
+        "lowering": _ROTARY_FUSED,
+        "parity_exporters": ("optimum",),
+    },
+    # NoPE layers: layer 1 of 2 has no RoPE, so its attention takes the plain lowering
+    "smollm3": {
+        **_ROPE_LLAMA,
+        "lowering": {
+            "ort": ["gqa-rotary", "gqa"],
+            "onnx": ["rotary-op+attention", "attention"],
+        },
+        "parity_exporters": ("optimum",),
+    },
+}
+ARCHITECTURES.update(ROTARY_ARCHITECTURES)
+
+
+def exporters_of(architecture: str) -> tuple[str, ...]:
+    """The exporters that can export this architecture."""
+    return tuple(ARCHITECTURES[architecture].get("exporters", EXPORTERS))
+
+
+def parity_exporters(architecture: str) -> tuple[str, ...]:
+    """The exporters the default test run proves this architecture with, end to end."""
+    return tuple(ARCHITECTURES[architecture].get("parity_exporters", exporters_of(architecture)))
+
+
 def expected_fusions(architecture: str, num_layers: int) -> dict[str, int]:
     """Counts a complete `ort` rewrite of this architecture makes for `num_layers` layers."""
     facts = ARCHITECTURES[architecture]

@@ -2,6 +2,7 @@
 running it.
 
     python -m kvfuse.models.coverage [--work DIR] [--exporter optimum|dynamo ...]
+                                     [--architecture NAME ...]
 
 For each tiny model and exporter: build (seeded random weights), export (Optimum, or
 torch.onnx's dynamo exporter), optimize for `ort` and for `onnx --static` (a prefill graph of
@@ -16,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from kvfuse.errors import KvfuseError
-from kvfuse.models.architectures import ARCHITECTURES, EXPORTERS
+from kvfuse.models.architectures import ARCHITECTURES, EXPORTERS, exporters_of
 
 
 def coverage_row(name: str, work: Path, exporter: str = "optimum") -> str:
@@ -29,6 +30,8 @@ def coverage_row(name: str, work: Path, exporter: str = "optimum") -> str:
     if not (hf_dir / "config.json").is_file():
         build_tiny_model(name, hf_dir)
     lead = f"| {name} | {exporter} | {ARCHITECTURES[name].get('rope') or 'learned'}"
+    if exporter not in exporters_of(name):
+        return f"{lead} | – | – | – | – | {exporter} has no export of this architecture |"
     try:
         exported = export(
             hf_dir, work / f"{name}-{exporter}", quiet=True, overwrite=True, exporter=exporter
@@ -48,15 +51,24 @@ def coverage_row(name: str, work: Path, exporter: str = "optimum") -> str:
         first = next(layer for layer in failure.result.layers if not layer.fused)
         reason = first.near_misses[0].reason if first.near_misses else "no rule came close"
         fused = f"{failure.result.fused_layers}/{len(failure.result.layers)}"
-        return f"{lead} | {fused} | no | no | {reason} |"
+        return f"{lead} | {fused} | – | no | no | {reason} |"
     except KvfuseError as error:
-        return f"{lead} | ? | no | no | {error} |"
+        return f"{lead} | ? | – | no | no | {error} |"
     cells = [
         f"{'yes' if r.verification.passed else 'no'} (max Δ {r.verification.max_abs_diff:.0e}), "
         f"{r.nodes_before} → {r.nodes_after} nodes"
         for r in runs
     ]
-    return f"{lead} | {runs[0].fused_layers}/{len(runs[0].layers)} | {' | '.join(cells)} | |"
+    fused = f"{runs[0].fused_layers}/{len(runs[0].layers)}"
+    return f"{lead} | {fused} | {lowerings(runs)} | {' | '.join(cells)} | |"
+
+
+def lowerings(runs) -> str:
+    """The lowerings the layers took, per target run (`ort` / `onnx --static`)."""
+    return " / ".join(
+        ", ".join(dict.fromkeys(layer.lowering for layer in run.layers if layer.lowering))
+        for run in runs
+    )
 
 
 TARGETS = {
@@ -69,16 +81,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--exporter", action="append", choices=EXPORTERS, default=None)
+    parser.add_argument("--architecture", action="append", choices=sorted(ARCHITECTURES))
     args = parser.parse_args()
     exporters = args.exporter or list(EXPORTERS)
+    names = args.architecture or list(ARCHITECTURES)
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
-        rows = [coverage_row(name, work, e) for name in ARCHITECTURES for e in exporters]
+        rows = [coverage_row(name, work, e) for name in names for e in exporters]
     print(
-        "| architecture (tiny) | exporter | positions | layers fused | `ort`: verified, nodes "
-        "| `onnx --static`: verified, nodes (decode graph) | why not |"
+        "| architecture (tiny) | exporter | positions | layers fused | lowering (`ort` / `onnx`) "
+        "| `ort`: verified, nodes | `onnx --static`: verified, nodes (decode graph) | why not |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 
 

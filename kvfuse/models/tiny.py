@@ -61,14 +61,107 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     },
 }
 
+# --- rotary coverage (issue 11): rotary widths and styles, Q/K norms, per-head-dim variation.
+# Dims follow the real configs where the dim is what the rules must absorb.
+ROTARY_CONFIGS: dict[str, dict[str, Any]] = {
+    # Pythia's rotary_pct 0.25, on a 16-dim head: 4 rotated dims (GQA's fused rotary cannot)
+    "gpt_neox_r4": {
+        "model_type": "gpt_neox",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "rotary_pct": 0.25,
+    },
+    # GPT-J-6B: interleaved (rotate_every_two) RoPE on 64 of 256 head dims; here 8 of 32
+    "gptj": {
+        "model_type": "gptj",
+        "n_embd": 128,
+        "n_layer": 2,
+        "n_head": 4,
+        "rotary_dim": 8,
+        "n_positions": 512,
+    },
+    # CodeGen-350M: interleaved RoPE on 32 of 64 head dims, QKV packed in mp_num=4 groups
+    "codegen": {
+        "model_type": "codegen",
+        "n_embd": 256,
+        "n_layer": 2,
+        "n_head": 4,
+        "rotary_dim": 32,
+        "n_positions": 512,
+        "n_ctx": 512,
+    },
+    # phi-2: head dim 80, partial_rotary_factor 0.4 (32 dims), parallel attention + MLP,
+    # LayerNorm with bias, Q/K/V biases
+    "phi": {
+        "model_type": "phi",
+        "hidden_size": 160,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "partial_rotary_factor": 0.4,
+    },
+    # Gemma-2B: head dim 256 (wider than hidden / heads), one KV head
+    "gemma": {
+        "model_type": "gemma",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 1,
+        "head_dim": 256,
+    },
+    # GLM-4: interleaved RoPE on half of each head (partial_rotary_factor 0.5), QKV biases
+    "glm": {
+        "model_type": "glm",
+        **_LLAMA_LIKE,
+        "head_dim": 32,
+        "partial_rotary_factor": 0.5,
+        "pad_token_id": 0,
+    },
+    # StarCoder2: LayerNorm with bias, biased projections, GQA
+    "starcoder2": {"model_type": "starcoder2", **_LLAMA_LIKE, "sliding_window": None},
+    # Qwen3: per-head RMSNorm on Q and K after the head reshape, before RoPE
+    "qwen3": {"model_type": "qwen3", **_LLAMA_LIKE, "head_dim": 16},
+    # OLMo2: RMSNorm over the whole Q and K projections, before the head reshape
+    # (post-norms make the default 0.02-init random model repeat one token)
+    "olmo2": {"model_type": "olmo2", **_LLAMA_LIKE, "pad_token_id": 0, "initializer_range": 0.1},
+    # SmolLM3: every 4th layer without RoPE (NoPE); here layer 1 of 2
+    "smollm3": {
+        "model_type": "smollm3",
+        **_LLAMA_LIKE,
+        "no_rope_layers": [1, 0],
+        "pad_token_id": 0,
+    },
+}
+TINY_CONFIGS.update(ROTARY_CONFIGS)
+
+
+# not tiny: a random Llama of 2.49 GB in fp32 (623 M parameters, most in two wide layers and an
+# untied 32k-token head), past protobuf's 2 GiB limit, to prove weights stay external end to end
+LARGE_CONFIGS: dict[str, dict[str, Any]] = {
+    "llama_2gb": {
+        "model_type": "llama",
+        "vocab_size": 32768,
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+    },
+}
+
 
 def tiny_config(name: str) -> Any:
-    """The transformers config of the tiny model `name` (a key of `TINY_CONFIGS`)."""
+    """The transformers config of the test model `name` (a key of `TINY_CONFIGS` or
+    `LARGE_CONFIGS`)."""
     from transformers import AutoConfig
 
-    overrides = dict(TINY_CONFIGS[name])
+    overrides = dict(TINY_CONFIGS.get(name) or LARGE_CONFIGS[name])
     model_type = overrides.pop("model_type")
-    config = AutoConfig.for_model(model_type, **_COMMON, **overrides)
+    config = AutoConfig.for_model(model_type, **{**_COMMON, **overrides})
     config.bos_token_id, config.eos_token_id = 1, 2
     return config
 
@@ -88,6 +181,28 @@ def build_tiny_model(name: str, out_dir: Path, seed: int = 0) -> Path:
                 parameter.add_(0.1 * torch.randn_like(parameter))
     model.eval()
     model.save_pretrained(out_dir)
+    save_byte_tokenizer(Path(out_dir))
+    return Path(out_dir)
+
+
+def build_large_model(name: str, out_dir: Path, seed: int = 0) -> Path:
+    """Create the model `name` of `LARGE_CONFIGS` with seeded uniform random weights (fast to
+    draw, unlike the default initialisers) and save it in bfloat16 (half the bytes to write and
+    read back; the values export exactly in float32)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_utils import no_init_weights
+
+    generator = torch.Generator().manual_seed(seed)
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(tiny_config(name), dtype=torch.bfloat16)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            bound = 1.0 / parameter.shape[-1] ** 0.5  # keeps activations of order one
+            parameter.uniform_(-bound, bound, generator=generator)
+            if parameter.ndim == 1:  # norm weights: around one
+                parameter.add_(1.0)
+    model.eval().save_pretrained(out_dir)
     save_byte_tokenizer(Path(out_dir))
     return Path(out_dir)
 

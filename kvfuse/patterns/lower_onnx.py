@@ -32,8 +32,11 @@ import onnx_ir as ir
 from onnx_ir import tape
 
 from kvfuse.patterns.lower_ort import RMSNormRule, transposed_weight_check
+from kvfuse.patterns.write_positions import build_write_positions
 from kvfuse.rewriter.pipeline import layer_of
 from kvfuse.rewriter.rules import (
+    LOWERING_REASON_TAG,
+    LOWERING_TAG,
     REPLACED_TAG,
     RULE_TAG,
     Rule,
@@ -44,7 +47,6 @@ from kvfuse.rewriter.rules import (
 )
 
 OPSET = 24  # TensorScatter; Attention, RotaryEmbedding and RMSNormalization since 23
-INPUT_IDS = "input_ids"
 
 
 NORM_RULES = [RMSNormRule.rule("lower/rms_standard", "RMSNormalization")]
@@ -139,6 +141,14 @@ class AttentionLowering:
         if attributes.get_string("layout") == "SBHD":
             output = builder.op("Transpose", [output], {"perm": [1, 0, 2]})
         _tag(builder.nodes, node, presents)
+        kind, reason = (
+            ("rotary-op+attention", "RoPE by the standard RotaryEmbedding, then Attention")
+            if rotary is not None
+            else ("attention", "standard Attention over the fixed buffer")
+        )
+        for lowered in builder.nodes:
+            lowered.metadata_props[LOWERING_TAG] = kind
+            lowered.metadata_props[LOWERING_REASON_TAG] = reason
         graph.insert_before(node, builder.nodes)
         take_over(graph, node.outputs[0], output)
         for old, new in zip(presents, (present_k, present_v), strict=True):
@@ -149,25 +159,7 @@ class AttentionLowering:
     def _shared_positions(self, graph, anchor, seqlens_k):
         """(write_index [B], position [B, S]) int64, built before the first attention."""
         if self._positions is None:
-            builder = tape.Tape()
-            input_ids = next(v for v in graph.inputs if v.name == INPUT_IDS)
-            new = builder.op("Shape", [input_ids], {"start": 1, "end": 2})  # [S]
-            seqlens = builder.op("Cast", [seqlens_k], {"to": ir.DataType.INT64})
-            first = builder.op("Add", [seqlens, builder.op("Sub", [_ints(builder, [1]), new])])
-            write_index = builder.op("Max", [first, _ints(builder, [0])])
-            steps = builder.op(
-                "Range", [_ints(builder, 0), builder.op("Squeeze", [new]), _ints(builder, 1)]
-            )
-            positions = builder.op(
-                "Add",
-                [
-                    builder.op("Unsqueeze", [write_index, _ints(builder, [1])]),
-                    builder.op("Unsqueeze", [steps, _ints(builder, [0])]),
-                ],
-            )
-            _tag_rule(builder.nodes, "lower/positions")
-            graph.insert_before(anchor, builder.nodes)
-            self._positions = (write_index, positions)
+            self._positions = build_write_positions(graph, anchor, seqlens_k)
         return self._positions
 
     def _mask(self, graph, anchor, positions, window):

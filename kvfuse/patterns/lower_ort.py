@@ -6,19 +6,28 @@
 - CachedAttention → com.microsoft.GroupQueryAttention over fixed [B, Hkv, max_context, D]
   buffers shared between past and present; `seqlens_k` (valid length − 1 per row) and
   `total_sequence_length` say how much of each buffer holds real positions. RoPE is fused
-  (`do_rotary`) with caches baked from the model's own builder.
+  (`do_rotary`) with caches baked from the model's own builder — or, per layer, where GQA's
+  kernel cannot rotate that many dims (a multiple of 16 only), applied first by
+  com.microsoft.RotaryEmbedding over the same tables (any width, either style):
+
+      q_flat ─ RotaryEmbedding(position) ─┐
+      k_flat ─ RotaryEmbedding(position) ─ GroupQueryAttention(do_rotary=0) ═ present_k/v
+      v_flat ─────────────────────────────┘
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import onnx_ir as ir
 
-from kvfuse.errors import KvfuseError
+from kvfuse.patterns.write_positions import build_write_positions
 from kvfuse.rewriter.pipeline import layer_of
 from kvfuse.rewriter.rules import (
     KVFUSE_DOMAIN,
+    LOWERING_REASON_TAG,
+    LOWERING_TAG,
     REPLACED_TAG,
     RULE_TAG,
     Rule,
@@ -135,6 +144,28 @@ def transposed_weight_check(weight: ir.Value, transposed: ir.Value):
 WEIGHT_RULES = [TransposedWeightRule.rule()]
 
 
+class AttentionLowering:
+    """Lowers each CachedAttention of one graph to GroupQueryAttention; where GQA's fused
+    rotary cannot rotate a layer's dims, RoPE becomes its own com.microsoft.RotaryEmbedding
+    over the same baked tables, at positions built once per graph."""
+
+    def __init__(self, max_context: int) -> None:
+        self.max_context = max_context
+        self._positions: ir.Value | None = None
+
+    def __call__(self, graph, node, presents, seqlens_k, total_length, rotary, window):
+        """Replace `node`; returns the new (present_k, present_v) values."""
+
+        def positions() -> ir.Value:
+            if self._positions is None:
+                self._positions = build_write_positions(graph, node, seqlens_k)[1]
+            return self._positions
+
+        return lower_cached_attention(
+            graph, node, presents, seqlens_k, total_length, rotary, window, positions
+        )
+
+
 def lower_cached_attention(
     graph: ir.Graph,
     node: ir.Node,
@@ -143,20 +174,39 @@ def lower_cached_attention(
     total_length: ir.Value,
     rotary_caches: tuple[ir.Value, ir.Value] | None,
     local_window: int | None = None,
+    positions: Callable[[], ir.Value] | None = None,
 ) -> tuple[ir.Value, ir.Value]:
     """Replace one CachedAttention node by GroupQueryAttention, which also takes over the
-    layer's `present` graph outputs (so far the old Concats'); returns the new presents."""
+    layer's `present` graph outputs (so far the old Concats'); returns the new presents.
+
+    RoPE is fused into GQA where its kernel can rotate the layer's dims; otherwise it is
+    applied by RotaryEmbedding on Q and K first, at `positions()` (the new tokens' [B, S]
+    positions; built for this layer when not given)."""
     graph.opset_imports.setdefault(MS_DOMAIN, 1)
-    if rotary_caches is not None:
-        # the value cache's last dim: D in every layout (a key may be cached as [B, Hkv, D, T])
-        check_rotary_width(2 * rotary_caches[0].shape[-1], node.inputs[4].shape[-1])
     attributes = node.attributes
     q, k, v, past_k, past_v = node.inputs[:5]
+    kind, reason = "gqa", "no RoPE in this layer's attention"
+    if rotary_caches is not None:
+        # the value cache's last dim: D in every layout (a key may be cached as [B, Hkv, D, T])
+        limit = gqa_rotary_limit(2 * rotary_caches[0].shape[-1], past_v.shape[-1])
+        kind, reason = ("gqa-rotary", "RoPE fused into GroupQueryAttention (do_rotary)")
+        if limit is not None:
+            kind, reason = "rotary-op+gqa", f"{limit}: RoPE applied by RotaryEmbedding first"
+    if positions is None:  # called alone: this layer builds its own positions
+
+        def positions() -> ir.Value:
+            return build_write_positions(graph, node, seqlens_k)[1]
+
     seq_first = attributes.get_string("layout") == "SBHD"
     if seq_first:  # GQA takes [B, S, H·D]; sequence-first projections are [S, B, H·D]
         q, k, v = (_transpose(graph, node, x, [1, 0, 2]) for x in (q, k, v))
+    if kind == "rotary-op+gqa":
+        q, k = (
+            _rotary_op(graph, node, x, rotary_caches, positions(), attributes.get_int(heads), tag)
+            for x, heads, tag in ((q, "num_heads", "q"), (k, "kv_num_heads", "k"))
+        )
     inputs = [q, k, v, past_k, past_v, seqlens_k, total_length]
-    if rotary_caches is not None:
+    if kind == "gqa-rotary":
         inputs += list(rotary_caches)
     gqa = ir.node(
         "GroupQueryAttention",
@@ -167,13 +217,14 @@ def lower_cached_attention(
             "num_heads": attributes.get_int("num_heads"),
             "kv_num_heads": attributes.get_int("kv_num_heads"),
             "scale": attributes.get_float("scale"),
-            "do_rotary": int(rotary_caches is not None),
+            "do_rotary": int(kind == "gqa-rotary"),
             "rotary_interleaved": attributes.get_int("rotary_interleaved", 0),
             "local_window_size": local_window if local_window is not None else -1,
         },
         name=f"/model/layers.{layer_of(past_k.name) or node.name}/attn/GroupQueryAttention",
     )
     gqa.metadata_props[RULE_TAG] = node.metadata_props.get(RULE_TAG, "attention/cached")
+    gqa.metadata_props[LOWERING_TAG], gqa.metadata_props[LOWERING_REASON_TAG] = kind, reason
     concats = [entry for present in presents for entry in replaced_by(present.producer())]
     entries = dict.fromkeys(tuple(e) for e in replaced_by(node) + concats)  # ordered, unique
     gqa.metadata_props[REPLACED_TAG] = json.dumps([list(e) for e in entries])
@@ -188,16 +239,37 @@ def lower_cached_attention(
     return gqa.outputs[1], gqa.outputs[2]
 
 
-def check_rotary_width(rotary_dim: int, head_dim: int) -> None:
-    """onnxruntime's GroupQueryAttention rotates R = 2 · (cos cache width) dims and refuses a
-    cache width that is not a multiple of 8 or exceeds (D / 16) · 8 (group_query_attention
-    helper, CPU and CUDA alike); say so before building a model it would refuse at run time."""
+def gqa_rotary_limit(rotary_dim: int, head_dim: int) -> str | None:
+    """Why onnxruntime's GroupQueryAttention cannot rotate `rotary_dim` of `head_dim` dims
+    itself, or None if it can: it rotates R = 2 · (cos cache width) dims and refuses a cache
+    width that is not a multiple of 8 or exceeds (D / 16) · 8 (group_query_attention helper,
+    CPU and CUDA alike)."""
     width = rotary_dim // 2
     if width % 8 or width > (head_dim // 16) * 8:
-        raise KvfuseError(
-            f"onnxruntime's GroupQueryAttention cannot rotate {rotary_dim} of {head_dim} head "
-            f"dims: the rotated dims must be a multiple of 16, at most {head_dim // 16 * 16}"
+        return (
+            f"GroupQueryAttention's fused rotary rotates a multiple of 16 dims, at most "
+            f"{head_dim // 16 * 16} of {head_dim}; this layer rotates {rotary_dim}"
         )
+    return None
+
+
+def _rotary_op(graph, anchor, flat, tables, positions, heads: int, tag: str) -> ir.Value:
+    """com.microsoft.RotaryEmbedding of a [B, S, heads·D] projection (R = 2 · table width)."""
+    cos, sin = tables
+    node = ir.node(
+        "RotaryEmbedding",
+        [flat, positions, cos, sin],
+        domain=MS_DOMAIN,
+        attributes={
+            "num_heads": heads,
+            "interleaved": anchor.attributes.get_int("rotary_interleaved", 0),
+            "rotary_embedding_dim": 2 * cos.shape[-1],
+        },
+        name=f"/model/layers.{layer_of(anchor.inputs[3].name) or anchor.name}/attn/{tag}_rotary",
+    )
+    node.metadata_props[RULE_TAG] = "lower/rotary_op"
+    graph.insert_before(anchor, node)
+    return node.outputs[0]
 
 
 def _transpose(graph: ir.Graph, anchor: ir.Node, value: ir.Value, perm: list[int]) -> ir.Value:

@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Callable
 
 from kvfuse.patterns import axes, lower_onnx, lower_ort, norm, packed_qkv, rotary
-from kvfuse.patterns.attention import cached, diagnose, repeat_kv, sdpa
+from kvfuse.patterns.attention import cached, diagnose_cache, repeat_kv, sdpa
 from kvfuse.rewriter import packed_heads, shapes
 from kvfuse.rewriter.pipeline import Stage
 
@@ -23,7 +23,7 @@ FUSION_STAGES = [
 # the rules to dry-run when a layer did not fuse, to report how close each came, and the
 # plain-words check of each leftover Softmax
 EXPLAIN_RULES = cached.RULES + sdpa.RULES + rotary.RULES + repeat_kv.RULES
-DIAGNOSE = diagnose.diagnose_softmax
+DIAGNOSE = diagnose_cache.diagnose_layer  # a Softmax: diagnose.diagnose_softmax
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +46,7 @@ ORT = Target(
         Stage("lower RMSNorm to onnxruntime ops", rules=lower_ort.NORM_RULES),
         Stage("pack Q/K/V projections", run=packed_qkv.pack_qkv_projections),
     ],
-    attention=lambda max_context: lower_ort.lower_cached_attention,
+    attention=lower_ort.AttentionLowering,
     finishing=[
         Stage("hand GQA its packed Q/K/V", run=lower_ort.hand_packed_qkv),
         Stage("read transposed weights in place", rules=lower_ort.WEIGHT_RULES),

@@ -168,7 +168,15 @@ def _structural(a: onnx.ModelProto, b: onnx.ModelProto) -> dict:
 
 
 def _add_optimize_result(report: dict, result: Any) -> None:
-    report["layers"] = [{"layer": layer.layer, "fused": layer.fused} for layer in result.layers]
+    report["layers"] = [
+        {
+            "layer": layer.layer,
+            "fused": layer.fused,
+            "lowering": layer.lowering,
+            "lowering_reason": layer.lowering_reason,
+        }
+        for layer in result.layers
+    ]
     report["near_misses"] = [
         {"layer": layer.layer, **dataclasses.asdict(miss)}
         for layer in result.layers

@@ -172,7 +172,16 @@ def _layers(report: dict) -> str:
         if rows
         else "<p>No near misses: every layer fused.</p>"
     )
-    return f"<h2>Attention layers</h2><p>{fused} of {len(report['layers'])} fused.</p>{misses}"
+    lowered = [
+        [layer["layer"], layer["lowering"], layer["lowering_reason"]]
+        for layer in report["layers"]
+        if layer.get("lowering")
+    ]
+    lowerings = _table(["layer", "lowering", "why"], lowered, "lowerings") if lowered else ""
+    return (
+        f"<h2>Attention layers</h2><p>{fused} of {len(report['layers'])} fused.</p>{misses}"
+        f"{lowerings}"
+    )
 
 
 def _numerics(report: dict) -> str:

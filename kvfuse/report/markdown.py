@@ -102,6 +102,12 @@ def _layers(report: dict) -> list[str]:
     lines = ["", "## Attention layers", "", f"{fused} of {len(report['layers'])} fused."]
     for miss in report["near_misses"]:
         lines.append(f"- layer {miss['layer']}: **{miss['rule']}** — {miss['reason']}")
+    for layer in report["layers"]:
+        if layer.get("lowering"):
+            lines.append(
+                f"- layer {layer['layer']} lowered as **{layer['lowering']}** — "
+                f"{layer['lowering_reason']}"
+            )
     return lines
 
 

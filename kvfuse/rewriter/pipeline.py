@@ -43,6 +43,8 @@ class LayerOutcome:
     layer: str
     fused: bool
     near_misses: list[NearMiss]
+    lowering: str = ""  # the target's lowering of the fused layer (e.g. "gqa-rotary")
+    lowering_reason: str = ""  # why that lowering (e.g. the kernel limit another avoids)
 
 
 def run_stages(model: ir.Model, stages: Sequence[Stage]) -> list[StageRecord]:
@@ -121,7 +123,8 @@ def attention_outcomes(
     misses: dict[str | None, list[NearMiss]] = collections.defaultdict(list)
     diagnoses: dict[str, NearMiss] = {}
     for node in model.graph:
-        if diagnose is not None and node.op_type == "Softmax":
+        attention = node.domain == KVFUSE_DOMAIN and node.op_type == "Attention"
+        if diagnose is not None and (node.op_type == "Softmax" or attention):
             found = diagnose(node)
             if found is not None:
                 diagnoses[node_layer(node) or node.name] = found

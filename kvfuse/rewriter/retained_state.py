@@ -22,7 +22,13 @@ import onnx_ir as ir
 
 from kvfuse.errors import KvfuseError
 from kvfuse.rewriter import rotary_cache
-from kvfuse.rewriter.rules import KVFUSE_DOMAIN, add_initializer
+from kvfuse.rewriter.pipeline import layer_of
+from kvfuse.rewriter.rules import (
+    KVFUSE_DOMAIN,
+    LOWERING_REASON_TAG,
+    LOWERING_TAG,
+    add_initializer,
+)
 
 SEQLENS = "seqlens_k"
 TOTAL_LENGTH = "total_sequence_length"
@@ -39,6 +45,8 @@ class KVSignature:
     batch_size: int | None
     inputs: list[str]
     logits: str = "all"  # "last": one position per row
+    # per layer: which lowering its attention took and why ({"lowering": kind, "reason": …})
+    lowerings: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
     static: dict | None = None  # a static pair's files and prefill length
 
 
@@ -67,7 +75,7 @@ def convert_to_retained_state(
     seqlens = _add_input(graph, SEQLENS, ir.DataType.INT32, [batch])
     total = _add_input(graph, TOTAL_LENGTH, ir.DataType.INT32, [])
     caches: dict[tuple[str, str], tuple[ir.Value, ir.Value]] = {}
-    pairs = []
+    pairs, lowerings = [], {}
     kv_heads = head_dim = None
     for node in nodes:
         rotary = _rotary_caches(graph, node, max_context, caches)
@@ -78,6 +86,7 @@ def convert_to_retained_state(
         presents = (_present_of(past_k), _present_of(past_v))
         window = sliding_window if sliding_window and sliding_window < max_context else None
         new_presents = lower(graph, node, presents, seqlens, total, rotary, window)
+        lowerings[layer_of(past_k.name) or past_k.name] = _lowering_of(new_presents[0])
         for past, present in zip((past_k, past_v), new_presents, strict=True):
             fixed = ir.Shape([batch, kv_heads, max_context, head_dim])
             past.shape, present.shape = fixed, ir.Shape(fixed)
@@ -91,7 +100,14 @@ def convert_to_retained_state(
         max_context=max_context,
         batch_size=batch_size,
         inputs=[v.name for v in graph.inputs],
+        lowerings=lowerings,
     )
+
+
+def _lowering_of(present: ir.Value) -> dict[str, str]:
+    """The lowering kind and reason the target recorded on the op writing a present buffer."""
+    props = present.producer().metadata_props if present.producer() is not None else {}
+    return {"lowering": props.get(LOWERING_TAG, ""), "reason": props.get(LOWERING_REASON_TAG, "")}
 
 
 def _present_of(past: ir.Value) -> ir.Value:

@@ -15,27 +15,124 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from kvfuse.errors import KvfuseError
+from kvfuse.rewriter.rules import KVFUSE_DOMAIN
 
 
 def evaluate_rotary_tables(
     graph: ir.Graph, cos: ir.Value, sin: ir.Value, max_context: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin as [max_context, D] float32 tables, evaluated from the graph's own builder."""
-    nodes, inputs = _ancestors([cos, sin])
-    by_name = {value.name: value for value in inputs}
-    shape_only = {name for name, value in by_name.items() if _read_only_by_shape(value, nodes)}
-    if "position_ids" not in by_name or set(by_name) - shape_only != {"position_ids"}:
-        raise KvfuseError(
-            f"RoPE cos/sin depend on {sorted(by_name) or 'no input'}, expected only "
-            "position_ids; this exporter's rotary builder is not supported"
-        )
-    positions = by_name["position_ids"]
-    rows = positions.shape[0] if positions.shape is not None else 1
-    rows = rows if isinstance(rows, int) else 1  # a static batch needs that many rows
-    feeds = {"position_ids": np.tile(np.arange(max_context, dtype=np.int64), (rows, 1))}
-    feeds |= {name: _shape_stand_in(by_name[name], positions, rows) for name in shape_only}
-    cos_table, sin_table = _run(nodes, inputs, [cos, sin], feeds)
+    """cos and sin as [max_context, D] float32 tables, evaluated from the graph's own builder
+    as at the first step of a `max_context`-token prompt (see `evaluate_at_prompt`)."""
+    cos_table, sin_table = evaluate_at_prompt(graph, [cos, sin], max_context)
     return _as_table(cos_table, max_context, cos), _as_table(sin_table, max_context, sin)
+
+
+def evaluate_at_prompt(
+    graph: ir.Graph, outputs: list[ir.Value], new_tokens: int, rows: int = 1
+) -> list[np.ndarray]:
+    """`outputs` as at the first step of a prompt of `new_tokens` tokens in `rows` rows.
+
+    They may read `position_ids`' values (0..new_tokens-1 per row: Llama's cos/sin computed or
+    gathered from them) and any tensor's shape or dtype only (Gemma's Optimum export builds
+    the positions from Shape(past key) and Shape(embeddings); other builders cast to the
+    hidden state's dtype): such tensors are replaced by zeros of their first-step shape, so the
+    model itself never runs. Values of any other input are refused (`KvfuseError`)."""
+    nodes, data_inputs, stand_ins = _ancestors(outputs)
+    other = sorted(name for name in data_inputs if name != POSITIONS)
+    if other:
+        raise KvfuseError(
+            f"RoPE cos/sin are computed from the values of {other}, not only from position_ids "
+            "(or tensor shapes); this exporter's rotary builder is not supported"
+        )
+    dims = _prompt_dims(graph, new_tokens, rows)
+    feeds = {name: _zeros(value, dims) for name, value in stand_ins.items()}
+    if POSITIONS in data_inputs:
+        positions = data_inputs[POSITIONS]
+        batch = positions.shape[0] if positions.shape else 1
+        batch = batch if isinstance(batch, int) else dims.get(_dim_name(positions, 0), rows)
+        feeds[POSITIONS] = np.tile(np.arange(new_tokens, dtype=np.int64), (batch, 1))
+    return _run(nodes, [*data_inputs.values(), *stand_ins.values()], outputs, feeds)
+
+
+POSITIONS = "position_ids"
+
+
+def _prompt_dims(graph: ir.Graph, new_tokens: int, rows: int) -> dict[str, int]:
+    """Sizes of the named dims at the first step of a prompt: the batch (input_ids' first dim)
+    holds `rows` rows (its static size if fixed), the new tokens are `new_tokens`; any other
+    named dim (a past length) is 0."""
+    ids = next((v for v in graph.inputs if v.name in ("input_ids", POSITIONS)), None)
+    batch, new = (_dim_name(ids, 0), _dim_name(ids, 1)) if ids is not None else (None, None)
+    return {name: size for name, size in ((batch, rows), (new, new_tokens)) if name is not None}
+
+
+def _dim_name(value: ir.Value, axis: int) -> str | None:
+    if value.shape is None or len(value.shape) <= axis:
+        return None
+    dim = value.shape[axis]
+    return dim.value if isinstance(dim, ir.SymbolicDim) else None
+
+
+def _zeros(value: ir.Value, dims: dict[str, int]) -> np.ndarray:
+    """Zeros shaped as `value` at the first prompt step: a named dim's size from `dims`, a sum
+    of named dims (`past_sequence_length + sequence_length`) the sum of their sizes."""
+    shape = []
+    for dim in value.shape:
+        if isinstance(dim, int):
+            shape.append(dim)
+            continue
+        terms = [t.strip() for t in str(dim.value or "").split("+")]
+        shape.append(sum(int(t) if t.isdigit() else dims.get(t, 0) for t in terms))
+    return np.zeros(shape, dtype=value.dtype.numpy())
+
+
+# inputs an op reads for their shape or type only: (op_type, input index)
+_METADATA_READS = {("Shape", 0), ("Size", 0), ("CastLike", 1)}
+
+
+def _ancestors(outputs: list[ir.Value]):
+    """Nodes computing `outputs` (in graph order), the graph inputs whose values they read, and
+    the tensors they read only for shape or dtype (with a known rank: fed as stand-ins)."""
+    seen_nodes: set[ir.Node] = set()
+    data_inputs: dict[str, ir.Value] = {}
+    metadata: dict[str, ir.Value] = {}
+    stack = [(value, False) for value in outputs]
+    while stack:
+        value, shape_only = stack.pop()
+        if shape_only and value.shape is not None and value.const_value is None:
+            metadata[value.name] = value
+            continue
+        node = value.producer()
+        if node is None:
+            if value.is_graph_input():
+                data_inputs[value.name] = value
+            continue
+        if node in seen_nodes:
+            continue
+        seen_nodes.add(node)
+        for index, parent in enumerate(node.inputs):
+            if parent is not None:
+                stack.append((parent, (node.op_type, index) in _METADATA_READS))
+    stand_ins = {
+        name: v
+        for name, v in metadata.items()
+        if name not in data_inputs and v.producer() not in seen_nodes  # else computed anyway
+    }
+    ordered = [node for node in outputs[0].graph if node in seen_nodes]
+    # a stand-in is fed, never computed: drop the nodes only it needed
+    needed = _needed(ordered, outputs, set(stand_ins))
+    return needed, data_inputs, stand_ins
+
+
+def _needed(nodes: list[ir.Node], outputs: list[ir.Value], fed: set[str]) -> list[ir.Node]:
+    """The nodes of `nodes` that `outputs` need when the values named in `fed` are given."""
+    wanted = {v.name for v in outputs}
+    keep = []
+    for node in reversed(nodes):
+        if any(o.name in wanted and o.name not in fed for o in node.outputs):
+            keep.append(node)
+            wanted.update(value.name for value in node.inputs if value is not None)
+    return keep[::-1]
 
 
 def half_tables(
@@ -54,62 +151,69 @@ def half_tables(
     return np.ascontiguousarray(parts[0]), np.ascontiguousarray(parts[2])
 
 
-def _read_only_by_shape(value: ir.Value, nodes: list[ir.Node]) -> bool:
-    """Whether the builder reads `value` only through Shape: the dynamo exporter takes the
-    batch size from whichever input has it (e.g. a past KV input), not from position_ids."""
-    users = [user for user, _ in value.uses() if user in nodes]
-    return bool(users) and all(user.op_type == "Shape" for user in users)
-
-
-def _shape_stand_in(value: ir.Value, positions: ir.Value, rows: int) -> np.ndarray:
-    """Zeros of the input's shape as at the first step: the batch dim (the one named like
-    position_ids' first dim) has `rows` rows, any other symbolic dim (a past length) is 0."""
-    batch = positions.shape[0] if positions.shape is not None else None
-    dims = [d if isinstance(d, int) else rows if d == batch else 0 for d in value.shape or []]
-    return np.zeros(dims, dtype=value.dtype.numpy())
-
-
-def _ancestors(outputs: list[ir.Value]) -> tuple[list[ir.Node], list[ir.Value]]:
-    """Nodes computing `outputs` (in graph order) and the graph inputs they read."""
-    seen_nodes: set[ir.Node] = set()
-    graph_inputs: dict[str, ir.Value] = {}
-    stack = list(outputs)
-    while stack:
-        value = stack.pop()
-        node = value.producer()
-        if node is None:
-            if value.is_graph_input():
-                graph_inputs[value.name] = value
-            continue
-        if node in seen_nodes:
-            continue
-        seen_nodes.add(node)
-        stack.extend(v for v in node.inputs if v is not None)
-    graph = outputs[0].graph
-    ordered = [node for node in graph if node in seen_nodes]
-    return ordered, list(graph_inputs.values())
-
-
 def _run(nodes, inputs, outputs, feeds) -> list[np.ndarray]:
     initializers = {}
     for node in nodes:
         for value in node.inputs:
             if value is not None and value.is_initializer():
-                initializers[value.name] = ir.serde.serialize_tensor(value.const_value)
+                # inline (a tensor kept in the model's external data file has no file here)
+                inline = ir.Tensor(value.const_value.numpy(), name=value.name)
+                initializers[value.name] = ir.serde.serialize_tensor(inline)
                 initializers[value.name].name = value.name
     graph = onnx.helper.make_graph(
-        [ir.serde.serialize_node(node) for node in nodes],
+        [proto for node in nodes for proto in _standard(node)],
         "rotary_builder",
         [onnx.helper.make_tensor_value_info(v.name, v.dtype.value, None) for v in inputs],
-        [onnx.helper.make_tensor_value_info(v.name, onnx.TensorProto.FLOAT, None) for v in outputs],
+        [onnx.helper.make_tensor_value_info(v.name, v.dtype.value, None) for v in outputs],
         initializer=list(initializers.values()),
     )
     opset = outputs[0].graph.opset_imports.get("", 18)
     model = onnx.helper.make_model(
         graph, opset_imports=[onnx.helper.make_opsetid("", opset)], ir_version=10
     )
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, feeds)
+    try:
+        serialized = model.SerializeToString()
+        session = ort.InferenceSession(serialized, providers=["CPUExecutionProvider"])
+        return session.run(None, feeds)
+    except Exception as error:  # onnxruntime raises its own exception types
+        raise KvfuseError(f"evaluating the model's RoPE cos/sin builder failed: {error}") from None
+
+
+def _standard(node: ir.Node) -> list[onnx.NodeProto]:
+    """`node` in standard ops: the fusion may have rewritten part of the builder into kvfuse
+    ops (GPT-J's tables are repeated per pair with the head-repeat structure, which becomes
+    RepeatKV) that onnxruntime cannot run."""
+    if node.domain != KVFUSE_DOMAIN:
+        return [ir.serde.serialize_node(node)]
+    if node.op_type != "RepeatKV":
+        raise KvfuseError(
+            f"the RoPE cos/sin builder contains kvfuse's own {node.op_type} ({node.name}); "
+            "kvfuse cannot evaluate it to bake the RoPE tables"
+        )
+    # RepeatKV(x; repeats n, axis a): each element of axis a repeated n times in a row
+    x, y = node.inputs[0].name, node.outputs[0].name
+    axis, repeats = node.attributes.get_int("axis"), node.attributes.get_int("repeats")
+    rank = len(node.inputs[0].shape)
+    tiles = [1] * (rank + 1)
+    tiles[axis + 1] = repeats
+    make, tag = onnx.helper.make_node, f"{y}/kvfuse_standard"
+    return [
+        make("Constant", [], [f"{tag}/axes"], value=_int_tensor([axis + 1])),
+        make("Unsqueeze", [x, f"{tag}/axes"], [f"{tag}/u"]),
+        make("Constant", [], [f"{tag}/tiles"], value=_int_tensor(tiles)),
+        make("Tile", [f"{tag}/u", f"{tag}/tiles"], [f"{tag}/t"]),
+        make("Shape", [x], [f"{tag}/shape"]),
+        make("Constant", [], [f"{tag}/scale"], value=_int_tensor([1] * rank)),
+        make("Constant", [], [f"{tag}/index"], value=_int_tensor([axis])),
+        make("Constant", [], [f"{tag}/n"], value=_int_tensor([repeats])),
+        make("ScatterElements", [f"{tag}/scale", f"{tag}/index", f"{tag}/n"], [f"{tag}/s"]),
+        make("Mul", [f"{tag}/shape", f"{tag}/s"], [f"{tag}/target"]),
+        make("Reshape", [f"{tag}/t", f"{tag}/target"], [y]),
+    ]
+
+
+def _int_tensor(values: list[int]) -> onnx.TensorProto:
+    return onnx.numpy_helper.from_array(np.array(values, dtype=np.int64))
 
 
 def _as_table(array: np.ndarray, max_context: int, value: ir.Value) -> np.ndarray:

@@ -19,6 +19,9 @@ from onnxscript.rewriter import _basics, pattern
 KVFUSE_DOMAIN = "ai.kvfuse"
 RULE_TAG = "kvfuse.rule"
 REPLACED_TAG = "kvfuse.replaced"  # JSON list of [name, op_type] of the input-graph nodes replaced
+# which lowering a layer's attention took (a short kind, e.g. "gqa-rotary") and why
+LOWERING_TAG = "kvfuse.lowering"
+LOWERING_REASON_TAG = "kvfuse.lowering_reason"
 
 
 class Rule(pattern.RewriteRuleClassBase):

@@ -252,6 +252,35 @@ def fold_static_dims(graph: ir.Graph) -> int:
     return replaced
 
 
+def fold_copied_dims(graph: ir.Graph) -> int:
+    """Reshape targets whose symbolic dims are the reshaped tensor's own dims at the same
+    positions (GPT-J's `x.flatten(-2)`: `Concat(Shape(x)[:-2], [-1])`) become constants that
+    copy those dims (0, as Reshape reads it); returns how many targets were replaced."""
+    replaced = 0
+    for node in list(graph):
+        if node.op_type != "Reshape" or node.domain not in ("", "ai.onnx"):
+            continue
+        if node.attributes.get_int("allowzero", 0) or node.inputs[0].shape is None:
+            continue
+        target = symbolic_ints(node.inputs[1])
+        if target is None or all(isinstance(d, int) for d in target):
+            continue
+        source = [_dim(d) for d in node.inputs[0].shape]
+        copied = [
+            0 if isinstance(d, str) and i < len(source) and source[i] == d else d
+            for i, d in enumerate(target)
+        ]
+        if not all(isinstance(d, int) for d in copied):
+            continue
+        constant = ir.node("Constant", [], attributes={"value": ir.tensor(np.array(copied))})
+        graph.insert_before(node, constant)
+        constant.outputs[0].shape = ir.Shape([len(copied)])
+        constant.outputs[0].dtype = ir.DataType.INT64
+        node.replace_input_with(1, constant.outputs[0])
+        replaced += 1
+    return replaced
+
+
 def resolve_shapes(model: ir.Model, max_rounds: int = 6) -> int:
     """Alternate ONNX shape inference (with data propagation) and the symbolic Reshape pass,
     folding the dims that become static, until nothing changes. Returns values folded."""
@@ -262,7 +291,7 @@ def resolve_shapes(model: ir.Model, max_rounds: int = 6) -> int:
     for _ in range(max_rounds):
         ShapeInferencePass(strict_mode=False)(model)
         changed = propagate_reshape_shapes(model.graph)
-        folded = fold_static_dims(model.graph)
+        folded = fold_static_dims(model.graph) + fold_copied_dims(model.graph)
         folded_total += folded
         if folded:
             optimizer.fold_constants(model)
@@ -362,6 +391,67 @@ def remove_identity_reshapes(graph: ir.Graph) -> int:
         if None not in dims_in and dims_in == dims_out:
             removed += _bypass(graph, node)
     return removed
+
+
+def collapse_reshapes(graph: ir.Graph) -> int:
+    """Reshape(Reshape(x, a), b) → Reshape(x, b) everywhere it is exact (CodeGen splits its
+    projection into [B, S, mp, H/mp, D] groups and merges them straight back into heads):
+    the attention rules then see one head reshape of the projection."""
+    return sum(
+        collapse_reshape(node)
+        for node in list(graph)
+        if node.op_type == "Reshape"
+        and node.domain in ("", "ai.onnx")
+        and _single_use_reshape(node.inputs[0])
+    )
+
+
+def _single_use_reshape(value: ir.Value) -> bool:
+    """A Reshape output read once (a Reshape read elsewhere too is a tensor of its own)."""
+    node = value.producer()
+    return node is not None and node.op_type == "Reshape" and len(value.uses()) == 1
+
+
+def _copies_agree(node: ir.Node, source: ir.Value, other: ir.Value) -> bool:
+    """Whether every dim `node`'s target copies (a 0) is the same in `source` and `other`."""
+    target = symbolic_ints(node.inputs[1])
+    if target is None:
+        return False
+    if node.attributes.get_int("allowzero", 0):
+        return True
+    copied = [i for i, d in enumerate(target) if d == 0]
+    return all(
+        _dim(source.shape[i]) is not None and _dim(source.shape[i]) == _dim(other.shape[i])
+        for i in copied
+    )
+
+
+def read_through_sibling_reshapes(graph: ir.Graph) -> int:
+    """Reshape(e, flat) → Reshape(Reshape(e, heads), flat) where the graph also reshapes e into
+    `heads`, one rank lower than e (the same elements in the same order, so exact). The dynamo
+    exporter repeats Gemma's single KV head as Expand [B, 1, n, T, D] → [B, n, T, D] and
+    flattens the Expand straight to [B·n, T, D] for Q·Kᵀ: read through, the head repeat and
+    the key transpose are each what their rules know. Returns how many were rewired."""
+    rewired = 0
+    for node in list(graph):
+        if node.op_type != "Reshape" or node.domain not in ("", "ai.onnx"):
+            continue
+        source, output = node.inputs[0], node.outputs[0]
+        if source.shape is None or output.shape is None:
+            continue
+        for user, _ in source.uses():
+            sibling = user.outputs[0]
+            if (
+                user is not node
+                and user.op_type == "Reshape"
+                and sibling.shape is not None
+                and len(sibling.shape) == len(source.shape) - 1 > len(output.shape)
+                and _copies_agree(node, source, sibling)
+            ):
+                node.replace_input_with(0, sibling)
+                rewired += 1
+                break
+    return rewired
 
 
 def collapse_reshape(node: ir.Node) -> bool:

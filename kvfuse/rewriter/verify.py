@@ -69,7 +69,10 @@ class FixedCacheRunner:
 
     def __init__(self, model, pairs: list[tuple[str, str]], kv_shape: list[int]):
         graphs = model if isinstance(model, dict) else {None: model}
-        self.sessions = {length: _session(graph) for length, graph in graphs.items()}
+        self.sessions = {
+            length: graph if isinstance(graph, ort.InferenceSession) else _session(graph)
+            for length, graph in graphs.items()
+        }
         self.session = next(iter(self.sessions.values()))
         self.input_names = {i.name for i in self.session.get_inputs()}
         self.pairs, self.kv_shape = pairs, kv_shape
@@ -116,7 +119,7 @@ class FixedCacheRunner:
 
 def verify(
     original: Path,
-    rewritten: bytes | Path,
+    rewritten,
     pairs,
     kv_shape,
     *,
@@ -125,17 +128,23 @@ def verify(
     decode_steps: int = 8,
     seed: int = 0,
 ) -> Verification:
-    """Compare logits and greedy tokens of `rewritten` against `original` step by step."""
+    """Compare logits and greedy tokens of `rewritten` (a model file, or a static pair) against
+    `original` step by step. The two run one after the other — the original's logits and greedy
+    tokens are recorded, its session closed, then the rewritten model replays those tokens —
+    so only one model's weights are in memory at a time."""
     reference = ConcatCacheRunner(None, session=_session(Path(original)))
-    candidate = FixedCacheRunner(rewritten, pairs, kv_shape)
     vocab = _vocab_size(reference.session)
     ids = np.random.default_rng(seed).integers(3, min(vocab, 1000), size=(batch, prompt_tokens))
-    expected, found = reference.prefill(ids), candidate.prefill(ids)
-    steps = [_compare("prefill", expected, found)]
-    for index in range(decode_steps):
-        token = expected[:, -1].argmax(-1)[:, None]
-        expected, found = reference.step(token), candidate.step(token)
-        steps.append(_compare(f"decode {index + 1}", expected, found))
+    expected, feeds = [reference.prefill(ids)], [ids]
+    for _ in range(decode_steps):
+        feeds.append(expected[-1][:, -1].argmax(-1)[:, None])
+        expected.append(reference.step(feeds[-1]))
+    del reference
+    candidate = FixedCacheRunner(rewritten, pairs, kv_shape)
+    steps = []
+    for index, (tokens, logits) in enumerate(zip(feeds, expected, strict=True)):
+        found = candidate.prefill(tokens) if index == 0 else candidate.step(tokens)
+        steps.append(_compare("prefill" if index == 0 else f"decode {index}", logits, found))
     passed = all(_step_ok(s) for s in steps)
     return Verification(passed, ATOL, RTOL, prompt_tokens, steps)
 
@@ -165,11 +174,18 @@ def _step_ok(step: StepCheck) -> bool:
     return step.tolerance_used <= 1.0 and step.token_original == step.token_rewritten
 
 
-def _session(model) -> ort.InferenceSession:
-    """A session with onnxruntime's graph optimisations off, from bytes, a proto or a path."""
+def _session(model, data_folder: Path | None = None) -> ort.InferenceSession:
+    """A session with onnxruntime's graph optimisations and weight pre-packing off (what is
+    compared is the graphs as written, and no second copy of the weights is made), from bytes,
+    a proto or a path; `data_folder` is where a model given as bytes has its external data."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
+    options.add_session_config_entry("session.disable_prepacking", "1")
+    if data_folder is not None:
+        options.add_session_config_entry(
+            "session.model_external_initializers_file_folder_path", str(data_folder)
+        )
     if hasattr(model, "SerializeToString"):
         model = model.SerializeToString()
     source = model if isinstance(model, bytes) else str(model)
@@ -177,16 +193,19 @@ def _session(model) -> ort.InferenceSession:
 
 
 def locate_divergence(
-    original: Path, rewritten: bytes, pairs, kv_shape, *, prompt_tokens: int = 12, seed: int = 0
+    original: Path, rewritten, pairs, kv_shape, *, prompt_tokens: int = 12, seed: int = 0
 ) -> str | None:
     """On a failed check: the first tensor both graphs still share by name (projections, MLP
-    outputs — per layer, in graph order) whose prefill values differ beyond tolerance."""
+    outputs — per layer, in graph order) whose prefill values differ beyond tolerance.
+    `rewritten` is a model file or a static pair {length: proto}; weights stay in their files."""
     import onnx
 
     from kvfuse.rewriter.pipeline import MODULE_PATH, layer_of
 
-    candidate_proto = onnx.load_from_string(rewritten)
-    original_proto = onnx.load(str(original))
+    graphs = rewritten if isinstance(rewritten, dict) else {None: Path(rewritten)}
+    protos = {key: _header(graph) for key, graph in graphs.items()}
+    original_proto = _header(Path(original))
+    candidate_proto = next(iter(protos.values()))
     produced = {out for node in candidate_proto.graph.node for out in node.output}
     produced -= {out.name for out in original_proto.graph.output}  # compared already
     layers = {}  # output → layer, from its name or (dynamo exports) its node's module path
@@ -199,15 +218,18 @@ def locate_divergence(
     shared = list(layers)
     if not shared:
         return None
-    for proto in (original_proto, candidate_proto):
+    for proto in (original_proto, *protos.values()):
         proto.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in shared)
-    reference = ConcatCacheRunner(None, session=_session(original_proto.SerializeToString()))
-    candidate = FixedCacheRunner(candidate_proto.SerializeToString(), pairs, kv_shape)
+    reference = ConcatCacheRunner(None, session=_session(original_proto, Path(original).parent))
     vocab = _vocab_size(reference.session)
     ids = np.random.default_rng(seed).integers(3, min(vocab, 1000), size=(1, prompt_tokens))
     reference.prefill(ids)
-    candidate.prefill(ids)
     expected = dict(zip(reference.output_names, reference.last_outputs, strict=True))
+    del reference
+    folder = None if isinstance(rewritten, dict) else Path(rewritten).parent
+    sessions = {key: _session(proto, folder) for key, proto in protos.items()}
+    candidate = FixedCacheRunner(sessions, pairs, kv_shape)
+    candidate.prefill(ids)
     found = dict(zip(candidate.output_names, candidate.last_outputs, strict=True))
     for name in shared:
         a, b = expected[name], found[name]
@@ -215,3 +237,14 @@ def locate_divergence(
             diff = float(np.abs(a - b).max()) if a.shape == b.shape else float("inf")
             return f"first divergence at layer {layers[name]}: {name} (max |Δ| {diff:.2e})"
     return None
+
+
+def _header(model):
+    """The graph of a model file without its external weights (or a copy of a proto)."""
+    import onnx
+
+    if isinstance(model, Path):
+        return onnx.load(str(model), load_external_data=False)
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy

@@ -50,6 +50,7 @@ class Session:
             if not prepack:  # else each session reads (and pre-packs) its own copy
                 self.weights = SharedWeights(spec.weights_path, list(graphs.values()))
         shape = (len(spec.pairs), batch, spec.kv_heads, spec.max_context, spec.head_dim)
+        check_fits(int(np.prod(shape)) * np.dtype(np.float32).itemsize, shape)
         self.arena = np.zeros(shape, dtype=np.float32)  # the only KV memory, allocated once
         self._kv_values = [ort.OrtValue.ortvalue_from_numpy(self.arena[i]) for i in range(shape[0])]
         self._graphs = {length: self._open(path) for length, path in graphs.items()}
@@ -68,7 +69,7 @@ class Session:
         options.log_severity_level = 3
         if self.weights is not None:
             self.weights.add_to(options)
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = open_session(path, options)
         binding = session.io_binding()
         for (past, present), value in zip(self.spec.pairs, self._kv_values, strict=True):
             binding.bind_ortvalue_input(past, value)
@@ -187,6 +188,55 @@ def _captured_stderr():
             os.close(saved)
             file.seek(0)
             text.append(file.read())
+
+
+def open_session(path, options: ort.SessionOptions) -> ort.InferenceSession:
+    """An onnxruntime CPU session; a model it refuses (damaged, edited, an op it lacks) is
+    one line naming the file and onnxruntime's reason."""
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as error:  # onnxruntime's pybind errors share no base class but Exception
+        raise KvfuseError(
+            f"onnxruntime cannot load {path}: {ort_reason(error)}; re-run kvfuse optimize"
+        ) from error
+
+
+def ort_reason(error: Exception) -> str:
+    """onnxruntime's message without its status prefix, first line, shortened."""
+    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return text.split(" : ")[-1][:300]
+
+
+def check_fits(arena_bytes: int, shape) -> None:
+    """Refuse a KV arena larger than the memory available now (before allocating it)."""
+    available = available_memory()
+    if available is not None and arena_bytes > available:
+        raise KvfuseError(
+            f"the KV arena {list(shape)} needs {_size(arena_bytes)} but only {_size(available)} "
+            "of memory is available; optimize with a smaller --max-context (or batch size)"
+        )
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} bytes"
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux MemAvailable; else free pages)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def physical_cores() -> int:

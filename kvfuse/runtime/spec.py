@@ -16,6 +16,7 @@ from pathlib import Path
 
 import onnx
 
+from kvfuse.checks import check_model_file
 from kvfuse.errors import KvfuseError
 
 
@@ -74,49 +75,85 @@ def _static_decode_graph(sidecar: Path) -> Path | None:
     """The decode graph a static pair's sidecar names, or None for a single-graph model."""
     try:
         static = json.loads(sidecar.read_text()).get("static")
-    except (OSError, ValueError) as error:
+        return sidecar.parent / _plain_name(static["graphs"]["decode"]) if static else None
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError, KeyError, TypeError) as error:
         raise KvfuseError(
             f"{sidecar} is not a readable kvfuse record; re-run kvfuse optimize"
         ) from error
-    return sidecar.parent / static["graphs"]["decode"] if static else None
 
 
 def read_spec(path: str | Path) -> ModelSpec:
     """Read the retained-state contract from an optimized model's metadata."""
     model_path = find_model(path)
-    try:
-        proto = onnx.load(str(model_path), load_external_data=False)
-    except Exception as error:  # a corrupt or non-ONNX file
-        raise KvfuseError(
-            f"{model_path} is not a readable ONNX model; re-run kvfuse optimize"
-        ) from error
+    proto = load_header(model_path)
     metadata = {p.key: p.value for p in proto.metadata_props}
     if "kvfuse" not in metadata:
         raise KvfuseError(
             f"{model_path} was not written by `kvfuse optimize` (no kvfuse metadata); "
             "optimize it first"
         )
-    record = json.loads(metadata["kvfuse"])
+    try:
+        return _spec(model_path, proto, json.loads(metadata["kvfuse"]))
+    except (ValueError, KeyError, TypeError, AttributeError, StopIteration, IndexError) as error:
+        raise KvfuseError(
+            f"the kvfuse record in {model_path} is damaged or edited by hand "
+            f"({type(error).__name__}: {str(error)[:80]}); re-run kvfuse optimize"
+        ) from error
+
+
+def load_header(model_path: Path) -> onnx.ModelProto:
+    """The model's graph and metadata (not its weights), checked as untrusted input."""
+    try:
+        proto = onnx.load(str(model_path), load_external_data=False)
+    except Exception as error:  # a corrupt or non-ONNX file
+        raise KvfuseError(
+            f"{model_path} is not a readable ONNX model; re-run kvfuse optimize"
+        ) from error
+    check_model_file(model_path, proto, graph=False)  # onnxruntime checks the graph
+    return proto
+
+
+def _spec(model_path: Path, proto: onnx.ModelProto, record: dict) -> ModelSpec:
     logits = next(o for o in proto.graph.output if o.name == "logits")
     vocab = logits.type.tensor_type.shape.dim[-1].dim_value
     static = record.get("static") or {}
     directory = model_path.parent
+    names = [*static.get("graphs", {}).values(), static.get("weights")] if static else []
     if static:  # either graph of a pair was named: the spec is the pair's
-        model_path = directory / static["graphs"]["decode"]
-    for name in [*static.get("graphs", {}).values(), static.get("weights")]:
-        if name is not None and not (directory / name).is_file():
+        model_path = directory / _plain_name(static["graphs"]["decode"])
+    for name in names:
+        if name is not None and not (directory / _plain_name(name)).is_file():
             raise KvfuseError(f"{directory / name} is missing; this static pair is incomplete")
-    return ModelSpec(
+    spec = ModelSpec(
         path=model_path,
-        pairs=[(p["past"], p["present"]) for p in record["kv_pairs"]],
-        kv_heads=record["kv_heads"],
-        head_dim=record["head_dim"],
-        max_context=record["max_context"],
-        batch_size=record.get("batch_size"),
-        inputs=record["inputs"],
-        vocab_size=vocab,
+        pairs=[(str(p["past"]), str(p["present"])) for p in record["kv_pairs"]],
+        kv_heads=_positive(record["kv_heads"]),
+        head_dim=_positive(record["head_dim"]),
+        max_context=_positive(record["max_context"]),
+        batch_size=record.get("batch_size") and _positive(record["batch_size"]),
+        inputs=[str(name) for name in record["inputs"]],
+        vocab_size=_positive(vocab),
         last_logits_only=record.get("logits") == "last",
-        prefill_path=directory / static["graphs"]["prefill"] if static else None,
-        prefill_len=static.get("prefill_len"),
-        weights_path=directory / static["weights"] if static else None,
+        prefill_path=directory / _plain_name(static["graphs"]["prefill"]) if static else None,
+        prefill_len=static.get("prefill_len") and _positive(static["prefill_len"]),
+        weights_path=directory / _plain_name(static["weights"]) if static else None,
     )
+    graph_inputs = {v.name for v in proto.graph.input}
+    graph_outputs = {v.name for v in proto.graph.output}
+    for past, present in spec.pairs:
+        if past not in graph_inputs or present not in graph_outputs:
+            raise KeyError(f"KV pair {past} → {present} is not in the graph")
+    return spec
+
+
+def _positive(value) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{value!r} is not a positive integer")
+    return value
+
+
+def _plain_name(name) -> str:
+    """A file name beside the model (a record cannot point elsewhere)."""
+    if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+        raise ValueError(f"{name!r} is not a file name beside the model")
+    return name

@@ -25,10 +25,23 @@ class Text:
                 f"{directory} has no tokenizer.json; keep the export's tokenizer "
                 "files beside the optimized model"
             )
-        self.tokenizer = Tokenizer.from_file(str(path))
+        try:
+            self.tokenizer = Tokenizer.from_file(str(path))
+        except Exception as error:  # tokenizers raises a plain Exception for a damaged file
+            reason = (str(error).strip().splitlines() or [""])[0][:200]
+            raise KvfuseError(
+                f"{path} is not a readable tokenizer ({reason}); copy the export's "
+                "tokenizer.json beside the optimized model"
+            ) from error
         self.config = _json(directory / "tokenizer_config.json")
         self.chat_template = _chat_template(directory, self.config)
-        self.eos_ids = _eos_ids(directory, self.config, self.tokenizer)
+        try:
+            self.eos_ids = _eos_ids(directory, self.config, self.tokenizer)
+        except (AttributeError, TypeError) as error:  # valid JSON of an unexpected shape
+            raise KvfuseError(
+                f"{directory}: the eos token in kvfuse-export.json, generation_config.json or "
+                "tokenizer_config.json is not what an export writes; restore the export's files"
+            ) from error
 
     def encode(self, prompt: str, chat: bool) -> list[int]:
         """Token ids of `prompt`; with `chat`, wrapped as one user turn by the chat template."""
@@ -82,7 +95,18 @@ class StreamDecoder:
 
 
 def _json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    """A companion JSON file's object, {} if absent; one line if it is damaged."""
+    if not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise KvfuseError(
+            f"{path} is not readable JSON ({type(error).__name__}); restore the export's copy"
+        ) from error
+    if not isinstance(record, dict):
+        raise KvfuseError(f"{path} holds no JSON object; restore the export's copy")
+    return record
 
 
 def _chat_template(directory: Path, config: dict) -> str | None:

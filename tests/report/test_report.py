@@ -70,7 +70,10 @@ def test_numbers_match_independent_counts(optimized_llama):
     removed = {r["name"] for r in report["io"]["inputs"] if r["change"] == "removed"}
     assert removed == {"attention_mask", "position_ids"}
     assert report["numerics"]["passed"] and len(report["numerics"]["steps"]) == 9
-    assert report["layers"] == [{"layer": "0", "fused": True}, {"layer": "1", "fused": True}]
+    assert [(r["layer"], r["fused"], r["lowering"]) for r in report["layers"]] == [
+        ("0", True, "gqa-rotary"),
+        ("1", True, "gqa-rotary"),
+    ]
 
 
 def test_diff_of_models_kvfuse_did_not_write(tiny_export, tmp_path):

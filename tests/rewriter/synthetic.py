@@ -54,6 +54,11 @@ def build_lm(
     repeat: str = "after_cache",
     key_cache: str = "layout",
     rope_at: str = "cache",
+    rotary_dim: int | None = None,
+    positions: str = "ids",
+    qk_norm: str | None = None,
+    flatten: str = "constant",
+    qk_norm_at: str = "before",
 ):
     """One attention layer LM; `scale` is "split" (√s on q and kᵀ), "qk" or "div"; `mask`
     is "add" (additive −inf mask) or "where" (Where(allowed, scores, −inf)); `rope` is
@@ -63,32 +68,51 @@ def build_lm(
     (keys before, values after: no real model, a negative case); `key_cache` is "layout" (K
     cached like V) or "transposed" (K cached as [B, Hkv, D, T], concatenated on axis -1, and
     Q·K reads it with no transpose); `rope_at` is "cache" (RoPE after the transpose into L) or
-    "projection" (on [B, S, H, D], then one transpose straight into the cache order)."""
+    "projection" (on [B, S, H, D], then one transpose straight into the cache order).
+
+    Rotary variants: `rotary_dim` rotates only the first R dims in either style (partial);
+    `positions` says how the cos/sin builder finds the positions: "ids" (computed from
+    position_ids), "table" (rows of a cached [max_positions, R] table gathered by
+    position_ids, GPT-J) or "shapes" (Range(past length, past + new) from the shapes of the
+    past key and the embeddings, Gemma's Optimum export: no position_ids input at all);
+    `qk_norm` ("rms" or "layer") normalises Q and K per head after the head reshape, before
+    RoPE (Qwen3) — or, with `qk_norm_at="after"`, after it (a negative case); `flatten` is
+    how the interleaved pairs are flattened back: a "constant" Reshape target or one built
+    from the stacked tensor's "shape" (GPT-J's flatten(-2))."""
     global HEAD_DIM
     HEAD_DIM = head_dim
     L, g = Layout(layout, key="BHDS" if key_cache == "transposed" else ""), _Graph(seed)
     emb = g.op("Gather", g.weight(VOCAB, HIDDEN), "input_ids", name="/model/embed_tokens/Gather")
     if L.projection == "SBHD":
         emb = g.op("Transpose", emb, perm=[1, 0, 2])
-    rotary_dim = HEAD_DIM // 2 if rope == "partial" else HEAD_DIM
+    rotary_dim = rotary_dim or (HEAD_DIM // 2 if rope == "partial" else HEAD_DIM)
     tables_layout = Layout(L.projection) if rope_at == "projection" else L
-    cos, sin = _rope_tables(g, tables_layout, rotary_dim, interleaved=rope == "interleaved")
-    rotate = _rotate_pairs if rope == "interleaved" else _rotate
-    if rope == "partial":
+    interleaved = rope == "interleaved"
+    cos, sin = _rope_tables(g, tables_layout, rotary_dim, interleaved, positions, emb)
 
-        def rotate(g, x, cos, sin):
-            return _partial(g, x, cos, sin, rotary_dim)
+    def rotate(g, x, cos, sin):
+        if interleaved:
+            turn = lambda g, x, cos, sin: _rotate_pairs(g, x, cos, sin, rotary_dim, flatten)  # noqa: E731
+        else:
+            turn = lambda g, x, cos, sin: _rotate(g, x, cos, sin, rotary_dim)  # noqa: E731
+        if rotary_dim == HEAD_DIM:
+            return turn(g, x, cos, sin)
+        return _partial(g, x, cos, sin, rotary_dim, turn)
 
     def heads(width: int, n_heads: int, early: bool = False, rotary=True, order=L.name) -> str:
         """Projection → heads in `order` (L, or the key cache's), rotated on the way."""
         flat = g.op("MatMul", emb, g.weight(HIDDEN, width))
         proj = g.op("Reshape", flat, g.const([0, 0, n_heads, HEAD_DIM], np.int64))
+        if qk_norm and rotary and qk_norm_at == "before":
+            proj = _head_norm(g, proj, qk_norm)
         if early:
             proj = _repeat(g, Layout(L.projection), proj, n_heads)
         if rotary and rope_at == "projection":
             return _transpose(g, rotate(g, proj, cos, sin), L.perm(L.projection, order))
         cached = _transpose(g, proj, L.to_cache)
         cached = rotate(g, cached, cos, sin) if rotary else cached
+        if qk_norm and rotary and qk_norm_at == "after":
+            cached = _head_norm(g, cached, qk_norm)
         return _transpose(g, cached, L.perm(L.name, order))
 
     early_k, early_v = repeat in ("before_cache", "mixed"), repeat == "before_cache"
@@ -130,30 +154,76 @@ def _transpose(g: _Graph, x: str, perm: list[int]) -> str:
     return x if is_identity(perm) else g.op("Transpose", x, perm=perm)
 
 
-def _rope_tables(g: _Graph, L: Layout, dims: int, interleaved: bool) -> tuple[str, str]:
-    """cos/sin [.., S, R] from position_ids, shaped to broadcast against heads in layout L;
+def _rope_tables(
+    g: _Graph, L: Layout, dims: int, interleaved: bool, positions: str, emb: str
+) -> tuple[str, str]:
+    """cos/sin [.., S, R] from the positions, shaped to broadcast against heads in layout L;
     each frequency appears twice: in two halves (rotate-half) or side by side (interleaved)."""
     inv_freq = 1.0 / (10000.0 ** (np.arange(0, dims, 2) / dims))
     per_dim = np.repeat(inv_freq, 2) if interleaved else np.concatenate([inv_freq, inv_freq])
-    positions = g.op(
-        "Unsqueeze",
-        g.op("Cast", "position_ids", to=TensorProto.FLOAT),
-        g.const([-1], np.int64),
-        name="/model/rotary_emb/Unsqueeze",
-    )
-    angles = g.op("Mul", positions, g.const(per_dim), name="/model/rotary_emb/Mul")
-    tables = []
-    for fn in ("Cos", "Sin"):
-        table = g.op(fn, angles, name=f"/model/rotary_emb/{fn}")  # [B, S, D]
+    if positions == "shapes":
+        ids = _positions_from_shapes(g, L, emb)
+    else:
+        ids = "position_ids"
+    if positions == "table":
+        angles_table = np.arange(512)[:, None] * per_dim[None, :]
+        tables = [
+            g.op("Gather", g.const(fn(angles_table)), ids, name=f"/model/rotary_emb/G{fn.__name__}")
+            for fn in (np.cos, np.sin)
+        ]
+    else:
+        cast = g.op("Cast", ids, to=TensorProto.FLOAT, name="/model/rotary_emb/Cast")
+        unsqueezed = g.op(
+            "Unsqueeze", cast, g.const([-1], np.int64), name="/model/rotary_emb/Unsqueeze"
+        )
+        angles = g.op("Mul", unsqueezed, g.const(per_dim), name="/model/rotary_emb/Mul")
+        tables = [g.op(fn, angles, name=f"/model/rotary_emb/{fn}") for fn in ("Cos", "Sin")]
+    shaped = []
+    for fn, table in zip(("Cos", "Sin"), tables, strict=True):  # [B, S, R]
         if L.projection == "SBHD":
             table = g.op("Transpose", table, perm=[1, 0, 2], name=f"/model/rotary_emb/T{fn}")
         axis = L.head_axis  # insert a broadcast axis where the heads are
-        tables.append(g.op("Unsqueeze", table, g.const([axis], np.int64)))
-    return tables[0], tables[1]
+        shaped.append(g.op("Unsqueeze", table, g.const([axis], np.int64)))
+    return shaped[0], shaped[1]
 
 
-def _rotate(g: _Graph, x: str, cos: str, sin: str) -> str:
-    half = HEAD_DIM // 2
+def _positions_from_shapes(g: _Graph, L: Layout, emb: str) -> str:
+    """[1, S] positions past..past+S-1 from the past key's and the embeddings' shapes."""
+    seq_axis = 0 if L.projection == "SBHD" else 1
+    past = g.op(
+        "Gather",
+        g.op("Shape", "past_key_values.0.key", name="/model/pos/Shape"),
+        g.const(L.key_seq_axis, np.int64),
+        name="/model/pos/Gather",
+    )
+    new = g.op(
+        "Gather",
+        g.op("Shape", emb, name="/model/pos/Shape_1"),
+        g.const(seq_axis, np.int64),
+        name="/model/pos/Gather_1",
+    )
+    steps = g.op(
+        "Range",
+        past,
+        g.op("Add", past, new, name="/model/pos/Add"),
+        g.const(1, np.int64),
+        name="/model/pos/Range",
+    )
+    return g.op("Unsqueeze", steps, g.const([0], np.int64), name="/model/pos/Unsqueeze")
+
+
+def _head_norm(g: _Graph, x: str, kind: str) -> str:
+    """Per-head RMSNorm (Qwen3's q_norm/k_norm) or LayerNorm over D of [.., H, D] heads."""
+    weight = g.const(1.0 + 0.1 * g.rng.normal(size=HEAD_DIM))
+    if kind == "layer":
+        return g.op("LayerNormalization", x, weight, g.const(0.1 * g.rng.normal(size=HEAD_DIM)))
+    mean = g.op("ReduceMean", g.op("Pow", x, g.const(2.0)), g.const([-1], np.int64))
+    inverse = g.op("Reciprocal", g.op("Sqrt", g.op("Add", mean, g.const(1e-6))))
+    return g.op("Mul", g.op("Mul", x, inverse), weight)
+
+
+def _rotate(g: _Graph, x: str, cos: str, sin: str, dims: int) -> str:
+    half = dims // 2
     first = g.op(
         "Slice", x, g.const([0], np.int64), g.const([half], np.int64), g.const([-1], np.int64)
     )
@@ -164,7 +234,7 @@ def _rotate(g: _Graph, x: str, cos: str, sin: str) -> str:
     return g.op("Add", g.op("Mul", x, cos), g.op("Mul", rotated, sin))
 
 
-def _rotate_pairs(g: _Graph, x: str, cos: str, sin: str) -> str:
+def _rotate_pairs(g: _Graph, x: str, cos: str, sin: str, dims: int, flatten: str) -> str:
     """GPT-J's rotate_every_two: (x₀, x₁) → (−x₁, x₀) for each pair."""
     axes, step = g.const([-1], np.int64), g.const([2], np.int64)
     odd = g.op("Slice", x, g.const([1], np.int64), g.const([2**62], np.int64), axes, step)
@@ -172,21 +242,23 @@ def _rotate_pairs(g: _Graph, x: str, cos: str, sin: str) -> str:
     stacked = g.op(
         "Concat", g.op("Unsqueeze", g.op("Neg", odd), axes), g.op("Unsqueeze", even, axes), axis=-1
     )
-    rotated = g.op("Reshape", stacked, g.const([0, 0, 0, HEAD_DIM], np.int64))
+    if flatten == "shape":  # x.flatten(-2): Shape(stacked)[:-2] + [-1]
+        kept = g.op(
+            "Slice", g.op("Shape", stacked), g.const([0], np.int64), g.const([-2], np.int64)
+        )
+        target = g.op("Concat", kept, g.const([-1], np.int64), axis=0)
+    else:
+        target = g.const([0, 0, 0, dims], np.int64)
+    rotated = g.op("Reshape", stacked, target)
     return g.op("Add", g.op("Mul", x, cos), g.op("Mul", rotated, sin))
 
 
-def _partial(g: _Graph, x: str, cos: str, sin: str, dims: int) -> str:
-    """Rotate-half on the first `dims` of the head dim, pass the rest through."""
+def _partial(g: _Graph, x: str, cos: str, sin: str, dims: int, turn) -> str:
+    """RoPE (`turn`, either style) on the first `dims` of the head dim, the rest passed."""
     axes = g.const([-1], np.int64)
     head = g.op("Slice", x, g.const([0], np.int64), g.const([dims], np.int64), axes)
     tail = g.op("Slice", x, g.const([dims], np.int64), g.const([2**62], np.int64), axes)
-    half = dims // 2
-    first = g.op("Slice", head, g.const([0], np.int64), g.const([half], np.int64), axes)
-    second = g.op("Slice", head, g.const([half], np.int64), g.const([2**62], np.int64), axes)
-    rotated = g.op("Concat", g.op("Neg", second), first, axis=-1)
-    turned = g.op("Add", g.op("Mul", head, cos), g.op("Mul", rotated, sin))
-    return g.op("Concat", turned, tail, axis=-1)
+    return g.op("Concat", turn(g, head, cos, sin), tail, axis=-1)
 
 
 def _repeat(g: _Graph, L: Layout, x: str, kv_heads: int) -> str:

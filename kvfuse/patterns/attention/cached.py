@@ -54,6 +54,27 @@ class CachedAttentionRule(Rule):
         layout = self.layout
         to_order = layout.perm(layout.projection, order or layout.name)
         projected = op.Reshape(flat, shape)
+        if tag in ("q", "k"):  # Qwen3, Gemma3: Q and K normalised per head before RoPE
+            projected = pattern.OrValue(
+                [
+                    op.RMSNorm(
+                        projected,
+                        _domain=KVFUSE_DOMAIN,
+                        _allow_other_inputs=True,
+                        _allow_other_attributes=True,
+                        _outputs=[f"{tag}_rms"],
+                    ),
+                    op.LayerNormalization(
+                        projected,
+                        _allow_other_inputs=True,
+                        _allow_other_attributes=True,
+                        _outputs=[f"{tag}_ln"],
+                    ),
+                    projected,
+                ],
+                tag_var=f"{tag}_norm",
+                tag_values=["rms", "ln", ""],
+            )
         if repeat:  # Falcon (new_decoder_architecture) caches K/V repeated to every head
             projected = pattern.OrValue(
                 [
@@ -141,6 +162,9 @@ class CachedAttentionRule(Rule):
         for past, tag in ((past_k, "k"), (past_v, "v")):
             if failure is None:
                 failure = self._check_cache_heads(past, bound, tag, kv_heads)
+        for tag in ("q", "k"):
+            if failure is None:
+                failure = _check_head_norm(bound, tag, head_dim)
         if failure is not None:
             return failure
         if bound.get("output_reshape"):  # must keep [B, H, S, D]
@@ -215,15 +239,17 @@ class CachedAttentionRule(Rule):
         head_dim = static_dim(past_k, self.layout.key_order.index("D"))
         rotary = [cos, sin] if self.rotary else []
         k_flat_rotated = present_k.producer().inputs[1]
+        kv_heads = self._kv_heads(past_k, {**bound, "k_flat": k_flat})
+        q_normed = _normed_flat(op, q_flat, bound, "q", head_dim)
         outputs = op.CachedAttention(
-            q_flat,
-            k_flat,
+            q_normed,
+            _normed_flat(op, k_flat, bound, "k", head_dim),
             v_flat,
             past_k,
             past_v,
             *rotary,
             num_heads=static_dim(q_flat, -1) // head_dim,
-            kv_num_heads=self._kv_heads(past_k, {**bound, "k_flat": k_flat}),
+            kv_num_heads=kv_heads,
             scale=attended.producer().attributes.get_float("scale"),
             layout=self.layout.name,
             rotary=int(self.rotary),
@@ -238,6 +264,46 @@ class CachedAttentionRule(Rule):
             # the fused op gives the query's [B, S, H·D], reshaped to the same target
             return like(op.Reshape(like(outputs[0], q_flat), out_shape), y_flat)
         return like(outputs[0], y_flat)
+
+
+def _head_norm(bound: dict, tag: str) -> ir.Value | None:
+    """The per-head norm's output on Q or K (`tag`), if the projection has one."""
+    return bound.get(f"{tag}_rms") or bound.get(f"{tag}_ln") if bound.get(f"{tag}_norm") else None
+
+
+def _check_head_norm(bound: dict, tag: str, head_dim: int | None) -> pattern.MatchResult | None:
+    """A norm between the head reshape and RoPE must normalise each head alone: over the last
+    axis, with a weight (and bias) of D values."""
+    normed = _head_norm(bound, tag)
+    if normed is None:
+        return None
+    norm = normed.producer()
+    axis = norm.attributes.get_int("axis", -1)
+    if axis not in (-1, 3):
+        return fail(f"{norm.op_type} on {tag.upper()}'s heads over axis {axis}, expected D", norm)
+    for weight in norm.inputs[1:]:
+        if weight is not None and (weight.shape is None or list(weight.shape) != [head_dim]):
+            return fail(
+                f"per-head {norm.op_type} on {tag.upper()} has a {weight.shape} weight, "
+                f"expected [{head_dim}]",
+                norm,
+            )
+    return None
+
+
+def _normed_flat(op, flat: ir.Value, bound: dict, tag: str, head_dim: int) -> ir.Value:
+    """`flat` [.., S, heads·D] with the model's per-head norm applied (if any), flat again:
+    the fused op takes flat projections, and normalising per head commutes with nothing else
+    the rule absorbs before RoPE (the transposes move heads, not D)."""
+    normed = _head_norm(bound, tag)
+    if normed is None:
+        return flat
+    norm = normed.producer()
+    heads = static_dim(flat, -1) // head_dim
+    split = op.Reshape(flat, op.Constant(value_ints=[0, 0, heads, head_dim]))
+    attributes = {name: attr.value for name, attr in norm.attributes.items()}
+    again = getattr(op, norm.op_type)(split, *norm.inputs[1:], _domain=norm.domain, **attributes)
+    return like(op.Reshape(again, op.Constant(value_ints=[0, 0, heads * head_dim])), flat)
 
 
 def _check_projections(q_flat, k_flat, v_flat, head_dim, kv_heads) -> pattern.MatchResult | None:

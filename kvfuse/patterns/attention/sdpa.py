@@ -3,10 +3,11 @@
 Legend: B batch, H heads, S new tokens, T total (past + new) positions, D head dim.
 
     q_BHSD ── [·s_q] ─┐
-    k_L ─ Transpose(→BHDT) ─ [·s_k] ─ MatMul ─ [·s] ─ [+mask | Where(mask)] ─ [Cast]
+    k_L ─ Transpose(→BHDT) ─ [·s_k] ─ MatMul ─ [·s] ─ [+mask | Where(mask)] ─ [·s_m] ─ [Cast]
         ─ Softmax(-1) ─ [Cast] ─ [Where(IsNaN, 0)] ─ MatMul(v_BHTD) ─ out_BHSD
 
-out = softmax(q·kᵀ·scale + mask)·v with scale = s_q·s_k·s (each a Mul or a Div, or absent).
+out = softmax(q·kᵀ·scale + mask)·v with scale = s_q·s_k·s·s_m (each a Mul or a Div, or absent;
+CodeGen divides after adding the mask, which masks the same positions).
 Optimum's TorchScript export multiplies q and kᵀ by sqrt(1/sqrt(D)) each and guards the softmax
 with IsNaN/Where; other exporters scale the product once. The key arrives in the cache layout
 `k_L` and is transposed to [B, H, D, T] by one perm that the `Layout` derives — none when the
@@ -41,7 +42,9 @@ class SDPARule(Rule):
         super().__init__(f"attention/sdpa_{layout.label}")
         self.layout = layout
 
-    def pattern(self, op, query, key, value, mask, q_scale, k_scale, qk_scale, zero, fill):
+    def pattern(
+        self, op, query, key, value, mask, q_scale, k_scale, qk_scale, mask_scale, zero, fill
+    ):
         key_t = maybe_transpose(op, key, self.layout.key_transposed)
         scores = op.MatMul(scaled(op, query, q_scale, "q_how"), scaled(op, key_t, k_scale, "k_how"))
         scores = scaled(op, scores, qk_scale, "qk_how")
@@ -57,6 +60,7 @@ class SDPARule(Rule):
             tag_var="mask_how",
             tag_values=["add", "keep", "fill", "none"],
         )
+        scores = scaled(op, scores, mask_scale, "masked_how")
         scores = pattern.OrValue([op.Cast(scores), scores], tag_var="cast_in", tag_values=[1, 0])
         probs = op.Softmax(scores, _outputs=["probs"])
         probs = pattern.OrValue([op.Cast(probs), probs], tag_var="cast_out", tag_values=[1, 0])
@@ -89,6 +93,8 @@ class SDPARule(Rule):
             return fail(f"key transposed by perm {perm} before Q·Kᵀ, not read as cached", key)
         if attention_scale(bound) is None:
             return fail("attention scale factors are not constant scalars", query)
+        if bound["masked_how"] != "none" and attention_scale(bound) <= 0:
+            return fail("scores scaled after the mask by a non-positive factor", query)
         if bound["nan_guard"] and not is_constant(bound["zero"], 0.0):
             return fail("softmax guard replaces NaN by a non-zero value", bound["zero"])
         if bound["mask_how"] in ("keep", "fill") and not _very_negative(bound["fill"]):
@@ -117,8 +123,13 @@ def attention_scale(bound: dict) -> float | None:
     """Product of the scale factors the match bound (q, kᵀ and q·kᵀ), or None if not constant.
     Taken as found: 1/sqrt(D) is the usual value, not a requirement."""
     scale = 1.0
-    for how, factor in (("q_how", "q_scale"), ("k_how", "k_scale"), ("qk_how", "qk_scale")):
-        if bound[how] == "none":
+    for how, factor in (
+        ("q_how", "q_scale"),
+        ("k_how", "k_scale"),
+        ("qk_how", "qk_scale"),
+        ("masked_how", "mask_scale"),
+    ):
+        if bound.get(how, "none") == "none":
             continue
         value = bound[factor]
         if value is None or value.const_value is None or value.const_value.numpy().size != 1:
