@@ -428,7 +428,9 @@ def write_report(results, bandwidth, weights, args) -> None:
             f"{m['decode_short_tps'] / roofline:.0%} | {m['peak_rss_mb']:.0f} | {same} |"
         )
     out = Path(__file__).with_name("RESULTS.md")
-    out.write_text("\n".join(lines) + "\n")
+    old = out.read_text() if out.exists() else ""
+    others = old[old.index("<!-- section:") :] if "<!-- section:" in old else ""  # other scripts'
+    out.write_text("\n".join(lines) + "\n" + (f"\n{others}" if others else ""))
     print("\n".join(lines))
 
 

@@ -3,6 +3,7 @@
     kvfuse.export(source, out_dir)       Hugging Face dir / GGUF / "default" → ONNX (Optimum)
     kvfuse.optimize(model, out.onnx)     fused attention, retained-state KV, verified
     kvfuse.load(out.onnx).generate(...)  planned-memory generation on onnxruntime
+    kvfuse.serve.start(out.onnx)         an OpenAI/TGI server, continuous batching (serve extra)
 
 Names load on first use, so running a deployed model needs only onnxruntime, numpy and
 tokenizers — not the exporter's or the rewriter's dependencies.
@@ -30,6 +31,8 @@ __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str):
+    if name == "serve":  # the server's package (its libraries are the `serve` extra)
+        return importlib.import_module("kvfuse.serve")
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'kvfuse' has no attribute {name!r}")

@@ -132,6 +132,8 @@ def optimize(
     except PartialFusion as error:
         if explain:
             _print_layers(error.result)
+        if report is not None:  # why not fused, in the report too (no model was written)
+            _write_optimize_report(source, None, error.result, report, quiet)
         raise
     if not quiet:
         _print_optimize_summary(result, explain)
@@ -142,13 +144,20 @@ def optimize(
                 f"({escape(str(output.parent))!r}))"
             )
     if report is not None:
-        from kvfuse import report as reports
-        from kvfuse.report.diff import build_report
+        _write_optimize_report(source, result.output, result, report, quiet)
 
-        source_model = source / "model.onnx" if source.is_dir() else source
-        written = reports.write_all(build_report(source_model, result.output, result), report)
-        if not quiet:
-            console.print("report: " + ", ".join(str(p) for p in written))
+
+def _write_optimize_report(source: Path, output: Path | None, result, stem: Path, quiet: bool):
+    """STEM.json/.md/.html for an optimize run; a partial fusion compares the input with
+    itself, so the report carries the layers and their near misses."""
+    from kvfuse import report as reports
+    from kvfuse.report.diff import build_report
+
+    source_model = source / "model.onnx" if source.is_dir() else source
+    built = build_report(source_model, output or source_model, result)
+    written = reports.write_all(built, stem)
+    if not quiet:
+        console.print("report: " + ", ".join(str(p) for p in written))
 
 
 @app.command()
@@ -217,8 +226,11 @@ def serve(
     max_queue: Annotated[int, typer.Option(help="Requests that may wait for a row.")] = 64,
     threads: Annotated[int | None, typer.Option(help="Threads (default: physical cores).")] = None,
     prefill_chunk: Annotated[
-        int, typer.Option(help="Prompt tokens per step, between the other rows' decode steps.")
-    ] = 64,
+        int, typer.Option(help="Prompt tokens per step while no other row decodes.")
+    ] = 256,
+    chunk_while_decoding: Annotated[
+        int, typer.Option(help="Prompt tokens per step between the other rows' decode steps.")
+    ] = 16,
     max_new_tokens: Annotated[
         int, typer.Option(help="Default max new tokens of a request that gives none.")
     ] = 256,
@@ -252,6 +264,7 @@ def serve(
         max_queue=max_queue,
         threads=threads,
         prefill_chunk=prefill_chunk,
+        chunk_while_decoding=chunk_while_decoding,
         default_max_new_tokens=max_new_tokens,
         request_timeout_s=request_timeout,
     )
@@ -262,8 +275,12 @@ def serve(
         address = None if ray in (None, "local") else ray
         serve_replicas_forever(model, plan, host, port, address)
         return
-    from kvfuse.serve import serve_forever
-
+    try:
+        from kvfuse.serve import serve_forever
+    except ImportError as error:  # the server's libraries are an extra
+        raise KvfuseError(
+            f"kvfuse serve needs {error.name}: pip install 'kvfuse[serve]'"
+        ) from error
     serve_forever(model, host, port, **engine_options)
 
 

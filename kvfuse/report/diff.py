@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import datetime
 import json
 from pathlib import Path
 from typing import Any
 
 import onnx
 
+from kvfuse import __version__
 from kvfuse.report.summary import bytes_on_disk, load_structure
 from kvfuse.rewriter.pipeline import layer_of
 from kvfuse.rewriter.rules import REPLACED_TAG, RULE_TAG
@@ -38,8 +40,18 @@ def diff(a: str | Path, b: str | Path) -> dict:
 
 
 def build_report(a: Path, b: Path, optimize_result: Any = None) -> dict:
-    """Compare model `a` (before) with `b` (after); `optimize_result` adds layers, near misses
-    and the verification figures when `b` came from `kvfuse.optimize`."""
+    """Compare model `a` (before) with `b` (after).
+
+    Args:
+        a: the model before (e.g. an export).
+        b: the model after.
+        optimize_result: the `OptimizeResult` that wrote `b`: adds layers, near misses, each
+            layer's lowering, quantization and the verification figures. Without it, the
+            verification recorded in `b`'s OUT.kvfuse.json sidecar is used when there is one.
+
+    Returns:
+        The report dict (see `schema.json`).
+    """
     model_a, model_b = load_structure(Path(a)), load_structure(Path(b))
     report = {
         "schema": SCHEMA,
@@ -51,11 +63,14 @@ def build_report(a: Path, b: Path, optimize_result: Any = None) -> dict:
         "layers": [],
         "near_misses": [],
         "numerics": None,
+        "meta": _meta(model_b),
     }
     report["rewrites_by_rule"] = dict(collections.Counter(r["rule"] for r in report["rewrites"]))
     report["picture"] = _picture(model_a, model_b, report["rewrites"])
     if optimize_result is not None:
         _add_optimize_result(report, optimize_result)
+    else:
+        report["numerics"] = _sidecar_numerics(Path(b))
     return report
 
 
@@ -167,7 +182,52 @@ def _structural(a: onnx.ModelProto, b: onnx.ModelProto) -> dict:
     }
 
 
+def _meta(model: onnx.ModelProto) -> dict:
+    """Who wrote the report and when; the target and KV buffers the model's metadata names."""
+    metadata = {p.key: p.value for p in model.metadata_props}
+    record = json.loads(metadata["kvfuse"]) if "kvfuse" in metadata else {}
+    return {
+        "kvfuse_version": __version__,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "target": record.get("target"),
+        "model_kvfuse_version": record.get("kvfuse_version"),
+        "kv": _kv_facts(model, record) if record.get("kv_pairs") else None,
+    }
+
+
+def _kv_facts(model: onnx.ModelProto, record: dict) -> dict:
+    """The fixed KV buffers: how many, their shape and dtype, and bytes per batch row."""
+    past = record["kv_pairs"][0]["past"]
+    value = next((v for v in model.graph.input if v.name == past), None)
+    dtype = value.type.tensor_type.elem_type if value is not None else onnx.TensorProto.FLOAT
+    width = _BYTES.get(dtype, 4)
+    buffers = len(record["kv_pairs"])
+    per_buffer = record["kv_heads"] * record["max_context"] * record["head_dim"] * width
+    return {
+        "buffers": buffers,
+        "batch_size": record.get("batch_size"),
+        "kv_heads": record["kv_heads"],
+        "max_context": record["max_context"],
+        "head_dim": record["head_dim"],
+        "dtype": onnx.helper.tensor_dtype_to_np_dtype(dtype).name,
+        "bytes_per_row": buffers * per_buffer,
+        "in_place": True,
+    }
+
+
+def _plain(value: Any) -> Any:
+    """A dataclass or mapping as a JSON-ready dict (paths and other objects as text); other
+    values as they are."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    if isinstance(value, dict):
+        return json.loads(json.dumps(value, default=str))
+    return value
+
+
 def _add_optimize_result(report: dict, result: Any) -> None:
+    report["meta"]["written"] = result.output is not None
+    report["meta"]["target"] = report["meta"]["target"] or result.target
     report["layers"] = [
         {
             "layer": layer.layer,
@@ -177,6 +237,9 @@ def _add_optimize_result(report: dict, result: Any) -> None:
         }
         for layer in result.layers
     ]
+    quantization = _plain(getattr(result, "quantization", None))
+    if quantization:
+        report["quantization"] = quantization
     report["near_misses"] = [
         {"layer": layer.layer, **dataclasses.asdict(miss)}
         for layer in result.layers
@@ -184,23 +247,42 @@ def _add_optimize_result(report: dict, result: Any) -> None:
         for miss in layer.near_misses
     ]
     if result.verification is not None:
-        verification = result.verification
-        report["numerics"] = {
-            "passed": verification.passed,
-            "atol": verification.atol,
-            "rtol": verification.rtol,
-            "max_abs_diff": verification.max_abs_diff,
-            "tokens_equal": verification.tokens_equal,
-            "prompt_tokens": verification.prompt_tokens,
-            "steps": [dataclasses.asdict(step) for step in verification.steps],
-            "first_divergence": None,
-        }
+        report["numerics"] = _numerics(dataclasses.asdict(result.verification))
+
+
+def _numerics(verification: dict, recorded_in: str | None = None) -> dict:
+    """The report's numerics from a `Verification` as a dict (its fields, as the optimize
+    sidecar stores them)."""
+    steps = verification["steps"]
+    numerics = {
+        "passed": verification["passed"],
+        "atol": verification["atol"],
+        "rtol": verification["rtol"],
+        "max_abs_diff": max(s["max_abs_diff"] for s in steps),
+        "tokens_equal": all(s["token_original"] == s["token_rewritten"] for s in steps),
+        "prompt_tokens": verification["prompt_tokens"],
+        "steps": steps,
+        "first_divergence": None,
+    }
+    if recorded_in is not None:
+        numerics["recorded_in"] = recorded_in
+    return numerics
+
+
+def _sidecar_numerics(model_path: Path) -> dict | None:
+    """The verification `kvfuse optimize` recorded beside the model it wrote, if any."""
+    sidecar = model_path.with_name(f"{model_path.stem}.kvfuse.json")
+    try:
+        verification = json.loads(sidecar.read_text()).get("verification")
+        return _numerics(verification, str(sidecar)) if verification else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # no sidecar, or not one kvfuse wrote: the report says "not verified"
 
 
 def _picture(a: onnx.ModelProto, b: onnx.ModelProto, rewrites: list[dict]) -> dict | None:
-    """One layer's attention before (the input nodes its GQA replaced) and after (the GQA
-    node and its neighbours), as small node/edge lists for drawing."""
-    first = next((r for r in rewrites if r["op_type"] == "GroupQueryAttention"), None)
+    """One layer's attention before (the input nodes its attention op replaced) and after (the
+    GroupQueryAttention or Attention node and its neighbours), as node/edge lists for drawing."""
+    first = next((r for r in rewrites if r["op_type"].endswith("Attention")), None)
     if first is None:
         return None
     names = {entry["name"] for entry in first["replaced"]}

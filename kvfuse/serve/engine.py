@@ -128,7 +128,10 @@ class Engine:
         slots: rows of the arena, i.e. requests generating at once.
         max_queue: requests that may wait for a row; one more is refused (QueueFull).
         threads: onnxruntime intra-op threads (default: physical cores).
-        prefill_chunk: prompt tokens per step; bounds how long one step delays the streams.
+        prefill_chunk: prompt tokens per step while no other row is decoding.
+        chunk_while_decoding: prompt tokens per step while other rows decode: bounds how much
+            one prompt delays every stream's next token (a chunk of C tokens costs about a
+            decode step of C rows: both read all the weights once).
         default_max_new_tokens: max_new_tokens when a request gives none (capped by its row).
         request_timeout_s: a request still running after this long (queue wait included) is
             ended with finish reason "timeout" (None: never), unless it sets its own.
@@ -141,19 +144,21 @@ class Engine:
         slots: int = 4,
         max_queue: int = 64,
         threads: int | None = None,
-        prefill_chunk: int = 64,
+        prefill_chunk: int = 256,
+        chunk_while_decoding: int = 16,
         default_max_new_tokens: int = 256,
         request_timeout_s: float | None = 600.0,
         name: str | None = None,
     ) -> None:
-        if slots < 1 or max_queue < 0 or prefill_chunk < 1:
-            raise KvfuseError("slots and prefill_chunk must be ≥ 1 and max_queue ≥ 0")
+        if min(slots, prefill_chunk, chunk_while_decoding) < 1 or max_queue < 0:
+            raise KvfuseError("slots and the prefill chunks must be ≥ 1, max_queue ≥ 0")
         self.spec = read_spec(model)
         self.text = Text(self.spec.directory)
         self.name = name or self.spec.directory.name
         self.max_context = self.spec.max_context
         self.slots, self.max_queue = slots, max_queue
-        self.prefill_chunk, self.default_max_new_tokens = prefill_chunk, default_max_new_tokens
+        self.chunks = {False: prefill_chunk, True: chunk_while_decoding}  # by "rows decode"
+        self.default_max_new_tokens = default_max_new_tokens
         self.request_timeout_s = request_timeout_s
         self._steps = RowSteps(Session(self.spec, slots, threads))
         self.metrics = Metrics(slots)
@@ -173,13 +178,13 @@ class Engine:
             raise KvfuseError("the prompt is empty after tokenization")
         room = self.max_context - len(prompt)
         if params.max_new_tokens is None:
-            wanted = min(self.default_max_new_tokens, room)
+            wanted = max(1, min(self.default_max_new_tokens, room))
             params = dataclasses.replace(params, max_new_tokens=wanted)
         if params.timeout_s is None and self.request_timeout_s:
             params = dataclasses.replace(params, timeout_s=self.request_timeout_s)
         if room < 1 or params.max_new_tokens > room:
             self.metrics.outcome("rejected_context")
-            raise ContextTooLong(len(prompt), params.max_new_tokens or 1, self.max_context)
+            raise ContextTooLong(len(prompt), params.max_new_tokens, self.max_context)
         request = Request(list(prompt), params, sink)
         with self._lock:
             if self._busy + len(self._waiting) >= self.slots + self.max_queue:
@@ -243,7 +248,8 @@ class Engine:
             self._decode(decoding)
         prefilling = [row for row in self._rows if row.request and row.request.state == "prefill"]
         if prefilling:
-            self._prefill_chunk(min(prefilling, key=lambda row: row.request.id))
+            oldest = min(prefilling, key=lambda row: row.request.id)
+            self._prefill_chunk(oldest, self.chunks[bool(decoding)])
         self.metrics.rows.set(self.active_rows())
         self.metrics.queue.set(len(self._waiting))
 
@@ -283,11 +289,11 @@ class Engine:
             request._decoder = StreamDecoder(self.text)
             request._stop = StopFilter(request.params.stop)
 
-    def _prefill_chunk(self, row: _Row) -> None:
-        """The next chunk of one row's prompt through a batch-1 view of its memory."""
+    def _prefill_chunk(self, row: _Row, size: int) -> None:
+        """The next `size` tokens of one row's prompt through a batch-1 view of its memory."""
         request = row.request
         begin = len(row.fed)
-        chunk = request.prompt[begin : begin + self.prefill_chunk]
+        chunk = request.prompt[begin : begin + size]
         logits = self._steps.step(row.index, np.array([chunk]), np.array([begin + len(chunk)]))
         row.fed.extend(chunk)
         if len(row.fed) == len(request.prompt):

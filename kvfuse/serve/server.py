@@ -54,7 +54,8 @@ def start(model, host: str = "127.0.0.1", port: int = 0, **engine_options) -> Se
 
     Args:
         model: an Engine, or an optimized model path (an Engine is made with `engine_options`:
-            slots, max_queue, threads, prefill_chunk, default_max_new_tokens, name).
+            slots, max_queue, threads, prefill_chunk, chunk_while_decoding,
+            default_max_new_tokens, request_timeout_s, name).
         host: the address to listen on.
         port: the port (0: any free one; read `Server.port`).
 

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import collections
 import json
+import re
+import types
 from pathlib import Path
 
 import jsonschema
+import numpy as np
 import onnx
 import pytest
 
+import kvfuse
 from kvfuse.optimize import optimize
-from kvfuse.report import render, write_all
+from kvfuse.report import digest, render, write_all
 from kvfuse.report.diff import build_report, diff
 from tests.exporters.test_export_errors import run_cli
 from tests.rewriter.synthetic import build_lm
@@ -129,13 +133,158 @@ def test_every_format_renders_a_partial_fusion(tmp_path):
 
     model = build_lm("BHSD")
     probs = next(n for n in model.graph.node if n.op_type == "Softmax").output[0]
-    model.graph.output.append(onnx.helper.make_tensor_value_info(probs, 1, None))
+    model.graph.output.append(onnx.helper.make_tensor_value_info(probs, 1, ["b", "h", "s", "t"]))
     onnx.save(model, tmp_path / "in.onnx")
     with pytest.raises(PartialFusion) as failure:
         optimize(tmp_path / "in.onnx", tmp_path / "out.onnx", max_context=32, quiet=True)
     report = build_report(tmp_path / "in.onnx", tmp_path / "in.onnx", failure.value.result)
     jsonschema.validate(report, SCHEMA)
-    assert report["near_misses"] and report["layers"] == [{"layer": "0", "fused": False}]
+    assert report["near_misses"]
+    assert [(r["layer"], r["fused"]) for r in report["layers"]] == [("0", False)]
     written = write_all(report, tmp_path / "partial")
     assert "why not" in written[2].read_text()
     assert "other uses" in written[1].read_text() or "graph output" in written[1].read_text()
+
+
+def test_markdown_opens_on_the_verdict(optimized_llama):
+    """The Markdown has the HTML's order: headline and figures first, then the details."""
+    before, after, result = optimized_llama
+    text = render(build_report(before, after, result), ".md")
+    order = [
+        "**✓ Fused 2/2 attention layers into GroupQueryAttention",
+        "| verification | passed",
+        "| KV memory | ",
+        "## Op counts",
+        "## Numerics per verification step",
+        "## Inputs and outputs",
+        "## Rewrites",
+        "## Attention layers",
+    ]
+    positions = [text.index(marker) for marker in order]
+    assert positions == sorted(positions)
+    assert "| 4 KV inputs | `past_key_values.*.key/value` | reshaped |" in text
+    assert "same buffer as `past_key_values.*.key/value` (bound in place)" in text
+
+
+def test_meta_names_target_version_and_kv_bytes(optimized_llama):
+    """KV bytes per batch row, counted from the model's own inputs."""
+    before, after, result = optimized_llama
+    meta = build_report(before, after, result)["meta"]
+    model = onnx.load(str(after), load_external_data=False)
+    pasts = [v for v in model.graph.input if v.name.startswith("past_key_values")]
+    per_row = sum(
+        4 * int(np.prod([d.dim_value for d in v.type.tensor_type.shape.dim][1:])) for v in pasts
+    )
+    assert meta["kv"]["bytes_per_row"] == per_row and meta["kv"]["buffers"] == len(pasts) == 4
+    assert meta["target"] == "ort" and meta["kvfuse_version"] == kvfuse.__version__
+    assert meta["kv"]["max_context"] == 64 and meta["kv"]["dtype"] == "float32"
+
+
+def test_lowering_and_quantization_are_reported(optimized_llama):
+    """Each layer's lowering and why, and an optional quantization dict with per-position
+    KLD reach the JSON (schema-valid), the cells and legend of the HTML, and the Markdown."""
+    before, after, result = optimized_llama
+    layers = [
+        types.SimpleNamespace(
+            layer=str(i), fused=True, near_misses=[], lowering=name, lowering_reason=why
+        )
+        for i, (name, why) in enumerate(
+            [("gqa-rotary", "GQA rotates all 16 dims"), ("rotary-op+gqa", "rotary on 4 of 16")]
+        )
+    ]
+    kld = [0.001, 0.004, 0.02, 0.003]
+    quantization = {
+        "scheme": "int4",
+        "bits": 4,
+        "block_size": 32,
+        "mean_kld": 0.007,
+        "same_top1": 0.975,
+        "max_kld": 0.05,
+        "kld": kld,
+        "bytes_before": 4_000_000,
+        "bytes_after": 1_100_000,
+    }
+    shaped = types.SimpleNamespace(
+        **{**vars(result), "layers": layers, "quantization": quantization}
+    )
+    report = build_report(before, after, shaped)
+    jsonschema.validate(report, SCHEMA)
+    assert [(r["lowering"], r["lowering_reason"]) for r in report["layers"]] == [
+        ("gqa-rotary", "GQA rotates all 16 dims"),
+        ("rotary-op+gqa", "rotary on 4 of 16"),
+    ]
+    page = render(report, ".html")
+    assert page.count("id='kld-chart'") == 1
+    chart = page[page.index("id='kld-chart'") :].split("</svg>")[0]
+    assert re.findall(r"data-value='([^']+)'", chart) == [f"{v:.6g}" for v in kld]
+    assert "gqa-rotary" in page and "rotary-op+gqa: rotary on 4 of 16" in page
+    assert "same top-1 97.5%" in page
+    cells = re.findall(r"<a class='cell' href='#layer-(\d)' style='background:(#\w+)'", page)
+    assert [c[0] for c in cells] == ["0", "1"] and cells[0][1] != cells[1][1]
+    text = render(report, ".md")
+    assert "## Quantization" in text and "mean KLD 0.007" in text
+    assert "lowered as gqa-rotary ×1, rotary-op+gqa ×1" in text
+    broken = dict(report, quantization={**quantization, "kld": ["high"]})
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, SCHEMA)
+
+
+def test_near_misses_group_by_cause():
+    """Layers stopped by the same structure are one line: the diagnosis in words, the culprits
+    and the rule that came closest."""
+
+    def miss(layer, rule, matched, reason, culprits):
+        return {
+            "layer": layer,
+            "rule": rule,
+            "root": "r",
+            "matched_nodes": matched,
+            "reason": reason,
+            "culprits": culprits,
+        }
+
+    report = {
+        "layers": [{"layer": str(i), "fused": i not in (3, 4, 9)} for i in range(12)],
+        "near_misses": [
+            *(
+                m
+                for layer in ("3", "4")
+                for m in (
+                    miss(
+                        layer,
+                        "attention/sdpa (diagnosis)",
+                        0,
+                        "probs are a graph output",
+                        [f"Softmax_{layer}"],
+                    ),
+                    miss(layer, "attention/sdpa_bhsd", 7, "other uses", []),
+                    miss(layer, "attention/cached_bhsd", 2, "mismatch", []),
+                )
+            ),
+            miss("9", "attention/cached_bhsd", 5, "key perm [0, 2, 1, 3]", ["Transpose_9"]),
+        ],
+        "rewrites": [],
+        "numerics": None,
+    }
+    groups = digest.blockers(report)
+    assert [g["layers"] for g in groups] == [["3", "4"], ["9"]]
+    assert groups[0]["reason"] == "probs are a graph output"
+    assert groups[0]["culprits"] == ["Softmax_3", "Softmax_4"]
+    assert (groups[0]["closest_rule"], groups[0]["closest_matched"]) == ("attention/sdpa_bhsd", 7)
+    assert groups[1]["reason"] == "key perm [0, 2, 1, 3]"
+    assert digest.status(report) == "partial" and digest.layer_list(["3", "4"]) == "layers 3–4"
+    assert digest.headline(report).startswith("Not optimized: 9 of 12 attention layers fused")
+
+
+def test_diff_of_an_optimize_output_reads_its_recorded_verification(optimized_llama):
+    """`kvfuse diff` of a model kvfuse wrote shows the verification optimize recorded in the
+    sidecar beside it, figure for figure; a model without a sidecar stays "not verified"."""
+    before, after, result = optimized_llama
+    numerics = diff(before, after)["numerics"]
+    assert numerics["recorded_in"] == str(after.with_name(f"{after.stem}.kvfuse.json"))
+    assert numerics["max_abs_diff"] == result.verification.max_abs_diff
+    assert [s["tolerance_used"] for s in numerics["steps"]] == [
+        s.tolerance_used for s in result.verification.steps
+    ]
+    assert "recorded at optimize time" in render(diff(before, after), ".html")
+    assert diff(after, before)["numerics"] is None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import onnx
 from onnx import TensorProto, helper
 
@@ -89,11 +91,16 @@ def test_partial_fusion_names_layers_and_reason(tmp_path):
     )
     key_transpose.attribute[0].ints[:] = [1, 0, 3, 2]
     onnx.save(model, tmp_path / "in.onnx")
-    done = run_cli("optimize", str(tmp_path / "in.onnx"), str(tmp_path / "out.onnx"), "--explain")
+    out, stem = str(tmp_path / "out.onnx"), tmp_path / "why"
+    done = run_cli("optimize", str(tmp_path / "in.onnx"), out, "--explain", "--report", str(stem))
     assert_one_line_error(done, "0 of 1 attention layers fused", "not fused: 0")
     assert "Attention layers" in done.stderr  # the --explain table
     assert "perm" in done.stderr  # the reason names the transpose perm
     assert not (tmp_path / "out.onnx").exists()
+    # --report still explains the failure: the verdict and the near miss, no model written
+    page = stem.with_suffix(".html").read_text()
+    assert "Not optimized: 0 of 1 attention layers fused" in page and "perm" in page
+    assert json.loads(stem.with_suffix(".json").read_text())["near_misses"]
 
 
 def test_external_data_outside_the_model_directory_is_refused(tmp_path):

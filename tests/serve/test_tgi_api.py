@@ -111,6 +111,7 @@ def test_raw_routes_and_shapes(server):
         assert refused.status_code == 422 and refused.json()["error_type"] == "validation"
     over = httpx.post(server.url + "/generate", json={"inputs": "a" * 128, "parameters": {}})
     assert over.status_code == 422 and "maximum context length is 128" in over.json()["error"]
+    assert "128 input tokens and asks for 1 new tokens" in over.json()["error"]
     assert still_serves(server.url)
 
 

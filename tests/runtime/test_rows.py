@@ -1,0 +1,56 @@
+"""Steps over spans of the arena's rows, bound by pointer: what the server batches over."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kvfuse.errors import KvfuseError
+from kvfuse.runtime.generate import GenerationConfig, load
+from kvfuse.runtime.rows import RowSteps
+from kvfuse.runtime.session import Session
+from kvfuse.runtime.spec import read_spec
+
+
+@pytest.fixture(scope="module")
+def rows(tiny_served_model):
+    return RowSteps(Session(read_spec(tiny_served_model), batch=4, threads=1))
+
+
+def test_a_prompt_chunk_writes_its_row_only_and_in_place(rows):
+    """A batch-1 step on row 2 fills row 2's positions and leaves every other row as it was."""
+    arena = rows.session.arena
+    arena[...] = 7.0
+    rows.step(2, np.array([[5, 6, 7]]), np.array([3]))
+    others = np.delete(arena, 2, axis=1)
+    assert np.all(others == 7.0)
+    assert not np.any(arena[:, 2, :, :3] == 7.0) and np.all(arena[:, 2, :, 3:] == 7.0)
+
+
+def test_ragged_decode_over_a_span_matches_each_row_alone(rows, tiny_served_model):
+    """Rows 1..3 prefilled with prompts of different lengths, then decoded together for 6
+    steps: each row's greedy tokens are those of its prompt generated alone."""
+    prompts = [[10, 11], [20, 21, 22, 23, 24], [30]]
+    alone = load(tiny_served_model, threads=1)
+    expected = [
+        alone.generate(p, GenerationConfig(max_new_tokens=6, chat=False, ignore_eos=True)).tokens[0]
+        for p in prompts
+    ]
+    tokens, lengths = [], np.array([len(p) for p in prompts])
+    for row, prompt in enumerate(prompts, start=1):
+        tokens.append(int(rows.step(row, np.array([prompt]), np.array([len(prompt)]))[0].argmax()))
+    got = [[t] for t in tokens]
+    for _ in range(5):
+        lengths = lengths + 1
+        logits = rows.step(1, np.array(tokens)[:, None], lengths)
+        tokens = logits.argmax(-1).tolist()
+        for row, token in enumerate(tokens):
+            got[row].append(token)
+    assert got == expected
+
+
+def test_a_chunk_of_several_tokens_takes_one_row(rows):
+    with pytest.raises(KvfuseError, match="single row"):
+        rows.step(0, np.zeros([2, 3], np.int64), np.array([3, 3]))
+    with pytest.raises(KvfuseError, match="outside"):
+        rows.step(3, np.zeros([2, 1], np.int64), np.array([1, 1]))
