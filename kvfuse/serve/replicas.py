@@ -157,19 +157,26 @@ def serve_replicas_forever(
     port: int = 8000,
     address: str | None = None,
 ) -> None:
-    """`kvfuse serve --replicas N`: start the replicas, print where they listen, and keep them
-    until interrupted (Ctrl-C removes the application)."""
+    """`kvfuse serve --replicas N`: start the replicas, say so once every one is up, and keep
+    them until interrupted (Ctrl-C, also while they start, removes the application)."""
+    import sys
     import time
 
-    from rich.console import Console
-
-    url = start_replicas(model, plan, host, port, address)
-    count = plan.replicas if plan.autoscale is None else "{}–{}".format(*plan.autoscale)
-    Console(stderr=True).print(f"serving {model} on {url} with {count} replicas (Ctrl-C stops)")
     try:
+        url = start_replicas(model, plan, host, port, address)
+        count = plan.replicas if plan.autoscale is None else "{}–{}".format(*plan.autoscale)
+        print(f"serving {model} on {url}: {count} replicas up (Ctrl-C stops)", file=sys.stderr)
+        sys.stderr.flush()
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         pass
     finally:
+        _stop_if_started()
+
+
+def _stop_if_started() -> None:
+    from ray import serve
+
+    if APP_NAME in serve.status().applications:
         stop_replicas()

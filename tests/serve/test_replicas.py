@@ -3,10 +3,12 @@ openai client behind Ray Serve's proxy with the answers one engine gives."""
 
 from __future__ import annotations
 
+import queue
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -40,15 +42,22 @@ def replicas(ray_cluster, tiny_served_model):
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while not _healthy(url):
-        assert server.poll() is None, server.communicate()
-        assert time.monotonic() < deadline, "the replicas did not come up"
-        time.sleep(0.5)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(
+        target=lambda: [lines.put(line) for line in server.stderr], daemon=True
+    ).start()
+    deadline, said = time.monotonic() + 300, []
+    while not any("replicas up" in line for line in said):  # once every replica runs
+        assert server.poll() is None, "".join(said)
+        assert time.monotonic() < deadline, "the replicas did not come up in 300 s"
+        try:
+            said.append(lines.get(timeout=1))
+        except queue.Empty:
+            pass
+    assert _healthy(url)
     yield tiny_served_model, url
     server.send_signal(signal.SIGINT)
-    _, err = server.communicate(timeout=120)
-    assert server.returncode == 0, err
+    assert server.wait(timeout=120) == 0
     assert not _healthy(url), "the application is still served after Ctrl-C"
 
 
