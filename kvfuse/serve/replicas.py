@@ -176,7 +176,8 @@ def serve_replicas_forever(
 
 
 def _stop_if_started() -> None:
+    import ray
     from ray import serve
 
-    if APP_NAME in serve.status().applications:
+    if ray.is_initialized() and APP_NAME in serve.status().applications:
         stop_replicas()
