@@ -428,10 +428,14 @@ def write_report(results, bandwidth, weights, args) -> None:
             f"{m['decode_short_tps'] / roofline:.0%} | {m['peak_rss_mb']:.0f} | {same} |"
         )
     out = Path(__file__).with_name("RESULTS.md")
-    old = out.read_text() if out.exists() else ""
-    others = old[old.index("<!-- section:") :] if "<!-- section:" in old else ""  # other scripts'
-    out.write_text("\n".join(lines) + "\n" + (f"\n{others}" if others else ""))
+    previous = out.read_text() if out.exists() else ""
+    marks = [previous.index(mark) for mark in (GPU_MARK, "<!-- section:") if mark in previous]
+    kept = previous[min(marks) :] if marks else ""  # other scripts' sections (GPU, serving)
+    out.write_text("\n".join(lines) + "\n" + ("\n" + kept if kept else ""))
     print("\n".join(lines))
+
+
+GPU_MARK = "<!-- gpu: benchmarks/bench_gpu.py -->"
 
 
 def _first_mismatch(tokens, reference) -> str:

@@ -68,8 +68,16 @@ def optimize(
     source: Annotated[Path, typer.Argument(help="An .onnx file or a `kvfuse export` directory.")],
     output: Annotated[Path, typer.Argument(help="The optimized .onnx file to write.")],
     target: Annotated[
-        str, typer.Option(help="'ort': onnxruntime's fused ops; 'onnx': standard ops only.")
+        str,
+        typer.Option(
+            help="'ort': onnxruntime's fused ops; 'onnx': standard ops only; 'cuda': the ort "
+            "ops in half precision for onnxruntime's CUDA provider."
+        ),
     ] = "ort",
+    dtype: Annotated[
+        str | None,
+        typer.Option(help="(--target cuda) float16 (default) or bfloat16."),
+    ] = None,
     max_context: Annotated[
         int | None, typer.Option(help="KV buffer length (default: min(model, 2048)).")
     ] = None,
@@ -124,6 +132,7 @@ def optimize(
             logits=logits,
             static=static,
             prefill_len=prefill_len,
+            dtype=dtype,
             verify_numerics=not no_verify,
             overwrite=overwrite,
             quiet=quiet,
@@ -182,6 +191,13 @@ def run(
             "twice the weight memory) instead of both sharing one copy.",
         ),
     ] = False,
+    device: Annotated[
+        str,
+        typer.Option(help="'cpu', or 'cuda' (a --target cuda model; decode as a CUDA graph)."),
+    ] = "cpu",
+    cuda_graph: Annotated[
+        bool, typer.Option(help="(--device cuda) Replay decode steps as a CUDA graph.")
+    ] = True,
 ) -> None:
     """Generate with an optimized model, streaming text; prints prefill ms, decode tokens/s
     and KV memory at the end."""
@@ -190,7 +206,7 @@ def run(
 
     if prompt is None and not chat:
         raise KvfuseError("give --prompt TEXT, or --chat for an interactive session")
-    generator = load(model, threads, prepack)
+    generator = load(model, threads, prepack, device=device, cuda_graph=cuda_graph)
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
         stop=tuple(stop or ()),
@@ -237,6 +253,9 @@ def serve(
     request_timeout: Annotated[
         float, typer.Option(help="End a request running longer than this many seconds.")
     ] = 600.0,
+    device: Annotated[
+        str, typer.Option(help="'cpu', or 'cuda' (a --target cuda model, KV in device memory).")
+    ] = "cpu",
     replicas: Annotated[
         int | None,
         typer.Option(
@@ -267,6 +286,7 @@ def serve(
         chunk_while_decoding=chunk_while_decoding,
         default_max_new_tokens=max_new_tokens,
         request_timeout_s=request_timeout,
+        device=device,
     )
     if replicas is not None or autoscale is not None:
         from kvfuse.serve.replicas import ReplicaPlan, serve_replicas_forever
@@ -386,12 +406,26 @@ def _print_optimize_summary(result, explain: bool) -> None:
         if count or explain:
             table.add_row(rule, str(count))
     console.print(table)
+    if result.rewrite_verification is not None:
+        console.print("float32 rewrite: " + result.rewrite_verification.summary())
+    if result.precision is not None:
+        _print_precision(result.precision)
     if result.verification is not None:
         console.print(result.verification.summary())
     else:
         console.print("[yellow]verification skipped (--no-verify)[/yellow]")
     if explain:
         _print_layers(result)
+
+
+def _print_precision(choice) -> None:
+    console.print(
+        f"{choice.dtype}: {choice.counts['precision/half_nodes']} nodes in {choice.dtype}, "
+        f"{len(choice.kept)} kept in float32 for range"
+        + ("" if choice.rounds else " (unchecked: --no-verify)")
+    )
+    for kept in choice.kept:
+        console.print(f"  float32: {escape(kept.node)} ({kept.op_type}): {escape(kept.reason)}")
 
 
 def lowering_lines(layers) -> list[str]:

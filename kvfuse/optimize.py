@@ -25,11 +25,25 @@ from kvfuse.files import staged_file
 from kvfuse.patterns import targets
 from kvfuse.progress import Steps
 from kvfuse.report.summary import load_structure
-from kvfuse.rewriter import packed_heads, pipeline, retained_state, shape_probe, shapes
+from kvfuse.rewriter import (
+    packed_heads,
+    pipeline,
+    range_check,
+    retained_state,
+    shape_probe,
+    shapes,
+)
 from kvfuse.rewriter import static as static_graphs
 from kvfuse.rewriter.last_logits import gather_last_logits
 from kvfuse.rewriter.pipeline import Stage
-from kvfuse.rewriter.verify import Verification, locate_divergence, verify
+from kvfuse.rewriter.precision import to_half
+from kvfuse.rewriter.verify import (
+    HALF_TOLERANCE,
+    Verification,
+    locate_divergence,
+    prefill_outputs,
+    verify,
+)
 
 DEFAULT_MAX_CONTEXT = 2048
 DEFAULT_PREFILL_LEN = 128
@@ -63,6 +77,8 @@ class OptimizeResult:
     verification: Verification | None
     signature: retained_state.KVSignature | None
     shared_weights: static_graphs.SharedWeights | None = None  # a static pair's weights file
+    precision: range_check.PrecisionChoice | None = None  # a half-precision target's choice
+    rewrite_verification: Verification | None = None  # half targets: the float32 rewrite
 
     @property
     def fused_layers(self) -> int:
@@ -87,6 +103,7 @@ def optimize(
     logits: str = "last",
     static: bool = False,
     prefill_len: int | None = None,
+    dtype: str | None = None,
     verify_numerics: bool = True,
     overwrite: bool = False,
     quiet: bool = False,
@@ -107,6 +124,9 @@ def optimize(
             OUT.prefill.onnx, OUT.decode.onnx, OUT.weights, OUT.kvfuse.json. Batch defaults
             to 1.
         prefill_len: new tokens per prefill step of a static pair (default 128).
+        dtype: (target "cuda") "float16" (default) or "bfloat16"; nodes whose values leave
+            float16's range stay float32 (found by running the half graph against the float32
+            one; listed in `result.precision`).
         verify_numerics: compare against the original before writing (default on).
         overwrite: replace an existing output (never the input).
         quiet: no progress display.
@@ -119,6 +139,7 @@ def optimize(
         verification passed (a `KvfuseError` says why otherwise).
     """
     plan = _plan(source, output, target, max_context, batch_size, logits, static, prefill_len)
+    plan = dataclasses.replace(plan, dtype=_check_dtype(target, dtype))
     if genai_config:
         _check_genai_request(plan)
     steps = Steps(quiet)
@@ -129,6 +150,8 @@ def optimize(
         _lower(model, plan, result)
     if plan.static:
         return _finish_static(model, plan, result, steps, verify_numerics, overwrite)
+    if plan.dtype is not None:
+        return _finish_half(model, plan, result, steps, verify_numerics, overwrite)
     with staged_file(plan.output, overwrite=overwrite, inputs=[plan.model_path]) as staging:
         candidate = staging / plan.output.name
         with steps.step(f"Writing {plan.output}"):
@@ -185,6 +208,7 @@ class _Plan:
     logits: str
     static: bool
     prefill_len: int | None
+    dtype: str | None = None
 
 
 def _plan(source, output, target, max_context, batch_size, logits, static, prefill_len) -> _Plan:
@@ -260,14 +284,15 @@ def _lower(model: ir.Model, plan: _Plan, result: OptimizeResult) -> None:
         sliding_window=window,
     )
     signature.logits = plan.logits
+    signature.dtype = plan.dtype or "float32"
     for outcome in result.layers:
         record = signature.lowerings.get(outcome.layer, {})
         outcome.lowering = record.get("lowering", "")
         outcome.lowering_reason = record.get("reason", "")
     if plan.logits == "last":
-        records += pipeline.run_stages(
-            model, [Stage("logits for the last position", run=gather_last_logits)]
-        )
+        on_device = lowering.positions_on_device
+        last = Stage("logits for the last position", run=lambda m: gather_last_logits(m, on_device))
+        records += pipeline.run_stages(model, [last])
         signature.logits = "last" if records[-1].counts["logits/last_position"] else "all"
     records += pipeline.run_stages(model, lowering.finishing)
     records += pipeline.run_stages(model, [Stage("final clean up", run=_clean_up)])
@@ -290,6 +315,82 @@ def _verify(plan: _Plan, result: OptimizeResult, candidate) -> None:
             f"{result.verification.summary()}; {where or 'no shared tensor to compare'}; "
             "nothing was written"
         )
+
+
+def _finish_half(model, plan, result, steps, verify_numerics: bool, overwrite: bool):
+    """A half-precision target (cuda): the float32 rewrite is written and verified, then the
+    range check chooses per node what runs in half precision and verifies that graph against
+    the original; the half model replaces the float32 one in the staging directory."""
+    weights = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value)
+    if weights >= INLINE_WEIGHTS_LIMIT:
+        raise KvfuseError(
+            f"--target {plan.target} rewrites models under 2 GiB of float32 weights for now (its "
+            f"range check runs in memory); this one has {weights / 2**30:.1f} GiB"
+        )
+    with staged_file(plan.output, overwrite=overwrite, inputs=[plan.model_path]) as staging:
+        candidate = staging / plan.output.name
+        with steps.step("Writing the float32 rewrite"):
+            _save(model, candidate)
+            _release(model)
+            del model
+        if verify_numerics:
+            with steps.step("Verifying the float32 rewrite against the original"):
+                _verify(plan, result, candidate)
+            result.rewrite_verification = result.verification
+        half = _to_half(plan, result, onnx.load(str(candidate)).SerializeToString(), steps)
+        with steps.step(f"Writing {plan.output}"):
+            candidate.write_bytes(half)
+        _write_sidecar(staging / f"{plan.output.stem}.kvfuse.json", plan.model_path, result)
+        _copy_companions(plan.model_path, staging, plan.output.parent)
+    result.output = plan.output
+    return result
+
+
+def _to_half(plan: _Plan, result: OptimizeResult, lowered: bytes, steps) -> bytes:
+    """Choose per node what runs in half precision (the range check) and verify that graph
+    against the original; with --no-verify (no rewrite verification) every node goes half."""
+    if result.rewrite_verification is None:
+        model = ir.serde.deserialize_model(onnx.load_from_string(lowered))
+        counts = to_half(model, plan.dtype)
+        result.precision = range_check.PrecisionChoice(plan.dtype, [], 0, counts)
+        return ir.serde.serialize_model(model).SerializeToString()
+    signature, batch = result.signature, plan.batch_size or 1
+    kv_shape = [batch, signature.kv_heads, plan.max_context, signature.head_dim]
+    tolerance = HALF_TOLERANCE[plan.dtype]
+    with steps.step(f"Choosing {plan.dtype} or float32 per node (range check + verification)"):
+        try:
+            half, result.precision, result.verification = range_check.choose_precision(
+                lowered,
+                plan.dtype,
+                lambda model: prefill_outputs(model, signature.pairs, kv_shape),
+                lambda model: verify(
+                    plan.model_path,
+                    model,
+                    signature.pairs,
+                    kv_shape,
+                    batch=batch,
+                    tolerance=tolerance,
+                ),
+            )
+        except KvfuseError:
+            raise
+        except Exception as error:  # onnxruntime without kernels for this dtype
+            raise KvfuseError(
+                f"cannot run the {plan.dtype} graph to verify it here ({str(error)[:160]}); "
+                "onnxruntime's CPU kernels lack it — use float16, or --no-verify"
+            ) from error
+    return half
+
+
+def _check_dtype(target: str, dtype: str | None) -> str | None:
+    default = targets.TARGETS[target].dtype
+    if dtype is None:
+        return default
+    if default is None:
+        raise KvfuseError(f"--dtype is for half-precision targets (cuda), not {target!r}")
+    if dtype not in ("float16", "bfloat16"):
+        raise KvfuseError(f"--dtype must be float16 or bfloat16, not {dtype!r}")
+    return dtype
 
 
 class PartialFusion(KvfuseError):
@@ -462,6 +563,8 @@ def metadata_record(signature, target: str, source: Path) -> dict:
         "kv_heads": signature.kv_heads,
         "logits": signature.logits,
         "head_dim": signature.head_dim,
+        "dtype": signature.dtype,
+        "logits_dtype": "float32",
         "kv_pairs": [{"past": p, "present": q} for p, q in signature.pairs],
         **({"static": signature.static} if signature.static else {}),
         "inputs": signature.inputs,
@@ -513,6 +616,10 @@ def _write_sidecar(path: Path, source: Path, result, shared=None) -> None:
     }
     if result.verification is not None:
         sidecar["verification"] = dataclasses.asdict(result.verification)
+    if result.rewrite_verification is not None:
+        sidecar["rewrite_verification"] = dataclasses.asdict(result.rewrite_verification)
+    if result.precision is not None:
+        sidecar["precision"] = dataclasses.asdict(result.precision)
     if shared is not None:
         sidecar["shared_weights"] = dataclasses.asdict(shared)
     path.write_text(json.dumps(sidecar, indent=2))

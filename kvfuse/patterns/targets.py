@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from kvfuse.patterns import axes, lower_onnx, lower_ort, norm, packed_qkv, rotary
+from kvfuse.patterns import axes, lower_onnx, lower_ort, norm, packed_mlp, packed_qkv, rotary
 from kvfuse.patterns.attention import cached, diagnose_cache, repeat_kv, sdpa
-from kvfuse.rewriter import packed_heads, shapes
+from kvfuse.rewriter import last_logits, packed_heads, shapes
 from kvfuse.rewriter.pipeline import Stage
 
 FUSION_STAGES = [
@@ -36,6 +36,8 @@ class Target:
     lowering: list[Stage]
     attention: Callable[[int], Callable]  # max_context → a per-graph CachedAttention lowering
     finishing: list[Stage]
+    dtype: str | None = None  # a half-precision target: "float16" (default) or "bfloat16"
+    positions_on_device: bool = False  # no host-side shape op (CUDA graphs need none)
 
 
 ORT = Target(
@@ -65,4 +67,19 @@ ONNX = Target(
     finishing=[Stage("read transposed weights in place", rules=lower_onnx.WEIGHT_RULES)],
 )
 
-TARGETS = {target.name: target for target in (ORT, ONNX)}
+# the `ort` ops for onnxruntime's CUDA provider, in half precision (GroupQueryAttention runs
+# only in float16/bfloat16 there); nodes whose values leave float16's range stay float32,
+# chosen by the range check after lowering (kvfuse.rewriter.range_check)
+CUDA = dataclasses.replace(
+    ORT,
+    name="cuda",
+    finishing=[
+        *ORT.finishing,
+        Stage("pack the MLP's gate and up projections", run=packed_mlp.pack_sibling_projections),
+        Stage("pick the greedy token on the device", run=last_logits.add_greedy_token),
+    ],
+    dtype="float16",
+    positions_on_device=True,
+)
+
+TARGETS = {target.name: target for target in (ORT, ONNX, CUDA)}

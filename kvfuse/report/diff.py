@@ -248,6 +248,14 @@ def _add_optimize_result(report: dict, result: Any) -> None:
     ]
     if result.verification is not None:
         report["numerics"] = _numerics(dataclasses.asdict(result.verification))
+    precision = getattr(result, "precision", None)
+    if precision is not None:  # a half-precision target: what stayed float32, and why
+        rewrite = result.rewrite_verification
+        report["precision"] = {
+            "dtype": precision.dtype,
+            "kept": [dataclasses.asdict(kept) for kept in precision.kept],
+            "rewrite_verification": dataclasses.asdict(rewrite) if rewrite else None,
+        }
 
 
 def _numerics(verification: dict, recorded_in: str | None = None) -> dict:

@@ -21,7 +21,7 @@ def to_markdown(report: dict) -> str:
         *[f"| {key} | {value} |" for key, value in verdict_rows(report)],
     ]
     lines += _blockers(report)
-    lines += _ops(report) + _numerics(report) + _quantization(report)
+    lines += _ops(report) + _numerics(report) + _precision(report) + _quantization(report)
     lines += _io(report) + _rewrites(report) + _layers(report) + _models(report)
     return "\n".join(lines) + "\n"
 
@@ -127,6 +127,18 @@ def _ops(report: dict) -> list[str]:
         f"| {r['op']} | {r['a']:,} | {r['b']:,} | {r['delta']:+,} |"
         for r in digest.op_changes(report, limit=20)
     ]
+    return lines
+
+
+def _precision(report: dict) -> list[str]:
+    precision = report.get("precision")
+    if precision is None:
+        return []
+    kept = precision["kept"]
+    lines = ["", "## Precision", "", f"{precision['dtype']}; {len(kept)} nodes kept in float32."]
+    if kept:
+        lines += ["", "| node | op | why |", "|---|---|---|"]
+        lines += [f"| `{k['node']}` | {k['op_type']} | {k['reason']} |" for k in kept]
     return lines
 
 

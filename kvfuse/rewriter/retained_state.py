@@ -48,6 +48,7 @@ class KVSignature:
     # per layer: which lowering its attention took and why ({"lowering": kind, "reason": …})
     lowerings: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
     static: dict | None = None  # a static pair's files and prefill length
+    dtype: str = "float32"  # the KV buffers' (and the graph's) precision; logits stay float32
 
 
 # (graph, CachedAttention, its old presents, seqlens_k, total_sequence_length, rotary tables

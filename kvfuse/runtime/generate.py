@@ -58,15 +58,36 @@ class Completion:
 class Generator:
     """An optimized model ready to generate; `kvfuse.load(path)` returns one."""
 
-    def __init__(self, path: str | Path, threads: int | None = None, prepack: bool = False) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        threads: int | None = None,
+        prepack: bool = False,
+        device: str = "cpu",
+        cuda_graph: bool = True,
+        provider_options: dict | None = None,
+    ) -> None:
+        if device not in ("cpu", "cuda"):
+            raise KvfuseError(f"device must be 'cpu' or 'cuda', not {device!r}")
         self.spec = read_spec(path)
         self.text = Text(self.spec.directory)
         self.threads, self.prepack = threads, prepack
+        self.device, self.cuda_graph = device, cuda_graph
         self._sessions: dict[int, Session] = {}
+        self._gpu = None  # the one CUDA InferenceSession, shared by every batch size
+        if device == "cuda":
+            from kvfuse.runtime.device import open_cuda_session
+
+            self._gpu = open_cuda_session(self.spec, cuda_graph, 0, provider_options)
 
     def session(self, batch: int) -> Session:
         if batch not in self._sessions:
-            self._sessions[batch] = Session(self.spec, batch, self.threads, self.prepack)
+            if self._gpu is not None:
+                from kvfuse.runtime.device import CudaSession
+
+                self._sessions[batch] = CudaSession(self.spec, batch, self._gpu, self.cuda_graph)
+            else:
+                self._sessions[batch] = Session(self.spec, batch, self.threads, self.prepack)
         return self._sessions[batch]
 
     def generate(
@@ -127,8 +148,10 @@ class _Run:
         fed = list(self.prompts[0]) if len(self.prompts) == 1 else None  # row 0's KV tokens
         self.prefill_ms = (time.perf_counter() - start) * 1e3
         decode_start, decoded = time.perf_counter(), 0
+        on_device = self._greedy_on_device()
+        picked = None
         while True:
-            tokens = self.sampler.pick(logits, self._seen())
+            tokens = picked if picked is not None else self.sampler.pick(logits, self._seen())
             delta = self._accept(tokens)
             if delta:
                 yield delta
@@ -138,7 +161,10 @@ class _Run:
                 self._context_full()
                 break
             lengths = lengths + 1
-            logits = self.session.run(tokens[:, None], lengths)[:, 0]
+            if on_device:  # the graph picks the greedy token: no logits copied back
+                picked = self.session.next_tokens(tokens[:, None], lengths)
+            else:
+                logits = self.session.run(tokens[:, None], lengths)[:, 0]
             if fed is not None:
                 fed.append(int(tokens[0]))
             decoded += 1
@@ -147,6 +173,12 @@ class _Run:
         self.session.held = fed or []  # what row 0 holds, for the next generation to reuse
         seconds = time.perf_counter() - decode_start
         self.decode_rate = decoded / seconds if decoded and seconds > 0 else 0.0
+
+    def _greedy_on_device(self) -> bool:
+        """Greedy decoding on a session that picks the token itself (target cuda on a GPU)."""
+        sampling = self.config.sampling
+        greedy = sampling.temperature == 0.0 and sampling.repetition_penalty == 1.0
+        return greedy and getattr(self.session, "picks_greedy", False)
 
     def _seen(self) -> list[list[int]] | None:
         """Each row's tokens so far — only the repetition penalty needs them."""
@@ -237,7 +269,14 @@ class _Run:
         return Completion(self.texts, self.new, [f or "length" for f in self.finish], stats)
 
 
-def load(path: str | Path, threads: int | None = None, prepack: bool = False) -> Generator:
+def load(
+    path: str | Path,
+    threads: int | None = None,
+    prepack: bool = False,
+    device: str = "cpu",
+    cuda_graph: bool = True,
+    provider_options: dict | None = None,
+) -> Generator:
     """Load an optimized model (its `.onnx` or its directory) for generation.
 
     Args:
@@ -245,5 +284,9 @@ def load(path: str | Path, threads: int | None = None, prepack: bool = False) ->
         threads: onnxruntime intra-op threads (default: physical cores).
         prepack: static pair only — let each session load and pre-pack its own copy of the
             weights (faster MatMuls, one weights copy per graph) instead of sharing one copy.
+        device: "cpu", or "cuda" for a `--target cuda` model on onnxruntime-gpu: KV buffers in
+            device memory, decode steps replayed as a CUDA graph (one per batch size).
+        cuda_graph: (device "cuda") capture and replay decode steps; False runs them eagerly.
+        provider_options: (device "cuda") more CUDA provider options for onnxruntime.
     """
-    return Generator(path, threads, prepack)
+    return Generator(path, threads, prepack, device, cuda_graph, provider_options)

@@ -13,7 +13,9 @@ many rows, one token each, ragged lengths allowed.
     logits = rows.step(first=0, input_ids=tokens[:, None], lengths_after=lengths)  # 8 rows
 
 Each (first, n) binding is made once and kept; its first run is checked in place (the present
-outputs' addresses must be the arena's).
+outputs' addresses must be the arena's). The session is a CPU `Session` or a `CudaSession`
+(`kvfuse.runtime.device`, run eagerly): each says where its arena lies (`kv_location`), its
+dtype, and the address of a row (`row_address`); the logits come back to host memory.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from kvfuse.runtime.session import Session
 class RowSteps:
     """Run steps on spans of one Session's arena rows, bound by pointer."""
 
-    def __init__(self, session: Session) -> None:
+    def __init__(self, session: Session) -> None:  # or a CudaSession
         spec = session.spec
         if spec.prefill_path is not None or spec.batch_size is not None:
             raise KvfuseError(
@@ -80,13 +82,15 @@ class RowSteps:
 
     def _binding(self, first: int, count: int) -> ort.IOBinding:
         if (first, count) not in self._bindings:
-            binding = self.session.session.io_binding()
-            arena = self.session.arena
-            shape = [count, *arena.shape[2:]]
-            for index, (past, present) in enumerate(self.spec.pairs):
-                pointer = arena[index, first].ctypes.data  # rows are contiguous in the arena
-                binding.bind_input(past, "cpu", 0, np.float32, shape, pointer)
-                binding.bind_output(present, "cpu", 0, np.float32, shape, pointer)
+            session = self.session
+            binding = session.session.io_binding()
+            spec = self.spec
+            shape = [count, spec.kv_heads, spec.max_context, spec.head_dim]
+            where, dtype = session.kv_location, session.kv_dtype
+            for index, (past, present) in enumerate(spec.pairs):
+                pointer = session.row_address(index, first)  # rows are contiguous in the arena
+                binding.bind_input(past, *where, dtype, shape, pointer)
+                binding.bind_output(present, *where, dtype, shape, pointer)
             self._bindings[first, count] = binding
         return self._bindings[first, count]
 
@@ -102,7 +106,7 @@ class RowSteps:
     def _check_in_place(self, binding: ort.IOBinding, first: int) -> None:
         written = {value.data_ptr() for value in binding.get_outputs()}
         for index, (_, present) in enumerate(self.spec.pairs):
-            if self.session.arena[index, first].ctypes.data not in written:
+            if self.session.row_address(index, first) not in written:
                 raise KvfuseError(
                     f"onnxruntime wrote {present} to new memory instead of the arena rows it "
                     "was bound to; the cache would be copied every step"

@@ -50,8 +50,10 @@ class Session:
             if not prepack:  # else each session reads (and pre-packs) its own copy
                 self.weights = SharedWeights(spec.weights_path, list(graphs.values()))
         shape = (len(spec.pairs), batch, spec.kv_heads, spec.max_context, spec.head_dim)
-        check_fits(int(np.prod(shape)) * np.dtype(np.float32).itemsize, shape)
-        self.arena = np.zeros(shape, dtype=np.float32)  # the only KV memory, allocated once
+        if spec.dtype not in ("float32", "float16"):
+            raise KvfuseError(f"onnxruntime's CPU kernels cannot run this {spec.dtype} model")
+        check_fits(int(np.prod(shape)) * np.dtype(spec.dtype).itemsize, shape)
+        self.arena = np.zeros(shape, dtype=spec.dtype)  # the only KV memory, allocated once
         self._kv_values = [ort.OrtValue.ortvalue_from_numpy(self.arena[i]) for i in range(shape[0])]
         self._graphs = {length: self._open(path) for length, path in graphs.items()}
         self.session, self.binding = self._graphs[1 if spec.prefill_path else None]  # decode
@@ -79,6 +81,16 @@ class Session:
     @property
     def kv_bytes(self) -> int:
         return self.arena.nbytes
+
+    kv_location = ("cpu", 0)  # where the arena lies, for bindings by pointer (rows.py)
+
+    @property
+    def kv_dtype(self):
+        return self.arena.dtype
+
+    def row_address(self, index: int, row: int) -> int:
+        """The address of layer-buffer `index`'s row `row` in the arena."""
+        return self.arena[index, row].ctypes.data
 
     @property
     def prefill_len(self) -> int | None:

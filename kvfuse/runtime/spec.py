@@ -36,6 +36,8 @@ class ModelSpec:
     prefill_path: Path | None = None  # a static pair: the graph of `prefill_len` new tokens
     prefill_len: int | None = None
     weights_path: Path | None = None  # a static pair: the one weights file both graphs read
+    dtype: str = "float32"  # the graph's and the KV buffers' precision (logits: float32)
+    greedy_output: str | None = None  # int64 [B, 1] ArgMax of the logits (target cuda)
 
     @property
     def directory(self) -> Path:
@@ -137,6 +139,8 @@ def _spec(model_path: Path, proto: onnx.ModelProto, record: dict) -> ModelSpec:
         prefill_path=directory / _plain_name(static["graphs"]["prefill"]) if static else None,
         prefill_len=static.get("prefill_len") and _positive(static["prefill_len"]),
         weights_path=directory / _plain_name(static["weights"]) if static else None,
+        dtype=str(record.get("dtype", "float32")),
+        greedy_output=next((o.name for o in proto.graph.output if o.name == "next_token"), None),
     )
     graph_inputs = {v.name for v in proto.graph.input}
     graph_outputs = {v.name for v in proto.graph.output}

@@ -136,6 +136,8 @@ class Engine:
         request_timeout_s: a request still running after this long (queue wait included) is
             ended with finish reason "timeout" (None: never), unless it sets its own.
         name: the model's name in the APIs (default: the model directory's name).
+        device: "cpu", or "cuda" (a `--target cuda` model: the KV rows in device memory,
+            steps run eagerly — spans of rows change from step to step).
     """
 
     def __init__(
@@ -149,6 +151,7 @@ class Engine:
         default_max_new_tokens: int = 256,
         request_timeout_s: float | None = 600.0,
         name: str | None = None,
+        device: str = "cpu",
     ) -> None:
         if min(slots, prefill_chunk, chunk_while_decoding) < 1 or max_queue < 0:
             raise KvfuseError("slots and the prefill chunks must be ≥ 1, max_queue ≥ 0")
@@ -160,7 +163,7 @@ class Engine:
         self.chunks = {False: prefill_chunk, True: chunk_while_decoding}  # by "rows decode"
         self.default_max_new_tokens = default_max_new_tokens
         self.request_timeout_s = request_timeout_s
-        self._steps = RowSteps(Session(self.spec, slots, threads))
+        self._steps = RowSteps(_session(self.spec, slots, threads, device))
         self.metrics = Metrics(slots)
         self._rows = [_Row(i) for i in range(slots)]
         self._waiting: collections.deque[Request] = collections.deque()
@@ -391,3 +394,14 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 def _logprob(logits: np.ndarray, token: int) -> float:
     top = float(logits.max())
     return float(logits[token]) - top - float(np.log(np.exp(logits - top).sum()))
+
+
+def _session(spec, slots: int, threads: int | None, device: str):
+    """The rows' session: on the CPU, or on the GPU through the CUDA provider."""
+    if device == "cpu":
+        return Session(spec, slots, threads)
+    if device != "cuda":
+        raise KvfuseError(f"device must be 'cpu' or 'cuda', not {device!r}")
+    from kvfuse.runtime.device import CudaSession, open_cuda_session
+
+    return CudaSession(spec, slots, open_cuda_session(spec, cuda_graph=False), cuda_graph=False)
