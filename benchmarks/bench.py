@@ -10,9 +10,13 @@ onnxruntime loop over Optimum's export; onnxruntime-genai 0.18 on a model its ow
 from the same weights (needs a second virtualenv with transformers 5.x, see --genai-python);
 kvfuse (`kvfuse.load`) for each target: `ort` (GroupQueryAttention), `onnx` (standard ops,
 dynamic shapes) and `onnx --static` (a prefill graph of 128 tokens and a decode graph sharing
-one weights file); and `kvfuse-genai`, kvfuse's `ort` model under onnxruntime-genai's runtime
-(its C++ loop over the graph `optimize --genai-config` writes), which separates the graph's
-quality from kvfuse's Python loop. Writes benchmarks/RESULTS.md.
+one weights file); `kvfuse-genai`, kvfuse's `ort` model under onnxruntime-genai's runtime (its
+C++ loop over the graph `optimize --genai-config` writes), which separates the graph's quality
+from kvfuse's Python loop. Quantized rows: kvfuse `--quantize int4`, `gguf` (the GGUF's own blocks)
+and `int8`, beside genai's int4 model (its builder's defaults) and genai int4 with an 8-bit LM
+head; each quantized row also gets its quality against the same fp32 reference (Optimum's
+export), teacher-forced over 2,048 tokens of `pydoc_data.topics` (`--quality` worker). Writes
+benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -35,8 +39,13 @@ SYSTEMS = [
     "optimum",
     "plain-ort",
     "genai",
+    "genai-int4",
+    "genai-int4-head8",
     "kvfuse",
     "kvfuse-genai",
+    "kvfuse-int4",
+    "kvfuse-gguf",
+    "kvfuse-int8",
     "kvfuse-onnx",
     "kvfuse-static",
     "kvfuse-static-prepack",
@@ -51,9 +60,24 @@ KVFUSE_MODELS = {
     ),
 }
 KVFUSE_MODELS["kvfuse-static-prepack"] = KVFUSE_MODELS["kvfuse-static"]  # its own copy per graph
-STATIC_MARK = "model-static.kvfuse.json"  # the file a static pair lands last
+for _mode in ("int4", "gguf", "int8"):
+    KVFUSE_MODELS[f"kvfuse-{_mode}"] = (f"model-{_mode}.onnx", {"quantize": _mode})
+# genai system → builder arguments (precision and extra options)
+GENAI_MODELS = {
+    "genai": ["-p", "fp32"],
+    "genai-int4": ["-p", "int4"],
+    "genai-int4-head8": [
+        "-p",
+        "int4",
+        "--extra_options",
+        "algo_config=rtn",
+        "matmul_mixed_precision=last_matmul:int8",
+    ],
+}
 KVFUSE_GENAI = "kvfuse-genai"  # genai's files for the `kvfuse` model (add_genai_files)
-GENAI_DIRS = ("genai", KVFUSE_GENAI)
+QUANTIZED = ["genai-int4", "genai-int4-head8", "kvfuse-int4", "kvfuse-gguf", "kvfuse-int8"]
+QUALITY_TOKENS, QUALITY_WINDOW = 2048, 512
+STATIC_MARK = "model-static.kvfuse.json"  # the file a static pair lands last
 SHORT, LONG, NEW_SHORT, NEW_LONG, PARITY = 64, 1024, 128, 64, 32
 TEXT = (
     "The history of computing is a story of people finding ways to make machines do more of "
@@ -177,10 +201,10 @@ def plain_runner(work: Path, threads: int):
     return run
 
 
-def genai_runner(work: Path, threads: int, directory: str = "genai"):
+def genai_runner(work: Path, threads: int, system: str = "genai"):
     import onnxruntime_genai as og
 
-    model = og.Model(str(work / directory))
+    model = og.Model(str(work / system))
 
     def run(ids, new, decode=False):
         params = og.GeneratorParams(model)
@@ -222,8 +246,16 @@ RUNNERS = {
     "optimum": optimum_runner,
     "plain-ort": plain_runner,
     "genai": genai_runner,
+    KVFUSE_GENAI: lambda work, threads: genai_runner(work, threads, KVFUSE_GENAI),
+    "genai-int4": lambda work, threads: genai_runner(work, threads, "genai-int4"),
+    "genai-int4-head8": lambda work, threads: genai_runner(work, threads, "genai-int4-head8"),
     "kvfuse": kvfuse_runner,
-    "kvfuse-genai": lambda work, threads: genai_runner(work, threads, KVFUSE_GENAI),
+    **{
+        f"kvfuse-{mode}": (lambda m: lambda work, threads: kvfuse_runner(work, threads, m))(
+            f"kvfuse-{mode}"
+        )
+        for mode in ("int4", "gguf", "int8")
+    },
     "kvfuse-onnx": lambda work, threads: kvfuse_runner(work, threads, "kvfuse-onnx"),
     "kvfuse-static": lambda work, threads: kvfuse_runner(work, threads, "kvfuse-static"),
     "kvfuse-static-prepack": lambda work, threads: kvfuse_runner(
@@ -233,56 +265,38 @@ RUNNERS = {
 
 
 # ── orchestration ─────────────────────────────────────────────────────────────────────────
-def prepare(work: Path, genai_python: str | None, wanted: list[str] | None = None) -> list[str]:
-    """Export, optimize what the `wanted` systems (default: all) run, and (if a builder
-    environment is given) build genai's own model."""
+def prepare(work: Path, genai_python: str | None, wanted: list[str] = SYSTEMS) -> list[str]:
+    """Export, optimize and (if a builder environment is given) build the genai models that
+    the `wanted` systems need; returns the systems that can run."""
     from kvfuse import export, optimize
     from kvfuse.exporters import default_model
     from kvfuse.exporters.export import DEFAULT_HF_DIR
     from kvfuse.genai import add_genai_files
-
-    wanted = wanted or SYSTEMS
 
     if not (work / "export" / "model.onnx").exists():
         export("default", work / "export", overwrite=True)
     hf_dir = default_model.default_gguf_path().parent / DEFAULT_HF_DIR
     if not (work / "hf").exists():
         (work / "hf").symlink_to(hf_dir)
-    needed = {"kvfuse" if s == KVFUSE_GENAI else s for s in wanted}
-    for file, options in dict(KVFUSE_MODELS[s] for s in needed if s in KVFUSE_MODELS).items():
+    for system, (file, options) in KVFUSE_MODELS.items():
         done = STATIC_MARK if options.get("static") else file
-        if not (work / "export" / done).exists():
+        needed = system in wanted or (system == "kvfuse" and KVFUSE_GENAI in wanted)
+        if needed and not (work / "export" / done).exists():
             optimize(work / "export", work / "export" / file, max_context=2048, **options)
     if KVFUSE_GENAI in wanted and not (work / KVFUSE_GENAI / "genai_config.json").exists():
         add_genai_files(work / "export" / KVFUSE_MODELS["kvfuse"][0], work / KVFUSE_GENAI)
-    systems = [s for s in SYSTEMS if s != "genai" and s in wanted]
-    if genai_python and not (work / "genai" / "genai_config.json").exists():
-        subprocess.run(
-            [
-                genai_python,
-                "-m",
-                "onnxruntime_genai.models.builder",
-                "-i",
-                str(hf_dir),
-                "-o",
-                str(work / "genai"),
-                "-p",
-                "fp32",
-                "-e",
-                "cpu",
-                "-c",
-                str(work / "genai-cache"),
-            ],
-            check=True,
-        )
-    if (work / "genai" / "genai_config.json").exists() and "genai" in wanted:
-        systems.insert(min(3, len(systems)), "genai")
-    return systems
+    for system, arguments in GENAI_MODELS.items():
+        built = (work / system / "genai_config.json").exists()
+        if genai_python and system in wanted and not built:
+            build = [genai_python, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir)]
+            build += ["-o", str(work / system), "-e", "cpu", "-c", str(work / "genai-cache")]
+            subprocess.run(build + arguments, check=True)
+    return [s for s in wanted if s not in GENAI_MODELS or (work / s / "genai_config.json").exists()]
 
 
 def set_genai_threads(work: Path, threads: int) -> None:
-    for directory in GENAI_DIRS:
-        _set_threads(work / directory / "genai_config.json", threads)
+    for system in [*GENAI_MODELS, KVFUSE_GENAI]:
+        _set_threads(work / system / "genai_config.json", threads)
 
 
 def _set_threads(path: Path, threads: int) -> None:
@@ -324,10 +338,62 @@ def read_bandwidth(threads: int) -> float:
     return w.nbytes / statistics.median(times[3:]) / 1e9
 
 
+def model_bytes(work: Path, system: str) -> int:
+    """Bytes on disk of what a system loads (graphs and weights files)."""
+    if system in GENAI_MODELS or system == KVFUSE_GENAI:
+        files = [f for f in (work / system).iterdir() if f.suffix in (".onnx", ".data")]
+    elif system in KVFUSE_MODELS:
+        stem = KVFUSE_MODELS[system][0].removesuffix(".onnx")
+        files = [f for f in (work / "export").glob(f"{stem}.*") if f.suffix != ".json"]
+    elif system == "pytorch":
+        files = list((work / "hf").glob("*.safetensors"))
+    else:
+        files = [work / "export" / "model.onnx"]
+    return sum(f.stat().st_size for f in files)
+
+
+def quality_worker(system: str, work: Path, threads: int, tokens: int = QUALITY_TOKENS) -> dict:
+    """KLD etc. of a quantized system against Optimum's fp32 export, on the same tokens."""
+    from tokenizers import Tokenizer
+
+    from kvfuse.exporters.reference import ConcatCacheRunner
+    from kvfuse.rewriter import quality
+    from kvfuse.rewriter.verify import FixedCacheRunner
+
+    text = quality.reference_text()[1]
+    tokenizer = Tokenizer.from_file(str(work / "export" / "tokenizer.json"))
+    ids = tokenizer.encode(text).ids[:tokens]
+    reference = ConcatCacheRunner(work / "export" / "model.onnx", threads=threads)
+    if system in GENAI_MODELS:
+        facts = json.loads((work / "export" / "kvfuse-export.json").read_text())["model"]
+
+        class GenaiCache(ConcatCacheRunner):
+            """genai names its head dim `kv_cache_dim` (symbolic): an empty past [B, Hkv, 0, D]."""
+
+            def _empty_past(self, name, batch):
+                heads = self.inputs[name].shape[1]
+                return np.zeros([batch, heads, 0, facts["head_dim"]], np.float32)
+
+        candidate = GenaiCache(work / system / "model.onnx", threads=threads)
+    else:
+        file = work / "export" / KVFUSE_MODELS[system][0]
+        sidecar = json.loads(file.with_suffix(".kvfuse.json").read_text())
+        pairs = [(p["past"], p["present"]) for p in sidecar["kv_pairs"]]
+        shape = [1, sidecar["kv_heads"], sidecar["max_context"], sidecar["head_dim"]]
+        graph = quality.all_position_logits(file.read_bytes())
+        candidate = FixedCacheRunner(graph, pairs, shape, optimized=True)
+    figures = quality.compare(reference, candidate, ids, QUALITY_WINDOW, greedy_steps=32)
+    result = {"system": system, **{k: v for k, v in vars(figures).items() if k != "mismatches"}}
+    result["mismatch_margins"] = [round(m.margin, 3) for m in figures.mismatches]
+    del result["kld_by_position"]
+    return result
+
+
 def weight_bytes(work: Path) -> int:
     import onnx
 
-    model = onnx.load(str(work / "export" / "model-kvfuse.onnx"))
+    path = work / "export" / "model-kvfuse.onnx"
+    model = onnx.load(str(path if path.exists() else work / "export" / "model.onnx"))
     return sum(
         onnx.numpy_helper.to_array(t).nbytes
         for t in model.graph.initializer
@@ -346,14 +412,20 @@ def main() -> None:
         "onnxruntime-genai, to run genai's model builder",
     )
     parser.add_argument("--worker")
+    parser.add_argument("--quality", help="(internal) measure one quantized system's quality")
+    parser.add_argument("--quality-tokens", type=int, default=QUALITY_TOKENS)
     parser.add_argument("--systems", help="comma-separated subset")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.worker:
         print(json.dumps(worker(args.worker, args.work, args.threads)))
         return
+    if args.quality:
+        figures = quality_worker(args.quality, args.work, args.threads, args.quality_tokens)
+        print(json.dumps(figures))
+        return
     args.work.mkdir(parents=True, exist_ok=True)
-    wanted = args.systems.split(",") if args.systems else None
+    wanted = [s for s in SYSTEMS if not args.systems or s in args.systems.split(",")]
     systems = prepare(args.work, args.genai_python, wanted)
     set_genai_threads(args.work, args.threads)
     bandwidth = read_bandwidth(args.threads)
@@ -379,10 +451,25 @@ def main() -> None:
                 continue
             results[system].append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(f"round {round_index + 1} {system}: {results[system][-1]}", file=sys.stderr)
-    write_report(results, bandwidth, weight_bytes(args.work), args)
+    qualities = {}
+    for system in [s for s in systems if s in QUANTIZED]:
+        done = _run_self(["--quality", system], args)
+        if done.returncode != 0:
+            print(done.stderr[-2000:], file=sys.stderr)
+            continue
+        qualities[system] = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"quality {system}: {qualities[system]}", file=sys.stderr)
+    sizes = {system: model_bytes(args.work, system) for system in systems}
+    write_report(results, bandwidth, weight_bytes(args.work), args, sizes, qualities)
 
 
-def write_report(results, bandwidth, weights, args) -> None:
+def _run_self(arguments: list[str], args) -> subprocess.CompletedProcess:
+    command = [sys.executable, __file__, *arguments, "--work", str(args.work)]
+    command += ["--threads", str(args.threads), "--quality-tokens", str(args.quality_tokens)]
+    return subprocess.run(command, capture_output=True, text=True)
+
+
+def write_report(results, bandwidth, weights, args, sizes=None, qualities=None) -> None:
     roofline = bandwidth * 1e9 / weights
     reference = (results.get("pytorch") or [{}])[0].get("tokens")
     rows = []
@@ -415,9 +502,9 @@ def write_report(results, bandwidth, weights, args) -> None:
         f"{SHORT}-token prompt (short) and {NEW_LONG} tokens after a {LONG}-token prompt (long).",
         "",
         "| system | prefill 64 (ms) | prefill 512 (ms) | decode short (tok/s) | decode long "
-        "(tok/s) | long/short | vs plain ORT | of roofline | peak RSS (MB) | same greedy "
-        f"tokens as PyTorch (first {PARITY}) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "(tok/s) | long/short | vs plain ORT | of roofline | peak RSS (MB) | model (MB) | "
+        f"same greedy tokens as PyTorch (first {PARITY}) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for system, m, same in rows:
         versus = m["decode_short_tps"] / plain["decode_short_tps"] if plain else float("nan")
@@ -425,17 +512,45 @@ def write_report(results, bandwidth, weights, args) -> None:
             f"| {system} | {m['prefill_64_ms']:.0f} | {m['prefill_512_ms']:.0f} | "
             f"{m['decode_short_tps']:.1f} | {m['decode_long_tps']:.1f} | "
             f"{m['decode_long_tps'] / m['decode_short_tps']:.2f} | {versus:.2f}× | "
-            f"{m['decode_short_tps'] / roofline:.0%} | {m['peak_rss_mb']:.0f} | {same} |"
+            f"{m['decode_short_tps'] / roofline:.0%} | {m['peak_rss_mb']:.0f} | "
+            f"{(sizes or {}).get(system, 0) / 1e6:.0f} | {same} |"
         )
+    lines += _quality_table(qualities or {})
     out = Path(__file__).with_name("RESULTS.md")
     previous = out.read_text() if out.exists() else ""
-    marks = [previous.index(mark) for mark in (GPU_MARK, "<!-- section:") if mark in previous]
-    kept = previous[min(marks) :] if marks else ""  # other scripts' sections (GPU, serving)
-    out.write_text("\n".join(lines) + "\n" + ("\n" + kept if kept else ""))
+    marks = [previous.index(m) for m in (SECTION_MARK, GPU_MARK) if m in previous]
+    others = previous[min(marks) :] if marks else ""  # other scripts' sections (serving, GPU)
+    out.write_text("\n".join(lines) + "\n" + ("\n" + others if others else ""))
     print("\n".join(lines))
 
 
+def _quality_table(qualities: dict) -> list[str]:
+    """Quality of each quantized row against the same fp32 reference (Optimum's export)."""
+    if not qualities:
+        return []
+    tokens = next(iter(qualities.values()))["tokens"]
+    lines = [
+        "",
+        f"Quality against the fp32 export, teacher-forced over {tokens} tokens of "
+        f"pydoc_data.topics in windows of {QUALITY_WINDOW}; greedy: 32 tokens after the text's "
+        "first 32, the fp32 model choosing, with the fp32 logit margin at each mismatch.",
+        "",
+        "| system | KLD mean | KLD 99.9% | same top-1 | perplexity fp32 → quantized | greedy "
+        "equal | mismatch margins |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for system, q in qualities.items():
+        lines.append(
+            f"| {system} | {q['kld_mean']:.4f} | {q['kld_p999']:.4f} | "
+            f"{100 * q['same_top1']:.1f}% | {q['perplexity_original']:.3f} → "
+            f"{q['perplexity_quantized']:.3f} | {q['greedy_equal']}/{q['greedy_steps']} | "
+            f"{', '.join(map(str, q['mismatch_margins'])) or '—'} |"
+        )
+    return lines
+
+
 GPU_MARK = "<!-- gpu: benchmarks/bench_gpu.py -->"
+SECTION_MARK = "<!-- section:"  # benchmarks/bench_serve.py's section
 
 
 def _first_mismatch(tokens, reference) -> str:

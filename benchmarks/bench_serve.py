@@ -334,7 +334,7 @@ def _table(rows: list[dict], args) -> list[str]:
         f"{args.prefill_chunk} tokens ({args.chunk_while_decoding} while rows decode); "
         "loopback clients on /generate_stream; prompts of "
         f"{args.prompt_tokens} tokens, {args.new_tokens} new tokens each (greedy, eos ignored), "
-        f"{args.requests_per_stream} requests per stream. Machine: {platform.machine()}, "
+        f"{args.requests_per_stream} request(s) per stream. Machine: {platform.machine()}, "
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end.",
         *(["", args.note] if args.note else []),
         "",
@@ -412,14 +412,17 @@ def _targets(row) -> list[str]:
 
 
 def _write_section(path: Path, lines: list[str]) -> None:
-    """Replace this script's section of RESULTS.md (from its marker to the next one or the
-    end), keeping everything else."""
+    """Replace this script's section of RESULTS.md (from its marker to the next marker of
+    another script, e.g. bench_gpu.py's, or the end), keeping everything else in place; a
+    first run puts it before any other script's section."""
     text = path.read_text() if path.exists() else "# Benchmark results\n"
     head, found, rest = text.partition(SECTION)
-    tail = ""
-    if found and "<!-- section:" in rest:
-        tail = rest[rest.index("<!-- section:") :]
-    path.write_text(head.rstrip("\n") + "\n\n" + "\n".join(lines) + tail)
+    if not found and "<!-- " in text:  # before the others' sections (bench_gpu keeps those)
+        head, rest = text[: text.index("<!-- ")], text[text.index("<!-- ") :]
+        tail = rest
+    else:
+        tail = rest[rest.index("<!-- ") :] if "<!-- " in rest else ""
+    path.write_text(head.rstrip("\n") + "\n\n" + "\n".join(lines) + "\n" + tail)
 
 
 if __name__ == "__main__":

@@ -116,11 +116,43 @@ def optimize(
             "own loop runs the model (target ort).",
         ),
     ] = False,
+    quantize: Annotated[
+        str | None,
+        typer.Option(
+            help="Weight-only block quantization: int4, int8, or gguf (the source GGUF's own "
+            "blocks, kept exactly)."
+        ),
+    ] = None,
+    block_size: Annotated[int, typer.Option(help="--quantize: block length along K.")] = 32,
+    accuracy_level: Annotated[
+        int, typer.Option(help="--quantize: MatMulNBits accuracy level (4: int8 activations).")
+    ] = 4,
+    head: Annotated[
+        str, typer.Option(help="--quantize: LM head and embedding bits: int8, int4 or float.")
+    ] = "int8",
+    exclude: Annotated[
+        list[str] | None,
+        typer.Option(help="--quantize: keep MatMuls whose node name matches this glob in fp32."),
+    ] = None,
+    max_kld: Annotated[
+        float,
+        typer.Option(help="--quantize: refuse to write above this mean KL divergence."),
+    ] = 0.5,
+    force: Annotated[
+        bool, typer.Option("--force", help="--quantize: write even above --max-kld.")
+    ] = False,
 ) -> None:
     """Fuse attention + KV cache into fixed, in-place KV buffers (GroupQueryAttention for
     --target ort; TensorScatter + Attention for --target onnx)."""
     from kvfuse.optimize import PartialFusion
     from kvfuse.optimize import optimize as run_optimize
+    from kvfuse.quantization import Quantize
+
+    quant = None
+    if quantize is not None:
+        quant = Quantize(
+            quantize, block_size, accuracy_level, head, tuple(exclude or ()), max_kld, force
+        )
 
     try:
         result = run_optimize(
@@ -137,6 +169,7 @@ def optimize(
             overwrite=overwrite,
             quiet=quiet,
             genai_config=genai_config,
+            quantize=quant,
         )
     except PartialFusion as error:
         if explain:
@@ -152,6 +185,13 @@ def optimize(
                 f"{escape(output.stem)}.genai.onnx (onnxruntime_genai.Model"
                 f"({escape(str(output.parent))!r}))"
             )
+        if result.quantization is not None:
+            from kvfuse.report.quantization import summary_lines
+
+            for line in summary_lines(result.quantization):
+                console.print(escape(line))
+    if result.warning:
+        console.print(f"[yellow]warning:[/yellow] {escape(result.warning)}")
     if report is not None:
         _write_optimize_report(source, result.output, result, report, quiet)
 

@@ -17,7 +17,7 @@ import onnx
 import onnx_ir as ir
 from onnxscript import optimizer
 
-from kvfuse import __version__
+from kvfuse import __version__, quantization
 from kvfuse.checks import check_model_file
 from kvfuse.errors import KvfuseError
 from kvfuse.exporters.metadata import read_metadata
@@ -77,6 +77,8 @@ class OptimizeResult:
     verification: Verification | None
     signature: retained_state.KVSignature | None
     shared_weights: static_graphs.SharedWeights | None = None  # a static pair's weights file
+    quantization: dict | None = None  # what --quantize did and measured
+    warning: str | None = None  # e.g. written with --force past --max-kld
     precision: range_check.PrecisionChoice | None = None  # a half-precision target's choice
     rewrite_verification: Verification | None = None  # half targets: the float32 rewrite
 
@@ -107,6 +109,7 @@ def optimize(
     verify_numerics: bool = True,
     overwrite: bool = False,
     quiet: bool = False,
+    quantize: str | quantization.Quantize | None = None,
     genai_config: bool = False,
 ) -> OptimizeResult:
     """Rewrite an exported ONNX LLM into fused attention with a fixed-size in-place KV cache.
@@ -130,6 +133,10 @@ def optimize(
         verify_numerics: compare against the original before writing (default on).
         overwrite: replace an existing output (never the input).
         quiet: no progress display.
+        quantize: "int4", "int8" or "gguf" (or a `kvfuse.quantization.Quantize` with its
+            options): weight-only block quantization of every MatMul and of the embedding/LM
+            head; checked exactly against the dequantized original, and its quality measured
+            against the original (the write is refused above `max_kld` unless `force`).
         genai_config: (target "ort") also write what onnxruntime-genai needs to run the model
             with its own loop: OUT.genai.onnx (valid lengths derived from an attention mask)
             and genai_config.json beside OUT.onnx and the tokenizer files.
@@ -139,7 +146,12 @@ def optimize(
         verification passed (a `KvfuseError` says why otherwise).
     """
     plan = _plan(source, output, target, max_context, batch_size, logits, static, prefill_len)
+    plan = dataclasses.replace(plan, quant=quantization.as_options(quantize))
+    if plan.quant is not None:
+        plan.quant.check(target)
     plan = dataclasses.replace(plan, dtype=_check_dtype(target, dtype))
+    if plan.quant is not None and plan.dtype is not None:
+        raise KvfuseError(f"--quantize with --target {target} is not built yet; use ort or onnx")
     if genai_config:
         _check_genai_request(plan)
     steps = Steps(quiet)
@@ -161,9 +173,12 @@ def optimize(
         if target == "onnx":
             with steps.step("Checking the model with onnx.checker (full check)"):
                 static_graphs.check_standard(str(candidate))
-        if verify_numerics:
+        if verify_numerics and plan.quant is None:
             with steps.step("Verifying against the original (prefill + 8 decode steps)"):
                 _verify(plan, result, candidate)
+        if plan.quant is not None:  # a gate past --max-kld raises here: nothing is written
+            written = candidate.read_bytes()
+            _check_quantized(plan, result, written, written, verify_numerics, steps)
         _write_sidecar(staging / f"{plan.output.stem}.kvfuse.json", plan.model_path, result)
         _copy_companions(plan.model_path, staging, plan.output.parent)
         if genai_config:
@@ -186,9 +201,12 @@ def _finish_static(model, plan, result, steps, verify_numerics: bool, overwrite:
             for role, s in (("prefill", plan.prefill_len), ("decode", 1))
         }
         result.nodes_after = len(pair["decode"].graph.node)
-    if verify_numerics:
+    candidate = {plan.prefill_len: pair["prefill"], 1: pair["decode"]}
+    if verify_numerics and plan.quant is None:
         with steps.step("Verifying against the original (prefill + 8 decode steps)"):
-            _verify(plan, result, {plan.prefill_len: pair["prefill"], 1: pair["decode"]})
+            _verify(plan, result, candidate)
+    if plan.quant is not None:
+        _check_quantized(plan, result, candidate, proto_bytes, verify_numerics, steps)
     with steps.step(f"Writing {plan.output.with_suffix('.*')}"):
         result.shared_weights = _write_static(plan.output, pair, plan.model_path, result, overwrite)
         result.output = plan.output.parent / result.signature.static["graphs"]["decode"]
@@ -208,6 +226,7 @@ class _Plan:
     logits: str
     static: bool
     prefill_len: int | None
+    quant: quantization.Quantize | None = None
     dtype: str | None = None
 
 
@@ -294,8 +313,14 @@ def _lower(model: ir.Model, plan: _Plan, result: OptimizeResult) -> None:
         last = Stage("logits for the last position", run=lambda m: gather_last_logits(m, on_device))
         records += pipeline.run_stages(model, [last])
         signature.logits = "last" if records[-1].counts["logits/last_position"] else "all"
+    if plan.quant is not None:
+        spec = quantization.spec_for(plan.quant, plan.export_info)
+        stages = quantization.stages(spec, lowering.quantized, plan.quant.accuracy_level)
+        records += pipeline.run_stages(model, stages)
     records += pipeline.run_stages(model, lowering.finishing)
     records += pipeline.run_stages(model, [Stage("final clean up", run=_clean_up)])
+    if plan.quant is not None:
+        result.quantization = {"records": quantization.records_of(model)}
     if plan.static:
         signature.static = static_layout(plan.output, plan.prefill_len)
     _stamp_metadata(model, signature, plan.target, plan.model_path)
@@ -315,6 +340,29 @@ def _verify(plan: _Plan, result: OptimizeResult, candidate) -> None:
             f"{result.verification.summary()}; {where or 'no shared tensor to compare'}; "
             "nothing was written"
         )
+
+
+def _check_quantized(plan, result, candidate, proto_bytes, verify_numerics, steps) -> None:
+    """The quantized model's two checks: the rewrite exact against the dequantized original,
+    then its quality against the original, which gates the write (`--max-kld`)."""
+    options, records = plan.quant, result.quantization["records"]
+    signature, batch = result.signature, plan.batch_size or 1
+    kv_shape = [batch, signature.kv_heads, plan.max_context, signature.head_dim]
+    if verify_numerics:
+        with steps.step("Verifying against the original with dequantized weights (fp32 acts)"):
+            result.verification = quantization.verify_exact(
+                plan.model_path, candidate, records, signature.pairs, kv_shape, batch
+            )
+        if not result.verification.passed:
+            raise KvfuseError(f"{result.verification.summary()}; nothing was written")
+    label = f"Measuring quality over {options.quality_tokens} tokens of pydoc_data.topics"
+    with steps.step(label):
+        kv_one = [1, *kv_shape[1:]]
+        measured = quantization.measure_quality(
+            options, plan.model_path, proto_bytes, signature.pairs, kv_one
+        )
+    result.quantization = quantization.summary(options, records, result.verification, measured)
+    result.warning = quantization.gate(options, measured)
 
 
 def _finish_half(model, plan, result, steps, verify_numerics: bool, overwrite: bool):
@@ -540,10 +588,13 @@ def _probe_shapes(model: ir.Model) -> dict[str, int]:
     """Measure the shapes inference cannot see in position-only subgraphs (GLM's RoPE
     tables), then fold the plumbing they unblock."""
     counts = shape_probe.probe_position_shapes(model)
-    if counts["shape/probed"]:  # fold before shape inference forgets the measured shapes
-        counts["shape/static_dims"] = shapes.fold_static_dims(model.graph)
+    # fold before shape inference forgets the measured shapes; clean up only what that unblocked
+    folded = shapes.fold_static_dims(model.graph) if counts["shape/probed"] else 0
+    if folded:
         optimizer.fold_constants(model)
-        counts |= {k: v + counts.get(k, 0) for k, v in _clean_up(model).items()}
+        counts |= {
+            k: v + (folded if k == "shape/static_dims" else 0) for k, v in _clean_up(model).items()
+        }
     return counts
 
 
@@ -622,6 +673,8 @@ def _write_sidecar(path: Path, source: Path, result, shared=None) -> None:
         sidecar["precision"] = dataclasses.asdict(result.precision)
     if shared is not None:
         sidecar["shared_weights"] = dataclasses.asdict(shared)
+    if result.quantization is not None:
+        sidecar["quantization"] = result.quantization
     path.write_text(json.dumps(sidecar, indent=2))
 
 

@@ -82,6 +82,29 @@ def tiny_served_model(tiny_export, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def quantized_smollm2(smollm2_export):
+    """Factory: SmolLM2 optimized for `ort` with `--quantize MODE` (256 positions, quality over
+    256 tokens), built once per mode."""
+    from kvfuse.optimize import optimize
+    from kvfuse.quantization import Quantize
+
+    done = {}
+
+    def get(mode: str):
+        if mode not in done:
+            done[mode] = optimize(
+                smollm2_export.out_dir,
+                smollm2_export.out_dir / f"model-{mode}.onnx",
+                max_context=256,
+                quantize=Quantize(mode, quality_tokens=256),
+                quiet=True,
+            )
+        return done[mode]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray cluster for the whole session (start-up takes ~10 s): its GCS address, for
     drivers in other processes to join (`--ray ADDRESS`); this process is a driver too."""

@@ -39,10 +39,12 @@ def dynamo_export(
     trust_remote_code: bool,
     onnx_file: str,
     dtype: str = "float32",
-) -> None:
+) -> list[dict]:
     """Export the model in `hf_dir` to `out_dir/onnx_file` with the dynamo exporter, in `dtype`
     ("float32", "float16" or "bfloat16"), and save its config, generation config and tokenizer
-    beside it (as Optimum does)."""
+    beside it (as Optimum does).
+
+    Returns the module substitutions made before tracing (`kvfuse.models.substitutions`)."""
     from transformers import AutoModelForCausalLM
 
     torch_dtype = getattr(torch, dtype)
@@ -52,6 +54,7 @@ def dynamo_export(
     wrapper = FlatCacheLM(model, facts.num_layers).eval()
     arguments = _example_inputs(facts, torch_dtype)
     dynamic_shapes = _dynamic_shapes(facts.num_layers)
+    substituted = _substitute_and_check(wrapper, arguments)
     try:
         with quiet_libraries(), _quiet_logger("torch.onnx"):
             program = _trace(wrapper, arguments, dynamic_shapes, facts.num_layers)
@@ -64,6 +67,33 @@ def dynamo_export(
     _name_mask_length(program.model)
     program.save(str(out_dir / onnx_file), external_data=_needs_external_data(model))
     _save_companions(model, hf_dir, out_dir)
+    return substituted
+
+
+SUBSTITUTION_TOLERANCE = 1e-4
+
+
+def _substitute_and_check(wrapper: torch.nn.Module, arguments: tuple) -> list[dict]:
+    """Swap modules torch.export cannot trace for export-friendly ones with the same outputs,
+    and prove it on the example inputs (logits and presents within 1e-4 of the original)."""
+    from kvfuse.models.substitutions import substitute_modules
+
+    with torch.no_grad():
+        before = wrapper(*arguments)
+        substituted = substitute_modules(wrapper)
+        if not substituted:
+            return []
+        after = wrapper(*arguments)
+    worst = max(float((a - b).abs().max()) for a, b in zip(before, after, strict=True))
+    if worst > SUBSTITUTION_TOLERANCE:
+        names = ", ".join(entry["module"] for entry in substituted)
+        raise KvfuseError(
+            f"substituting {names} changed the model's outputs by {worst:.1e} "
+            f"(> {SUBSTITUTION_TOLERANCE}); not exporting"
+        )
+    for entry in substituted:
+        entry["max_abs_diff"] = worst
+    return substituted
 
 
 def _trace(wrapper, arguments, dynamic_shapes, num_layers: int):

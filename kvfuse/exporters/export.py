@@ -80,12 +80,15 @@ def export(
     with staged_directory(out_dir, overwrite=overwrite, inputs=_input_paths(source)) as staging:
         hf_dir, origin = _resolve_source(source, staging, steps)
         config = _load_causal_lm_config(hf_dir, trust_remote_code, exporter)
+        substitutions: list[dict] = []
         if exporter == "dynamo":
             from kvfuse.exporters.dynamo import dynamo_export
 
             with steps.step(f"Exporting {config.model_type} with torch.onnx (dynamo)"):
                 facts = ModelFacts.from_config(config)
-                dynamo_export(hf_dir, staging, facts, trust_remote_code, ONNX_FILE, dtype)
+                substitutions = dynamo_export(
+                    hf_dir, staging, facts, trust_remote_code, ONNX_FILE, dtype
+                )
         else:
             with steps.step(f"Exporting {config.model_type} with Optimum ({TASK})"):
                 overrides = _onnx_config_overrides(config)
@@ -95,6 +98,7 @@ def export(
         extra = _provenance(origin, exporter) | {
             "dtype": dtype,
             "tokenizer": _tokenizer_facts(staging),
+            "substitutions": substitutions,
         }
         write_metadata(staging / EXPORT_METADATA, facts, extra)
     onnx_path = out_dir / ONNX_FILE

@@ -2,10 +2,12 @@
 
 `cache_layout`: the layout the exported graph keeps its KV cache in; `rope`: RoPE style
 ("half" = rotate-half on the full head dim, "half-partial" = rotate-half on the first
-`rotary_pct` of each head, None = learned positions); per layer, how many attention fusions
+`rotary_pct` of each head, "interleaved-partial" = GPT-J's rotate-every-two on the first dims,
+None = learned positions); per layer, how many attention fusions
 and RMSNorm fusions a complete rewrite makes; `max_nodes_ratio`: the most nodes the rewrite
 may leave, as a fraction of the export's (the shape plumbing must fold away). Every
-architecture here fuses with every exporter in `EXPORTERS`: the end-to-end tests assert it and
+architecture here fuses with every exporter in `EXPORTERS` that can export it: the end-to-end
+tests assert it and
 the README's table is generated from a real run (`python -m kvfuse.models.coverage`), never
 typed by hand.
 """
@@ -65,7 +67,7 @@ ROTARY_ARCHITECTURES: dict[str, dict] = {
         "rope": "interleaved-partial",
         "max_nodes_ratio": 0.4,
         "lowering": _ROTARY_LOWERED,
-        "parity_exporters": ("dynamo",),
+        "parity_exporters": ("optimum",),
     },
     "codegen": {
         **_LAYER_NORM,
@@ -79,7 +81,7 @@ ROTARY_ARCHITECTURES: dict[str, dict] = {
         "rope": "half-partial",
         "max_nodes_ratio": 0.4,
         "lowering": _ROTARY_FUSED,
-        "parity_exporters": ("dynamo",),
+        "parity_exporters": ("optimum",),
     },
     "gemma": {**_ROPE_LLAMA, "lowering": _ROTARY_FUSED, "parity_exporters": ("optimum",)},
     "glm": {
@@ -132,6 +134,47 @@ def exporters_of(architecture: str) -> tuple[str, ...]:
 def parity_exporters(architecture: str) -> tuple[str, ...]:
     """The exporters the default test run proves this architecture with, end to end."""
     return tuple(ARCHITECTURES[architecture].get("parity_exporters", exporters_of(architecture)))
+
+
+# --- positions, score modifiers and MoE (issue 11): `positions`, how the family encodes
+# positions (the coverage table's column); "exporters" and "parity_exporters" as above. These
+# families are proven in the default run by the exporters' parity test.
+POSITION_ARCHITECTURES: dict[str, dict] = {
+    # ALiBi (a per-head slope · key position on the scores), LayerNorm without bias, QKV ±6
+    "mpt": {**_LAYER_NORM, "rope": None, "positions": "ALiBi", "parity_exporters": ("optimum",)},
+    # learned absolute positions offset by 2, the query scaled before Q·Kᵀ, QKV biases
+    "opt": {
+        **_LAYER_NORM,
+        "rope": None,
+        "positions": "learned (+2)",
+        "parity_exporters": ("optimum",),
+    },
+    # multi-query: one KV head taken from one fused c_attn projection
+    "gpt_bigcode": {
+        **_LAYER_NORM,
+        "rope": None,
+        "positions": "learned",
+        "parity_exporters": ("optimum",),
+    },
+    # MoE MLP (router softmax → top-2): attention fuses, the MLP stays as exported
+    # (`softmax_left`: the routers' softmaxes, one per layer, which are no attention)
+    "mixtral": {**_ROPE_LLAMA, "exporters": ("dynamo",), "softmax_left": 2},
+    # sliding and global layers alternating (window 6, then none); Optimum's export stops at
+    # its RoPE builder
+    "gemma2": {**_ROPE_LLAMA, "rms_norms_per_layer": 4, "exporters": ("dynamo",)},
+}
+ARCHITECTURES.update(POSITION_ARCHITECTURES)
+# tiny configs kvfuse does not fuse yet: the coverage command runs them to show why not
+PENDING: dict[str, dict] = {
+    "bloom": {"positions": "ALiBi"},  # scores as a [B·H, S, T] batched MatMul (baddbmm)
+    "gpt_oss": {"positions": "rope"},  # RoPE as chunk halves · cos/sin, then cat
+}
+
+
+def positions_of(architecture: str) -> str:
+    """How the family encodes positions, for the coverage table."""
+    facts = ARCHITECTURES.get(architecture) or PENDING[architecture]
+    return facts.get("positions") or facts.get("rope") or "learned"
 
 
 def expected_fusions(architecture: str, num_layers: int) -> dict[str, int]:

@@ -17,7 +17,13 @@ import tempfile
 from pathlib import Path
 
 from kvfuse.errors import KvfuseError
-from kvfuse.models.architectures import ARCHITECTURES, EXPORTERS, exporters_of
+from kvfuse.models.architectures import (
+    ARCHITECTURES,
+    EXPORTERS,
+    PENDING,
+    exporters_of,
+    positions_of,
+)
 
 
 def coverage_row(name: str, work: Path, exporter: str = "optimum") -> str:
@@ -29,8 +35,8 @@ def coverage_row(name: str, work: Path, exporter: str = "optimum") -> str:
     hf_dir = work / name
     if not (hf_dir / "config.json").is_file():
         build_tiny_model(name, hf_dir)
-    lead = f"| {name} | {exporter} | {ARCHITECTURES[name].get('rope') or 'learned'}"
-    if exporter not in exporters_of(name):
+    lead = f"| {name} | {exporter} | {positions_of(name)}"
+    if name in ARCHITECTURES and exporter not in exporters_of(name):
         return f"{lead} | – | – | – | – | {exporter} has no export of this architecture |"
     try:
         exported = export(
@@ -81,10 +87,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--exporter", action="append", choices=EXPORTERS, default=None)
-    parser.add_argument("--architecture", action="append", choices=sorted(ARCHITECTURES))
+    parser.add_argument(
+        "--architecture", action="append", choices=sorted([*ARCHITECTURES, *PENDING])
+    )
     args = parser.parse_args()
     exporters = args.exporter or list(EXPORTERS)
-    names = args.architecture or list(ARCHITECTURES)
+    names = args.architecture or [*ARCHITECTURES, *PENDING]
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         rows = [coverage_row(name, work, e) for name in names for e in exporters]

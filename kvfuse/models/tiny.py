@@ -26,8 +26,8 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "qwen2": {"model_type": "qwen2", **_LLAMA_LIKE, "use_sliding_window": False},
     "phi3": {"model_type": "phi3", **_LLAMA_LIKE, "pad_token_id": 0},
     "gpt2": {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 512},
-    # head dim 64, not 16: GPT-NeoX rotates rotary_pct of each head, and onnxruntime's
-    # GroupQueryAttention rotates only multiples of 16 dims (16 of 64 here, as in Pythia)
+    # head dim 64, as in Pythia: 16 of 64 dims rotated, which GroupQueryAttention's fused
+    # rotary takes (gpt_neox_r4 below rotates 4 of 16, which it does not)
     "gpt_neox": {
         "model_type": "gpt_neox",
         "hidden_size": 256,
@@ -61,6 +61,72 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     },
 }
 
+# --- positions, score modifiers and MoE (issue 11): ALiBi, learned positions, multi-query with
+# one fused QKV projection, soft-capping and alternating windows, MoE MLPs
+TINY_CONFIGS.update(
+    {
+        # ALiBi, LayerNorm without bias (no_bias), QKV clipped to ±clip_qkv
+        "mpt": {
+            "model_type": "mpt",
+            "d_model": 64,
+            "n_heads": 4,
+            "n_layers": 2,
+            "expansion_ratio": 2,
+            "no_bias": True,
+            "attn_config": {"alibi": True, "clip_qkv": 6.0},
+        },
+        # ALiBi, biased LayerNorm, QKV fused per head ([.., H, 3, D] columns)
+        "bloom": {"model_type": "bloom", "hidden_size": 64, "n_head": 4, "n_layer": 2},
+        # learned positions offset by 2, the query scaled before Q·Kᵀ
+        "opt": {
+            "model_type": "opt",
+            "hidden_size": 64,
+            "ffn_dim": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "word_embed_proj_dim": 64,
+            "pad_token_id": 0,
+        },
+        # multi-query: one KV head read from one fused c_attn projection
+        "gpt_bigcode": {
+            "model_type": "gpt_bigcode",
+            "n_embd": 64,
+            "n_layer": 2,
+            "n_head": 4,
+            "n_positions": 512,
+            "multi_query": True,
+        },
+        # MoE MLP (8 experts, top 2) after grouped-query attention
+        "mixtral": {
+            "model_type": "mixtral",
+            **_LLAMA_LIKE,
+            "num_local_experts": 4,
+            "num_experts_per_tok": 2,
+        },
+        # scores soft-capped by tanh, a query pre-attention scalar other than D, sliding and
+        # global layers alternating (window shorter than the verification's 20 tokens)
+        "gemma2": {
+            "model_type": "gemma2",
+            **_LLAMA_LIKE,
+            "head_dim": 16,
+            "query_pre_attn_scalar": 24,
+            "attn_logit_softcapping": 50.0,
+            "final_logit_softcapping": 30.0,
+            "sliding_window": 6,
+            "layer_types": ["sliding_attention", "full_attention"],
+        },
+        # attention sinks (a learned logit per head), alternating windows, MoE MLP
+        "gpt_oss": {
+            "model_type": "gpt_oss",
+            **_LLAMA_LIKE,
+            "head_dim": 16,
+            "num_local_experts": 4,
+            "num_experts_per_tok": 2,
+            "sliding_window": 6,
+            "layer_types": ["sliding_attention", "full_attention"],
+        },
+    }
+)
 # --- rotary coverage (issue 11): rotary widths and styles, Q/K norms, per-head-dim variation.
 # Dims follow the real configs where the dim is what the rules must absorb.
 ROTARY_CONFIGS: dict[str, dict[str, Any]] = {

@@ -31,7 +31,12 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir import tape
 
-from kvfuse.patterns.lower_ort import RMSNormRule, transposed_weight_check
+from kvfuse.patterns.lower_ort import (
+    RMSNormRule,
+    modifier_notes,
+    score_attributes,
+    transposed_weight_check,
+)
 from kvfuse.patterns.write_positions import build_write_positions
 from kvfuse.rewriter.pipeline import layer_of
 from kvfuse.rewriter.rules import (
@@ -135,7 +140,12 @@ class AttentionLowering:
         )
         query = _heads_first(builder, q, heads, head_dim)
         scale = attributes.get_float("scale")
-        attended = builder.op("Attention", [query, present_k, present_v, mask], {"scale": scale})
+        keys, values, mask = score_modified(
+            builder, node, present_k, present_v, mask, self.max_context
+        )
+        attended = builder.op(
+            "Attention", [query, keys, values, mask], {"scale": scale, **score_attributes(node)}
+        )
         output = builder.op("Transpose", [attended], {"perm": [0, 2, 1, 3]})
         output = builder.op("Reshape", [output, _ints(builder, [0, 0, heads * head_dim])])
         if attributes.get_string("layout") == "SBHD":
@@ -146,6 +156,7 @@ class AttentionLowering:
             if rotary is not None
             else ("attention", "standard Attention over the fixed buffer")
         )
+        reason = "; ".join([reason, *modifier_notes(node, window, ATTENTION_CARRIES)])
         for lowered in builder.nodes:
             lowered.metadata_props[LOWERING_TAG] = kind
             lowered.metadata_props[LOWERING_REASON_TAG] = reason
@@ -222,3 +233,64 @@ def _tag(nodes: list[ir.Node], fused: ir.Node, presents) -> None:
 def _tag_rule(nodes: list[ir.Node], rule: str) -> None:
     for node in nodes:
         node.metadata_props[RULE_TAG] = rule
+
+
+# --- score modifiers (issue 11): ALiBi and attention sinks over the fixed buffer
+
+
+def score_modified(builder, node, present_k, present_v, mask, length: int):
+    """(keys, values, mask) for standard Attention with the layer's score modifiers: ALiBi
+    turns the boolean position mask into slope · key position where visible, −inf elsewhere;
+    sinks become one more key of zeros (score 0) whose mask entry is the sink logit, so the
+    softmax's denominator gains exp(sink) and the zero value adds nothing."""
+    slopes = node.inputs[7] if len(node.inputs) > 7 else None
+    sinks = node.inputs[8] if len(node.inputs) > 8 else None
+    if slopes is None and sinks is None:
+        return present_k, present_v, mask
+    heads = node.attributes.get_int("num_heads")
+    bias = _floats(builder, np.zeros((1, heads, 1, 1), dtype=np.float32))
+    if slopes is not None:
+        keys = _floats(builder, np.arange(length, dtype=np.float32).reshape(1, 1, 1, -1))
+        column = builder.op("Reshape", [slopes, _ints(builder, [1, heads, 1, 1])])
+        bias = builder.op("Mul", [column, keys])  # [1, H, 1, M]
+    hidden = _floats(builder, np.array(-np.inf, dtype=np.float32))
+    scores_mask = builder.op("Where", [mask, bias, hidden])  # [B, H, S, M]
+    if sinks is None:
+        return present_k, present_v, scores_mask
+    from kvfuse.patterns.attention.modifiers import sink_logits
+
+    logits = np.broadcast_to(sink_logits(sinks), (heads,)).reshape(1, heads, 1, 1)
+    first = builder.op(
+        "Slice", [mask, _ints(builder, [0]), _ints(builder, [1]), _ints(builder, [3])]
+    )
+    sink_column = builder.op("Where", [first, _floats(builder, logits), _floats(builder, logits)])
+    full_mask = builder.op("Concat", [scores_mask, sink_column], {"axis": 3})
+    return _with_zero_slot(builder, present_k), _with_zero_slot(builder, present_v), full_mask
+
+
+def _with_zero_slot(builder, cache: ir.Value) -> ir.Value:
+    """[B, Hkv, M, D] → [B, Hkv, M + 1, D], the extra slot zeros."""
+    shape = builder.op("Shape", [cache])
+    slot = builder.op(
+        "Concat",
+        [
+            builder.op("Slice", [shape, _ints(builder, [0]), _ints(builder, [2])]),
+            _ints(builder, [1]),
+            builder.op("Slice", [shape, _ints(builder, [3]), _ints(builder, [4])]),
+        ],
+        {"axis": 0},
+    )
+    zeros = builder.op("ConstantOfShape", [slot], {"value": ir.tensor(np.zeros(1, np.float32))})
+    return builder.op("Concat", [cache, zeros], {"axis": 2})
+
+
+def _floats(builder, values) -> ir.Value:
+    return builder.op("Constant", [], {"value": ir.tensor(np.asarray(values, dtype=np.float32))})
+
+
+ATTENTION_CARRIES = {
+    "softcap": "soft-capping as softcap",
+    "alibi": "ALiBi slopes in the float position mask",
+    "sinks": "sinks as one zero key whose mask entry is the sink logit",
+    "window": "sliding window {} in the position mask",
+}

@@ -20,7 +20,9 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
+import numpy as np
 import onnx_ir as ir
+from onnx_ir import tape
 
 from kvfuse.patterns.write_positions import build_write_positions
 from kvfuse.rewriter.pipeline import layer_of
@@ -31,6 +33,7 @@ from kvfuse.rewriter.rules import (
     REPLACED_TAG,
     RULE_TAG,
     Rule,
+    add_initializer,
     fail,
     like,
     ok,
@@ -206,8 +209,10 @@ def lower_cached_attention(
             for x, heads, tag in ((q, "num_heads", "q"), (k, "kv_num_heads", "k"))
         )
     inputs = [q, k, v, past_k, past_v, seqlens_k, total_length]
-    if kind == "gqa-rotary":
-        inputs += list(rotary_caches)
+    inputs += list(rotary_caches) if kind == "gqa-rotary" else [None, None]
+    inputs += [None, *score_inputs(graph, node, q, total_length)]  # position_ids: not used
+    while inputs[-1] is None:
+        inputs.pop()
     gqa = ir.node(
         "GroupQueryAttention",
         inputs,
@@ -220,10 +225,12 @@ def lower_cached_attention(
             "do_rotary": int(kind == "gqa-rotary"),
             "rotary_interleaved": attributes.get_int("rotary_interleaved", 0),
             "local_window_size": local_window if local_window is not None else -1,
+            **score_attributes(node),
         },
         name=f"/model/layers.{layer_of(past_k.name) or node.name}/attn/GroupQueryAttention",
     )
     gqa.metadata_props[RULE_TAG] = node.metadata_props.get(RULE_TAG, "attention/cached")
+    reason = "; ".join([reason, *modifier_notes(node, local_window, GQA_CARRIES)])
     gqa.metadata_props[LOWERING_TAG], gqa.metadata_props[LOWERING_REASON_TAG] = kind, reason
     concats = [entry for present in presents for entry in replaced_by(present.producer())]
     entries = dict.fromkeys(tuple(e) for e in replaced_by(node) + concats)  # ordered, unique
@@ -321,3 +328,81 @@ def _already_packed(gqa: ir.Node) -> ir.Value | None:
     if q0 != 0 or k0 != q1 or v0 != k1 or not isinstance(width, int) or v1 < width:
         return None
     return source
+
+
+# --- score modifiers (issue 11): soft-capping, ALiBi, attention sinks on GroupQueryAttention
+
+
+def score_attributes(node: ir.Node) -> dict:
+    """GQA's `softcap` (c·tanh(s / c) before the mask, as the fused op records it)."""
+    cap = node.attributes.get_float("softcap", 0.0)
+    return {"softcap": cap} if cap else {}
+
+
+def score_inputs(graph: ir.Graph, node: ir.Node, q: ir.Value, total: ir.Value) -> list:
+    """GQA's inputs 10 and 11: `attention_bias` [1, H, S, T] rebuilt from the layer's ALiBi
+    slopes (slope · key position) and `head_sink` [H] (the per-head sink logits)."""
+    slopes = _input(node, 7)
+    sinks = _input(node, 8)
+    bias = _alibi_bias(graph, node, slopes, q, total) if slopes is not None else None
+    if sinks is not None:
+        from kvfuse.patterns.attention.modifiers import sink_logits
+
+        heads = node.attributes.get_int("num_heads")
+        logits = np.broadcast_to(sink_logits(sinks), (heads,)).astype(np.float32)
+        sinks = add_initializer(graph, f"kvfuse.head_sink_{layer_of(node.inputs[3].name)}", logits)
+    return [bias, sinks]
+
+
+def _input(node: ir.Node, index: int) -> ir.Value | None:
+    return node.inputs[index] if len(node.inputs) > index else None
+
+
+def _alibi_bias(graph, node, slopes, q, total) -> ir.Value:
+    """slopes [H] · (0..T−1) → [1, H, S, T] (the kernel wants every query row)."""
+    builder = tape.Tape()
+    heads = slopes.shape[0]
+    keys = builder.op(
+        "Range",
+        [
+            builder.op("Constant", [], {"value": ir.tensor(np.array(0, dtype=np.int32))}),
+            total,
+            builder.op("Constant", [], {"value": ir.tensor(np.array(1, dtype=np.int32))}),
+        ],
+    )
+    keys = builder.op("Cast", [keys], {"to": ir.DataType.FLOAT})
+    column = builder.op("Reshape", [slopes, _int64s(builder, [1, heads, 1, 1])])
+    bias = builder.op("Mul", [column, keys])  # [1, H, 1, T]
+    rows = builder.op("Shape", [q], {"start": 1, "end": 2})
+    target = builder.op(
+        "Concat", [_int64s(builder, [1, heads]), rows, _int64s(builder, [1])], {"axis": 0}
+    )
+    bias = builder.op("Expand", [bias, target])
+    for created in builder.nodes:
+        created.metadata_props[RULE_TAG] = "lower/alibi_bias"
+    graph.insert_before(node, builder.nodes)
+    return bias
+
+
+def _int64s(builder, values) -> ir.Value:
+    return builder.op("Constant", [], {"value": ir.tensor(np.asarray(values, dtype=np.int64))})
+
+
+# how each target's attention op carries a layer's score modifiers (added to the reason)
+GQA_CARRIES = {
+    "softcap": "soft-capping as softcap",
+    "alibi": "ALiBi slopes rebuilt as attention_bias",
+    "sinks": "sink logits as head_sink",
+    "window": "sliding window {} as local_window_size",
+}
+
+
+def modifier_notes(node: ir.Node, window: int | None, carries: dict) -> list[str]:
+    """What the lowered op carries of the layer's score modifiers and window."""
+    found = {
+        "softcap": bool(node.attributes.get_float("softcap", 0.0)),
+        "alibi": _input(node, 7) is not None,
+        "sinks": _input(node, 8) is not None,
+        "window": window is not None,
+    }
+    return [carries[key].format(window) for key, present in found.items() if present]

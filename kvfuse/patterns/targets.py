@@ -5,12 +5,23 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from kvfuse.patterns import axes, lower_onnx, lower_ort, norm, packed_mlp, packed_qkv, rotary
+from kvfuse.patterns import (
+    axes,
+    lower_onnx,
+    lower_ort,
+    lower_quant,
+    norm,
+    packed_mlp,
+    packed_qkv,
+    rotary,
+)
 from kvfuse.patterns.attention import cached, diagnose_cache, repeat_kv, sdpa
 from kvfuse.rewriter import last_logits, packed_heads, shapes
 from kvfuse.rewriter.pipeline import Stage
+from kvfuse.rewriter.unsqueezed_split import split_unsqueezed_projections
 
 FUSION_STAGES = [
+    Stage("split fused projections before their head axis", run=split_unsqueezed_projections),
     Stage("canonicalize axis swaps and head selections", rules=axes.RULES),
     Stage("fused projections' parts as column blocks", run=packed_heads.split_parts_stage),
     Stage("fuse RMSNorm", rules=norm.RULES),
@@ -38,6 +49,8 @@ class Target:
     finishing: list[Stage]
     dtype: str | None = None  # a half-precision target: "float16" (default) or "bfloat16"
     positions_on_device: bool = False  # no host-side shape op (CUDA graphs need none)
+    # (model, accuracy level) → counts: lowers the block-quantized ops of `patterns.quantize`
+    quantized: Callable[[object, int], dict] = lower_quant.lower_ort
 
 
 ORT = Target(
@@ -65,6 +78,7 @@ ONNX = Target(
     ],
     attention=lower_onnx.AttentionLowering,
     finishing=[Stage("read transposed weights in place", rules=lower_onnx.WEIGHT_RULES)],
+    quantized=lambda model, _level: lower_quant.lower_onnx(model),
 )
 
 # the `ort` ops for onnxruntime's CUDA provider, in half precision (GroupQueryAttention runs

@@ -7,6 +7,7 @@ layer cell links to."""
 from __future__ import annotations
 
 from kvfuse.report import digest
+from kvfuse.report import quantization as quant_section
 from kvfuse.report.html_details import details_sections
 from kvfuse.report.html_pictures import picture_sections
 from kvfuse.report.markup import anchor
@@ -88,6 +89,7 @@ def to_html(report: dict) -> str:
         _contents(report),
         *picture_sections(report),
         *details_sections(report),
+        quant_section.to_html(report.get("quantization")),
         f"<script>{SCRIPT}</script></body></html>",
     ]
     return "\n".join(part for part in parts if part)

@@ -5,6 +5,7 @@ details with their repetition folded."""
 from __future__ import annotations
 
 from kvfuse.report import digest
+from kvfuse.report import quantization as quant_section
 
 
 def to_markdown(report: dict) -> str:
@@ -175,6 +176,7 @@ def _quantization(report: dict) -> list[str]:
             f"KLD per position over {len(kld):,} positions: mean {sum(kld) / len(kld):.4g}, "
             f"max {kld[worst]:.4g} at position {worst}.",
         ]
+    lines += quant_section.to_markdown(report.get("quantization"))
     return lines
 
 

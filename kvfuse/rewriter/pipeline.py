@@ -104,8 +104,41 @@ def node_layer(node: ir.Node, depth: int = 12) -> str | None:
 
 
 def attention_candidates(model: ir.Model) -> list[str]:
-    """One label per attention candidate: the layer of each Softmax (or its node name)."""
-    return [node_layer(n) or n.name for n in model.graph if n.op_type == "Softmax"]
+    """One label per attention candidate: the layer of each Softmax that weights a computed
+    tensor (probs · V), or its node name. A Softmax that does not — an MoE router's, whose
+    probabilities pick experts through TopK or scale expert outputs — is no attention."""
+    return [node_layer(n) or n.name for n in model.graph if _is_candidate(n)]
+
+
+def _is_candidate(node: ir.Node) -> bool:
+    return node.op_type == "Softmax" and weights_values(node.outputs[0])
+
+
+# ops a softmax's probabilities pass through on their way to probs · V (casts, the NaN guard,
+# a sink column sliced off, dropout kept in an export)
+_PROBABILITY_PASSTHROUGH = {"Cast", "Where", "Slice", "Dropout", "Identity", "Reshape"}
+
+
+def weights_values(probs: ir.Value, depth: int = 4) -> bool:
+    """Whether `probs` reaches MatMul(probs, x) with a computed x (not a weight) within
+    `depth` pass-through ops."""
+    frontier = [probs]
+    for _ in range(depth + 1):
+        next_frontier = []
+        for value in frontier:
+            for user, index in value.uses():
+                if user.op_type == "MatMul" and index == 0:
+                    other = user.inputs[1]
+                    if (
+                        other is not None
+                        and other.const_value is None
+                        and not other.is_initializer()
+                    ):
+                        return True
+                elif user.op_type in _PROBABILITY_PASSTHROUGH:
+                    next_frontier.extend(user.outputs)
+        frontier = next_frontier
+    return False
 
 
 def attention_outcomes(
@@ -118,13 +151,13 @@ def attention_outcomes(
     left = [
         node_layer(n) or n.name
         for n in model.graph
-        if n.op_type == "Softmax" or (n.domain == KVFUSE_DOMAIN and n.op_type == "Attention")
+        if _is_candidate(n) or (n.domain == KVFUSE_DOMAIN and n.op_type == "Attention")
     ]
     misses: dict[str | None, list[NearMiss]] = collections.defaultdict(list)
     diagnoses: dict[str, NearMiss] = {}
     for node in model.graph:
         attention = node.domain == KVFUSE_DOMAIN and node.op_type == "Attention"
-        if diagnose is not None and (node.op_type == "Softmax" or attention):
+        if diagnose is not None and (_is_candidate(node) or attention):
             found = diagnose(node)
             if found is not None:
                 diagnoses[node_layer(node) or node.name] = found

@@ -21,7 +21,7 @@ from collections.abc import Callable
 import onnx_ir as ir
 
 from kvfuse.errors import KvfuseError
-from kvfuse.rewriter import rotary_cache
+from kvfuse.rewriter import position_bias, rotary_cache
 from kvfuse.rewriter.pipeline import layer_of
 from kvfuse.rewriter.rules import (
     KVFUSE_DOMAIN,
@@ -78,14 +78,19 @@ def convert_to_retained_state(
     caches: dict[tuple[str, str], tuple[ir.Value, ir.Value]] = {}
     pairs, lowerings = [], {}
     kv_heads = head_dim = None
+    # read every layer's window and position bias before any lowering changes the cache
+    # shapes their builders read
+    windows = [_layer_window(graph, node, max_context, sliding_window) for node in nodes]
+    slopes: dict[str, ir.Value] = {}
     for node in nodes:
+        _bake_position_bias(graph, node, max_context, slopes)
+    for node, window in zip(nodes, windows, strict=True):
         rotary = _rotary_caches(graph, node, max_context, caches)
         past_k, past_v = node.inputs[3], node.inputs[4]
         kv_heads = node.attributes.get_int("kv_num_heads")
         # D is last in every value cache; a key may be cached pre-transposed, [B, Hkv, D, T]
         head_dim = past_v.shape[-1]
         presents = (_present_of(past_k), _present_of(past_v))
-        window = sliding_window if sliding_window and sliding_window < max_context else None
         new_presents = lower(graph, node, presents, seqlens, total, rotary, window)
         lowerings[layer_of(past_k.name) or past_k.name] = _lowering_of(new_presents[0])
         for past, present in zip((past_k, past_v), new_presents, strict=True):
@@ -143,6 +148,33 @@ def _rotary_caches(graph, node, max_context, caches):
             add_initializer(graph, f"kvfuse.rotary_sin_{index}", sin_half),
         )
     return caches[key]
+
+
+def _layer_window(graph, node, max_context: int, sliding_window: int | None) -> int | None:
+    """The layer's sliding window: read from its own mask where the fused op kept one (layers
+    may alternate between windows and global attention), else the export's model-wide one."""
+    index = position_bias.MASK_INPUT
+    kind = node.attributes.get_string("mask_kind", "none")
+    if len(node.inputs) > index and node.inputs[index] is not None and kind != "none":
+        try:
+            return position_bias.mask_window(graph, node.inputs[index], kind, max_context)
+        except KvfuseError:
+            pass  # a mask builder that cannot run on its own: the export's facts decide
+    return sliding_window if sliding_window and sliding_window < max_context else None
+
+
+def _bake_position_bias(graph, node, max_context: int, slopes: dict) -> None:
+    """A position bias input (ALiBi) becomes its per-head slopes, a [H] initializer (shared by
+    layers whose bias is one tensor); the lowering rebuilds the bias from them."""
+    index = position_bias.POSITION_BIAS_INPUT
+    if len(node.inputs) <= index or node.inputs[index] is None:
+        return
+    bias = node.inputs[index]
+    if bias.name not in slopes:
+        heads = node.attributes.get_int("num_heads")
+        values = position_bias.alibi_slopes(graph, bias, heads, max_context)
+        slopes[bias.name] = add_initializer(graph, f"kvfuse.alibi_slopes_{len(slopes)}", values)
+    node.replace_input_with(index, slopes[bias.name])
 
 
 def _remove_dead(model: ir.Model) -> None:

@@ -70,10 +70,13 @@ class FixedCacheRunner:
     token runs the decode graph, a longer one (up to the prefill length) the prefill graph,
     right-padded — the padding's cache slots lie past the valid length and are never read."""
 
-    def __init__(self, model, pairs: list[tuple[str, str]], kv_shape: list[int]):
+    def __init__(self, model, pairs, kv_shape: list[int], optimized: bool = False):
+        """`optimized`: onnxruntime's own graph optimisations on (as a deployed model runs)."""
         graphs = model if isinstance(model, dict) else {None: model}
         self.sessions = {
-            length: graph if isinstance(graph, ort.InferenceSession) else _session(graph)
+            length: graph
+            if isinstance(graph, ort.InferenceSession)
+            else _session(graph, optimized=optimized)
             for length, graph in graphs.items()
         }
         self.session = next(iter(self.sessions.values()))
@@ -123,7 +126,7 @@ class FixedCacheRunner:
 
 
 def verify(
-    original: Path,
+    original: Path | bytes,
     rewritten,
     pairs,
     kv_shape,
@@ -135,10 +138,14 @@ def verify(
     tolerance: tuple[float, float] = (ATOL, RTOL),
 ) -> Verification:
     """Compare logits and greedy tokens of `rewritten` (a model file, or a static pair) against
-    `original` step by step, within `tolerance` (atol, rtol). The two run one after the other —
-    the original's logits and greedy tokens are recorded, its session closed, then the rewritten
-    model replays those tokens — so only one model's weights are in memory at a time."""
-    reference = ConcatCacheRunner(None, session=_session(Path(original)))
+    `original` (a file, or a model's bytes) step by step, within `tolerance` (atol, rtol). The
+    two run one after the other — the original's logits and greedy tokens are recorded, its
+    session closed, then the rewritten model replays those tokens — so only one model's weights
+    are in memory at a time."""
+    if isinstance(rewritten, dict):  # a static pair: the prompt is one step of its prefill graph
+        prompt_tokens = min(prompt_tokens, max(rewritten))
+    original = original if isinstance(original, bytes) else Path(original)
+    reference = ConcatCacheRunner(None, session=_session(original))
     vocab = _vocab_size(reference.session)
     ids = np.random.default_rng(seed).integers(3, min(vocab, 1000), size=(batch, prompt_tokens))
     expected, feeds = [reference.prefill(ids)], [ids]
@@ -193,14 +200,19 @@ def _step_ok(step: StepCheck) -> bool:
     return step.tolerance_used <= 1.0 and step.token_original == step.token_rewritten
 
 
-def _session(model, data_folder: Path | None = None) -> ort.InferenceSession:
+def _session(
+    model, data_folder: Path | None = None, optimized: bool = False
+) -> ort.InferenceSession:
     """A session with onnxruntime's graph optimisations and weight pre-packing off (what is
     compared is the graphs as written, and no second copy of the weights is made), from bytes,
-    a proto or a path; `data_folder` is where a model given as bytes has its external data."""
+    a proto or a path; `data_folder` is where a model given as bytes has its external data.
+    `optimized`: both on, as a deployed model runs (MatMulNBits' fast kernels pre-pack)."""
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if not optimized:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
-    options.add_session_config_entry("session.disable_prepacking", "1")
+    if not optimized:
+        options.add_session_config_entry("session.disable_prepacking", "1")
     if data_folder is not None:
         options.add_session_config_entry(
             "session.model_external_initializers_file_folder_path", str(data_folder)

@@ -18,6 +18,11 @@ import onnxruntime as ort
 
 from kvfuse.errors import KvfuseError
 
+PACKED_4BIT = {
+    np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t)): t
+    for t in (onnx.TensorProto.UINT4, onnx.TensorProto.INT4)
+}
+
 
 class SharedWeights:
     """The weights file in memory and one OrtValue per external initializer of the pair."""
@@ -36,8 +41,23 @@ class SharedWeights:
         for name, (location, offset, length, dtype, dims) in first.items():
             if location != weights.name or offset + length > self.blob.size:
                 raise KvfuseError(f"{graphs[0].name}: {name} lies outside {weights.name}")
-            array = self.blob[offset : offset + length].view(dtype).reshape(dims)
-            self.values[name] = ort.OrtValue.ortvalue_from_numpy(array)
+            self.values[name] = self._value(offset, length, dtype, dims)
+
+    def _value(self, offset: int, length: int, dtype, dims) -> ort.OrtValue:
+        """An OrtValue over the blob's bytes of one tensor (no copy)."""
+        if dtype in PACKED_4BIT:
+            # numpy has no packed 4-bit type: onnxruntime takes the shape from a uint8 array of
+            # one byte per element and reads the first ⌈count / 2⌉ bytes, the packed tensor
+            count = int(np.prod(dims))
+            end = offset + count
+            view = self.blob[offset:end] if end <= self.blob.size else None
+            if view is None:  # the last tensor of the file: pad a copy
+                view = np.zeros(count, np.uint8)
+                view[:length] = self.blob[offset : offset + length]
+            array = view.reshape(dims)
+            return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array, PACKED_4BIT[dtype])
+        array = self.blob[offset : offset + length].view(dtype).reshape(dims)
+        return ort.OrtValue.ortvalue_from_numpy(array)
 
     @property
     def nbytes(self) -> int:

@@ -54,6 +54,7 @@ def build_lm(
     repeat: str = "after_cache",
     key_cache: str = "layout",
     rope_at: str = "cache",
+    scores: str = "plain",
     rotary_dim: int | None = None,
     positions: str = "ids",
     qk_norm: str | None = None,
@@ -68,7 +69,8 @@ def build_lm(
     (keys before, values after: no real model, a negative case); `key_cache` is "layout" (K
     cached like V) or "transposed" (K cached as [B, Hkv, D, T], concatenated on axis -1, and
     Q·K reads it with no transpose); `rope_at` is "cache" (RoPE after the transpose into L) or
-    "projection" (on [B, S, H, D], then one transpose straight into the cache order).
+    "projection" (on [B, S, H, D], then one transpose straight into the cache order); `scores`
+    modifies the scores (see `SCORE_MODIFIERS`).
 
     Rotary variants: `rotary_dim` rotates only the first R dims in either style (partial);
     `positions` says how the cos/sin builder finds the positions: "ids" (computed from
@@ -81,6 +83,7 @@ def build_lm(
     from the stacked tensor's "shape" (GPT-J's flatten(-2))."""
     global HEAD_DIM
     HEAD_DIM = head_dim
+    scores_how = scores
     L, g = Layout(layout, key="BHDS" if key_cache == "transposed" else ""), _Graph(seed)
     emb = g.op("Gather", g.weight(VOCAB, HIDDEN), "input_ids", name="/model/embed_tokens/Gather")
     if L.projection == "SBHD":
@@ -131,18 +134,21 @@ def build_lm(
     q_bhsd = _transpose(g, q, L.to_bhsd)
     key_t = _transpose(g, k_all, L.key_transposed)  # none for a key cached pre-transposed
     scores = _scaled_scores(g, q_bhsd, key_t, scale)
-    allowed = _causal_allowed(g, L)
+    scores = _modify_scores(g, L, scores, emb, modifier=scores_how)
+    allowed = _causal_allowed(g, L, window=SLIDING_WINDOW if scores_how == "window" else None)
     if mask == "where":
         scores = g.op("Where", allowed, scores, g.const(-np.inf))
     else:
         additive = g.op("Where", allowed, g.const(0.0), g.const(-np.inf), name="/model/mask/W")
         scores = g.op("Add", scores, additive)
-    probs = g.op("Softmax", scores, axis=-1)
+    probs = _softmax(g, scores, scores_how, q_bhsd)
     v_bhsd = _transpose(g, v_all, L.to_bhsd)
     attended = g.op("MatMul", probs, v_bhsd)
     merged = g.op("Transpose", attended, perm=L.bhsd_to_projection)
     flat = g.op("Reshape", merged, g.const([0, 0, HEADS * HEAD_DIM], np.int64))
     hidden = g.op("Add", emb, g.op("MatMul", flat, g.weight(HEADS * HEAD_DIM, HIDDEN)))
+    if scores_how == "router":
+        hidden = _routed(g, hidden)
     logits = g.op("MatMul", hidden, g.weight(HIDDEN, VOCAB))
     if L.projection == "SBHD":
         logits = g.op("Transpose", logits, perm=[1, 0, 2])
@@ -284,8 +290,8 @@ def _scaled_scores(g: _Graph, q: str, key_t: str, scale: str) -> str:
     return g.op("Div", g.op("MatMul", q, key_t), g.const(HEAD_DIM**0.5))
 
 
-def _causal_allowed(g: _Graph, L: Layout) -> str:
-    """True where key position t ≤ query position; [B, 1, S, T]."""
+def _causal_allowed(g: _Graph, L: Layout, window: int | None = None) -> str:
+    """True where key position t ≤ query position (and t > query − window); [B, 1, S, T]."""
     total = g.op(
         "Gather",
         g.op("Shape", "present.0.key"),
@@ -297,6 +303,10 @@ def _causal_allowed(g: _Graph, L: Layout) -> str:
     )
     query_pos = g.op("Unsqueeze", "position_ids", g.const([-1], np.int64), name="/model/mask/Q")
     allowed = g.op("LessOrEqual", key_pos, query_pos, name="/model/mask/LessOrEqual")  # [B,S,T]
+    if window is not None:
+        oldest = g.op("Sub", query_pos, g.const(window, np.int64), name="/model/mask/Sub")
+        recent = g.op("Greater", key_pos, oldest, name="/model/mask/Greater")
+        allowed = g.op("And", allowed, recent, name="/model/mask/And")
     return g.op("Unsqueeze", allowed, g.const([1], np.int64), name="/model/mask/Unsqueeze")
 
 
@@ -327,3 +337,85 @@ def _model(g: _Graph, L: Layout, key_heads: int, value_heads: int) -> onnx.Model
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
     onnx.checker.check_model(model, full_check=True)
     return model
+
+
+# --- score modifiers (issue 11) -------------------------------------------------------------
+
+SLIDING_WINDOW = 5  # shorter than the verification's 12 + 8 tokens
+SOFTCAP = 5.0
+# per-head ALiBi slopes 2^(-8h/H) and per-head sink logits
+ALIBI_SLOPES = np.array([2.0 ** (-8 * (h + 1) / HEADS) for h in range(HEADS)], np.float32)
+SINKS = np.array([0.5, -1.0, 2.0, 0.0], np.float32)[:HEADS]
+SCORE_MODIFIERS = {
+    "plain": "nothing between Q·Kᵀ and the mask",
+    "softcap": "c·tanh(s / c) (Gemma 2)",
+    "softcap_mul": "c·tanh(s · 1/c) (a product instead of a division)",
+    "softcap_mismatched": "negative: tanh(s / c) · c' with c' ≠ c",
+    "alibi": "+ slope[h] · key position (MPT)",
+    "bias_from_hidden": "negative: + a bias computed from the hidden state",
+    "sinks": "a sink logit per head joins the softmax, sliced off after (GPT-OSS)",
+    "sinks_stable": "sinks, and the joined scores minus their max before the softmax",
+    "window": "a sliding-window causal mask (Mistral, Gemma 2's local layers)",
+    "router": "an MoE router's Softmax → TopK beside the attention (no attention candidate)",
+}
+
+
+def _modify_scores(g: _Graph, L: Layout, scores: str, emb: str, modifier: str) -> str:
+    if modifier in ("softcap", "softcap_mul", "softcap_mismatched"):
+        inner = (
+            g.op("Mul", scores, g.const(1.0 / SOFTCAP))
+            if modifier == "softcap_mul"
+            else g.op("Div", scores, g.const(SOFTCAP))
+        )
+        outer = SOFTCAP * (2 if modifier == "softcap_mismatched" else 1)
+        return g.op("Mul", g.op("Tanh", inner), g.const(outer))
+    if modifier == "alibi":
+        total = g.op("Gather", g.op("Shape", "present.0.key"), g.const(L.key_seq_axis, np.int64))
+        keys = g.op("Range", g.const(0, np.int64), total, g.const(1, np.int64))
+        keys = g.op("Cast", keys, to=TensorProto.FLOAT)  # [T]
+        return g.op("Add", scores, g.op("Mul", g.const(ALIBI_SLOPES.reshape(1, HEADS, 1, 1)), keys))
+    if modifier == "bias_from_hidden":  # [B, 1, S, 1]: one value per query row, from activations
+        per_row = g.op("ReduceSum", emb, g.const([-1], np.int64), keepdims=1)
+        if L.projection == "SBHD":
+            per_row = g.op("Transpose", per_row, perm=[1, 0, 2])
+        return g.op("Add", scores, g.op("Unsqueeze", per_row, g.const([1], np.int64)))
+    return scores
+
+
+def _softmax(g: _Graph, scores: str, modifier: str, query: str) -> str:
+    if not modifier.startswith("sinks"):
+        return g.op("Softmax", scores, axis=-1)
+    # sinks [1, H, 1, 1] broadcast to [B, H, S, 1] through the query's shape, as GPT-OSS does
+    shape = g.op("Shape", query)
+    rows = g.op(
+        "Concat",
+        g.op("Slice", shape, g.const([0], np.int64), g.const([3], np.int64)),
+        g.const([1], np.int64),
+        axis=0,
+    )
+    sink = g.op("Expand", g.const(SINKS.reshape(1, HEADS, 1, 1)), rows)
+    joined = g.op("Concat", scores, sink, axis=-1)
+    if modifier == "sinks_stable":
+        peak = g.op("ReduceMax", joined, g.const([-1], np.int64), keepdims=1)
+        joined = g.op("Sub", joined, peak)
+    probs = g.op("Softmax", joined, axis=-1)
+    axes = g.const([-1], np.int64)
+    return g.op("Slice", probs, g.const([0], np.int64), g.const([-1], np.int64), axes)
+
+
+def _routed(g: _Graph, hidden: str) -> str:
+    """hidden · (sum of the router's top-2 probabilities): a Softmax that is not attention."""
+    router = g.op(
+        "Softmax",
+        g.op("MatMul", hidden, g.weight(HIDDEN, 4)),
+        axis=-1,
+        name="/model/layers.0/mlp/router/Softmax",
+    )
+    top = "router_top_values"
+    g.nodes.append(
+        helper.make_node(
+            "TopK", [router, g.const([2], np.int64)], [top, "router_top_indices"], "router_topk"
+        )
+    )
+    weight = g.op("ReduceSum", top, g.const([-1], np.int64), keepdims=1)
+    return g.op("Mul", hidden, weight)

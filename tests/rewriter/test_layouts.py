@@ -112,7 +112,8 @@ def test_no_fusion_when_an_intermediate_is_used_elsewhere(tmp_path):
     """Attention probabilities exported as an extra output must keep the decomposed graph."""
     model = build_lm("BHSD")
     probs = _node(model, "Softmax").output[0]
-    model.graph.output.append(onnx.helper.make_tensor_value_info(probs, 1, None))
+    dims = ["batch_size", 4, "seq", "total_sequence_length"]  # the input checks need a shape
+    model.graph.output.append(onnx.helper.make_tensor_value_info(probs, 1, dims))
     with pytest.raises(PartialFusion) as failure:
         run(tmp_path, model)
     layer = failure.value.result.layers[0]

@@ -9,12 +9,17 @@ import onnxruntime as ort
 import pytest
 
 from kvfuse.exporters.reference import ConcatCacheRunner
-from kvfuse.models.architectures import ARCHITECTURES, ROTARY_ARCHITECTURES, expected_fusions
+from kvfuse.models.architectures import (
+    ARCHITECTURES,
+    POSITION_ARCHITECTURES,
+    ROTARY_ARCHITECTURES,
+    expected_fusions,
+)
 from kvfuse.optimize import optimize
 from kvfuse.rewriter.verify import FixedCacheRunner
 
 # the rotary-coverage families are proven end to end by test_exporters_parity.py
-FUSING = sorted(set(ARCHITECTURES) - set(ROTARY_ARCHITECTURES))
+FUSING = sorted(set(ARCHITECTURES) - set(ROTARY_ARCHITECTURES) - set(POSITION_ARCHITECTURES))
 # ops of the mask builder, the RoPE builder and the growing cache: all must be gone
 BUILDER_OPS = {"Softmax", "IsNaN", "Cos", "Sin", "Range", "Where", "Neg", "Equal", "LessOrEqual"}
 

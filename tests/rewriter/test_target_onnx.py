@@ -9,7 +9,7 @@ import pytest
 
 from kvfuse.errors import KvfuseError
 from kvfuse.models.architectures import ARCHITECTURES as FACTS
-from kvfuse.models.architectures import ROTARY_ARCHITECTURES
+from kvfuse.models.architectures import POSITION_ARCHITECTURES, ROTARY_ARCHITECTURES
 from kvfuse.optimize import optimize
 from kvfuse.rewriter import static
 from kvfuse.runtime.shared_weights import SharedWeights, _external_tensors
@@ -17,7 +17,7 @@ from kvfuse.runtime.shared_weights import SharedWeights, _external_tensors
 # every architecture the pattern library fuses: RoPE half/partial, sliding window, learned
 # positions, MHA/GQA/MQA, packed and per-head interleaved projections
 # (the rotary-coverage families: `python -m kvfuse.models.coverage` runs them on this target)
-ARCHITECTURES = sorted(set(FACTS) - set(ROTARY_ARCHITECTURES))
+ARCHITECTURES = sorted(set(FACTS) - set(ROTARY_ARCHITECTURES) - set(POSITION_ARCHITECTURES))
 PREFILL_LEN = 16
 
 
@@ -125,6 +125,13 @@ def test_static_needs_the_onnx_target_and_a_prefill_that_fits(tiny_export, tmp_p
             quiet=True,
         )
     assert not list(tmp_path.iterdir())
+
+
+def test_a_prefill_shorter_than_the_verification_prompt_verifies(onnx_target):
+    """--prefill-len 8 (below verification's 12-token prompt): verified with an 8-token prompt,
+    not a traceback."""
+    result = onnx_target("llama", static=True, prefill_len=8)
+    assert result.verification.passed and result.verification.prompt_tokens == 8
 
 
 def test_shared_weights_are_one_copy(onnx_target):

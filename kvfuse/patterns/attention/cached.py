@@ -237,7 +237,15 @@ class CachedAttentionRule(Rule):
         **bound,
     ):
         head_dim = static_dim(past_k, self.layout.key_order.index("D"))
-        rotary = [cos, sin] if self.rotary else []
+        rotary = [cos, sin] if self.rotary else [None, None]
+        core = attended.producer()
+        # score modifiers ride along: inputs 7 (position bias) and 8 (sink logits), softcap
+        modifiers = [core.inputs[i] if len(core.inputs) > i else None for i in (4, 5)]
+        # input 9: the layer's own mask, read once more at lowering time for its window
+        extra = rotary + modifiers + [core.inputs[3] if len(core.inputs) > 3 else None]
+        while extra and extra[-1] is None:
+            extra.pop()
+        softcap = core.attributes.get_float("softcap", 0.0)
         k_flat_rotated = present_k.producer().inputs[1]
         kv_heads = self._kv_heads(past_k, {**bound, "k_flat": k_flat})
         q_normed = _normed_flat(op, q_flat, bound, "q", head_dim)
@@ -247,10 +255,12 @@ class CachedAttentionRule(Rule):
             v_flat,
             past_k,
             past_v,
-            *rotary,
+            *extra,
             num_heads=static_dim(q_flat, -1) // head_dim,
             kv_num_heads=kv_heads,
-            scale=attended.producer().attributes.get_float("scale"),
+            scale=core.attributes.get_float("scale"),
+            mask_kind=core.attributes.get_string("mask_kind", "none"),
+            **({"softcap": softcap} if softcap else {}),
             layout=self.layout.name,
             rotary=int(self.rotary),
             rotary_interleaved=_rotary_style(_rotary_above(k_flat_rotated))[0]

@@ -14,13 +14,17 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from kvfuse.rewriter.layout import LAYOUTS
-from kvfuse.rewriter.rules import NearMiss
+from kvfuse.rewriter.rules import KVFUSE_DOMAIN, NearMiss
 
-PASS_THROUGH = ("Cast", "Add", "Mul", "Div", "Where")
+# a scale, mask, cast, soft-capping (Tanh), sink column (Concat) or its max subtraction (Sub)
+PASS_THROUGH = ("Cast", "Add", "Mul", "Div", "Where", "Tanh", "Concat", "Sub")
 
 
 def diagnose_softmax(softmax: ir.Node) -> NearMiss | None:
-    """The first attention constraint this Softmax's neighbourhood breaks, or None."""
+    """The first attention constraint this Softmax's neighbourhood breaks, or None (also for a
+    kvfuse Attention left unfused with its cache: see `diagnose_cached`)."""
+    if softmax.domain == KVFUSE_DOMAIN and softmax.op_type == "Attention":
+        return diagnose_cached(softmax)
     for check in (_axis, _single_use, _scores_matmul, _key_transpose, _value_head_dim):
         reason = check(softmax)
         if reason is not None:
@@ -49,6 +53,8 @@ def _single_use(softmax):
         return f"attention probabilities {value.name} are also a graph output", [softmax]
     users = [user for user, _ in value.uses()]
     if len(users) > 2 or (len(users) == 2 and {u.op_type for u in users} != {"IsNaN", "Where"}):
+        if len(users) == 1 or {u.op_type for u in users} == {"Slice"}:
+            return None
         kinds = ", ".join(sorted(u.op_type for u in users))
         return f"attention probabilities feed {kinds}, expected only the V MatMul", users
     return None
@@ -56,6 +62,12 @@ def _single_use(softmax):
 
 def _scores_matmul(softmax):
     node = _walk_up(softmax.inputs[0])
+    if node is not None and node.op_type == "Reshape" and _batched_heads(node):
+        return (
+            "scores come from a [B·H, S, T] batched MatMul reshaped to [B, H, S, T] (heads "
+            "merged into the batch, as Bloom's baddbmm does); that form is not matched yet",
+            [node],
+        )
     if node is None or node.op_type != "MatMul":
         found = node.op_type if node is not None else "a graph input"
         return f"Softmax input comes from {found}, expected the Q·Kᵀ MatMul", [softmax]
@@ -115,3 +127,35 @@ def _dim(value: ir.Value | None, axis: int) -> int | None:
     if value is None or value.shape is None or len(value.shape) < -axis:
         return None
     return value.shape[axis] if isinstance(value.shape[axis], int) else None
+
+
+def _batched_heads(reshape: ir.Node) -> bool:
+    """Whether a Reshape to 4-D lifts a 3-D MatMul product (possibly scaled/biased)."""
+    source = _walk_up(reshape.inputs[0])
+    value = source.outputs[0] if source is not None else None
+    return (
+        source is not None
+        and source.op_type == "MatMul"
+        and value.shape is not None
+        and len(value.shape) == 3
+    )
+
+
+def diagnose_cached(attention: ir.Node) -> NearMiss | None:
+    """Why an attention core (already fused) did not fuse with its KV cache: the first
+    projection path that is not Reshape → [Transpose] → [Rotary] → Concat(past, ·)."""
+    query = attention.inputs[0]
+    node = query.producer() if query is not None else None
+    while node is not None and node.op_type == "Transpose":
+        node = node.inputs[0].producer()
+    if node is not None and node.op_type not in ("Reshape", "Rotary"):
+        return NearMiss(
+            "attention/cached (diagnosis)",
+            attention.name or "Attention",
+            0,
+            f"the query reaches attention through {node.op_type} after its projection "
+            "reshape: a rotation or transform the rotary rules did not fuse (an unrecognised "
+            "RoPE formulation?), so the layer's cache is not matched",
+            [node.name or node.op_type],
+        )
+    return None

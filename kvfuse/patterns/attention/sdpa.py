@@ -19,6 +19,14 @@ from __future__ import annotations
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
+from kvfuse.patterns.attention.modifiers import (
+    check_modifiers,
+    modifier_attributes,
+    modifier_inputs,
+    score_modifiers,
+    with_sinks,
+    without_sinks,
+)
 from kvfuse.patterns.norm import is_constant
 from kvfuse.rewriter.layout import RULE_LAYOUTS, Layout, is_identity
 from kvfuse.rewriter.rules import KVFUSE_DOMAIN, Rule, fail, like, ok
@@ -48,6 +56,7 @@ class SDPARule(Rule):
         key_t = maybe_transpose(op, key, self.layout.key_transposed)
         scores = op.MatMul(scaled(op, query, q_scale, "q_how"), scaled(op, key_t, k_scale, "k_how"))
         scores = scaled(op, scores, qk_scale, "qk_how")
+        scores = score_modifiers(op, scores)
         scores = pattern.OrValue(
             # additive mask; boolean mask kept where True (GPT-2's `Where(causal, s, min)`) or
             # filled where True (`masked_fill`); or no mask
@@ -62,11 +71,13 @@ class SDPARule(Rule):
         )
         scores = scaled(op, scores, mask_scale, "masked_how")
         scores = pattern.OrValue([op.Cast(scores), scores], tag_var="cast_in", tag_values=[1, 0])
+        scores = with_sinks(op, scores)
         probs = op.Softmax(scores, _outputs=["probs"])
         probs = pattern.OrValue([op.Cast(probs), probs], tag_var="cast_out", tag_values=[1, 0])
         probs = pattern.OrValue(
             [op.Where(op.IsNaN(probs), zero, probs), probs], tag_var="nan_guard", tag_values=[1, 0]
         )
+        probs = without_sinks(op, probs)
         value_bhsd = maybe_transpose(op, value, self.layout.to_bhsd)
         return op.MatMul(probs, value_bhsd, _outputs=["attention_out"])
 
@@ -93,6 +104,9 @@ class SDPARule(Rule):
             return fail(f"key transposed by perm {perm} before Q·Kᵀ, not read as cached", key)
         if attention_scale(bound) is None:
             return fail("attention scale factors are not constant scalars", query)
+        modified = check_modifiers(bound)
+        if modified is not None:
+            return modified
         if bound["masked_how"] != "none" and attention_scale(bound) <= 0:
             return fail("scores scaled after the mask by a non-positive factor", query)
         if bound["nan_guard"] and not is_constant(bound["zero"], 0.0):
@@ -105,7 +119,11 @@ class SDPARule(Rule):
         return ok()
 
     def rewrite(self, op, query, key, value, mask, **bound):
-        inputs = [query, key, value] + ([mask] if bound["mask_how"] != "none" else [])
+        # inputs 3-5: mask, position bias, per-head sink logits (None where absent)
+        inputs = [query, key, value, mask if bound["mask_how"] != "none" else None]
+        inputs += modifier_inputs(bound)
+        while inputs[-1] is None:
+            inputs.pop()
         return like(
             op.Attention(
                 *inputs,
@@ -113,6 +131,7 @@ class SDPARule(Rule):
                 layout=self.layout.name,
                 key_layout=self.layout.key_order,
                 mask_kind=bound["mask_how"],
+                **modifier_attributes(bound),
                 _domain=KVFUSE_DOMAIN,
             ),
             bound["attention_out"],
