@@ -10,7 +10,9 @@ onnxruntime loop over Optimum's export; onnxruntime-genai 0.18 on a model its ow
 from the same weights (needs a second virtualenv with transformers 5.x, see --genai-python);
 kvfuse (`kvfuse.load`) for each target: `ort` (GroupQueryAttention), `onnx` (standard ops,
 dynamic shapes) and `onnx --static` (a prefill graph of 128 tokens and a decode graph sharing
-one weights file). Quantized rows: kvfuse `--quantize int4`, `gguf` (the GGUF's own blocks)
+one weights file); `kvfuse-genai`, kvfuse's `ort` model under onnxruntime-genai's runtime (its
+C++ loop over the graph `optimize --genai-config` writes), which separates the graph's quality
+from kvfuse's Python loop. Quantized rows: kvfuse `--quantize int4`, `gguf` (the GGUF's own blocks)
 and `int8`, beside genai's int4 model (its builder's defaults) and genai int4 with an 8-bit LM
 head; each quantized row also gets its quality against the same fp32 reference (Optimum's
 export), teacher-forced over 2,048 tokens of `pydoc_data.topics` (`--quality` worker). Writes
@@ -40,6 +42,7 @@ SYSTEMS = [
     "genai-int4",
     "genai-int4-head8",
     "kvfuse",
+    "kvfuse-genai",
     "kvfuse-int4",
     "kvfuse-gguf",
     "kvfuse-int8",
@@ -71,6 +74,7 @@ GENAI_MODELS = {
         "matmul_mixed_precision=last_matmul:int8",
     ],
 }
+KVFUSE_GENAI = "kvfuse-genai"  # genai's files for the `kvfuse` model (add_genai_files)
 QUANTIZED = ["genai-int4", "genai-int4-head8", "kvfuse-int4", "kvfuse-gguf", "kvfuse-int8"]
 QUALITY_TOKENS, QUALITY_WINDOW = 2048, 512
 STATIC_MARK = "model-static.kvfuse.json"  # the file a static pair lands last
@@ -242,6 +246,7 @@ RUNNERS = {
     "optimum": optimum_runner,
     "plain-ort": plain_runner,
     "genai": genai_runner,
+    KVFUSE_GENAI: lambda work, threads: genai_runner(work, threads, KVFUSE_GENAI),
     "genai-int4": lambda work, threads: genai_runner(work, threads, "genai-int4"),
     "genai-int4-head8": lambda work, threads: genai_runner(work, threads, "genai-int4-head8"),
     "kvfuse": kvfuse_runner,
@@ -266,6 +271,7 @@ def prepare(work: Path, genai_python: str | None, wanted: list[str] = SYSTEMS) -
     from kvfuse import export, optimize
     from kvfuse.exporters import default_model
     from kvfuse.exporters.export import DEFAULT_HF_DIR
+    from kvfuse.genai import add_genai_files
 
     if not (work / "export" / "model.onnx").exists():
         export("default", work / "export", overwrite=True)
@@ -274,8 +280,11 @@ def prepare(work: Path, genai_python: str | None, wanted: list[str] = SYSTEMS) -
         (work / "hf").symlink_to(hf_dir)
     for system, (file, options) in KVFUSE_MODELS.items():
         done = STATIC_MARK if options.get("static") else file
-        if system in wanted and not (work / "export" / done).exists():
+        needed = system in wanted or (system == "kvfuse" and KVFUSE_GENAI in wanted)
+        if needed and not (work / "export" / done).exists():
             optimize(work / "export", work / "export" / file, max_context=2048, **options)
+    if KVFUSE_GENAI in wanted and not (work / KVFUSE_GENAI / "genai_config.json").exists():
+        add_genai_files(work / "export" / KVFUSE_MODELS["kvfuse"][0], work / KVFUSE_GENAI)
     for system, arguments in GENAI_MODELS.items():
         built = (work / system / "genai_config.json").exists()
         if genai_python and system in wanted and not built:
@@ -286,7 +295,7 @@ def prepare(work: Path, genai_python: str | None, wanted: list[str] = SYSTEMS) -
 
 
 def set_genai_threads(work: Path, threads: int) -> None:
-    for system in GENAI_MODELS:
+    for system in [*GENAI_MODELS, KVFUSE_GENAI]:
         _set_threads(work / system / "genai_config.json", threads)
 
 
@@ -331,7 +340,7 @@ def read_bandwidth(threads: int) -> float:
 
 def model_bytes(work: Path, system: str) -> int:
     """Bytes on disk of what a system loads (graphs and weights files)."""
-    if system in GENAI_MODELS:
+    if system in GENAI_MODELS or system == KVFUSE_GENAI:
         files = [f for f in (work / system).iterdir() if f.suffix in (".onnx", ".data")]
     elif system in KVFUSE_MODELS:
         stem = KVFUSE_MODELS[system][0].removesuffix(".onnx")

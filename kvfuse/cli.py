@@ -108,6 +108,14 @@ def optimize(
         typer.Option(help="Write the graph diff report as REPORT.json, .md and .html."),
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress, no summary.")] = False,
+    genai_config: Annotated[
+        bool,
+        typer.Option(
+            "--genai-config",
+            help="Also write OUTPUT.genai.onnx and genai_config.json so onnxruntime-genai's "
+            "own loop runs the model (target ort).",
+        ),
+    ] = False,
     quantize: Annotated[
         str | None,
         typer.Option(
@@ -160,6 +168,7 @@ def optimize(
             verify_numerics=not no_verify,
             overwrite=overwrite,
             quiet=quiet,
+            genai_config=genai_config,
             quantize=quant,
         )
     except PartialFusion as error:
@@ -170,6 +179,12 @@ def optimize(
         raise
     if not quiet:
         _print_optimize_summary(result, explain)
+        if genai_config:
+            console.print(
+                f"onnxruntime-genai: {escape(str(output.parent / 'genai_config.json'))} → "
+                f"{escape(output.stem)}.genai.onnx (onnxruntime_genai.Model"
+                f"({escape(str(output.parent))!r}))"
+            )
         if result.quantization is not None:
             from kvfuse.report.quantization import summary_lines
 
@@ -281,19 +296,29 @@ def serve(
     device: Annotated[
         str, typer.Option(help="'cpu', or 'cuda' (a --target cuda model, KV in device memory).")
     ] = "cpu",
+    replicas: Annotated[
+        int | None,
+        typer.Option(
+            help="Serve on Ray Serve with N replicas, each its own engine (kvfuse\\[ray])."
+        ),
+    ] = None,
+    autoscale: Annotated[
+        tuple[int, int] | None,
+        typer.Option(metavar="MIN MAX", help="Ray Serve: keep between MIN and MAX replicas."),
+    ] = None,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            "--ray",
+            metavar="[ADDRESS]",
+            help="The Ray cluster for --replicas (default: a local one).",
+        ),
+    ] = None,
+    replica_cpus: Annotated[float, typer.Option(help="CPUs Ray reserves per replica.")] = 1.0,
 ) -> None:
     """Serve the model over HTTP: OpenAI /v1/chat/completions, /v1/completions, /v1/models;
     TGI /generate, /generate_stream, /, /info, /health; Prometheus /metrics."""
-    try:
-        from kvfuse.serve import serve_forever
-    except ImportError as error:  # the server's libraries are an extra
-        raise KvfuseError(
-            f"kvfuse serve needs {error.name}: pip install 'kvfuse[serve]'"
-        ) from error
-    serve_forever(
-        model,
-        host,
-        port,
+    engine_options = dict(
         slots=slots,
         max_queue=max_queue,
         threads=threads,
@@ -303,6 +328,20 @@ def serve(
         request_timeout_s=request_timeout,
         device=device,
     )
+    if replicas is not None or autoscale is not None:
+        from kvfuse.serve.replicas import ReplicaPlan, serve_replicas_forever
+
+        plan = ReplicaPlan(replicas or 1, autoscale, replica_cpus, engine_options)
+        address = None if ray in (None, "local") else ray
+        serve_replicas_forever(model, plan, host, port, address)
+        return
+    try:
+        from kvfuse.serve import serve_forever
+    except ImportError as error:  # the server's libraries are an extra
+        raise KvfuseError(
+            f"kvfuse serve needs {error.name}: pip install 'kvfuse[serve]'"
+        ) from error
+    serve_forever(model, host, port, **engine_options)
 
 
 def _chat_turns():
@@ -337,6 +376,51 @@ def diff(
         return
     reports.write(built, output)
     console.print(f"report: {output}")
+
+
+@app.command("optimize-many")
+def optimize_many(
+    models: Annotated[Path, typer.Argument(help="MODELS.json: the models and their options.")],
+    out_root: Annotated[Path, typer.Argument(help="Directory for every model's results.")],
+    jobs: Annotated[int, typer.Option(help="Jobs at a time on this machine.")] = 1,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            "--ray",
+            metavar="[ADDRESS]",
+            help="Run each job as a Ray task: on the cluster at ADDRESS, or a local Ray "
+            "cluster when no address is given (needs kvfuse[ray]).",
+        ),
+    ] = None,
+    retry_failed: Annotated[
+        bool, typer.Option("--retry-failed", help="Run again the models whose last run failed.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No live progress.")] = False,
+) -> None:
+    """Export, optimize and benchmark many models, one isolated job each; writes
+    OUT_ROOT/index.json and index.html; a rerun redoes only what changed."""
+    from kvfuse.jobs.run import LOCAL, run_many
+
+    address = LOCAL if ray is None else (None if ray == "local" else ray)
+    try:
+        rows = run_many(
+            models, out_root, jobs=jobs, ray=address, retry_failed=retry_failed, quiet=quiet
+        )
+    except KeyboardInterrupt:
+        Console(stderr=True).print(
+            f"interrupted; finished models are kept in {escape(str(out_root))}: run the same "
+            "command again to go on"
+        )
+        raise typer.Exit(130) from None
+    ok = sum(row.get("status") == "ok" for row in rows)
+    reused = sum(bool(row.get("reused")) for row in rows)
+    console.print(
+        f"{ok} of {len(rows)} models optimized ({reused} reused from an earlier run): "
+        f"{escape(str(out_root / 'index.html'))}"
+    )
+    for row in rows:
+        if row.get("status") != "ok":
+            console.print(f"[red]{escape(row['name'])}[/red]: {escape(row.get('reason', ''))}")
 
 
 def _print_optimize_summary(result, explain: bool) -> None:
@@ -436,9 +520,22 @@ def _print_export_summary(result) -> None:
     console.print(io)
 
 
+def optional_value(args: list[str], option: str, bare: str) -> list[str]:
+    """`option` given with no value (last, or before another option) becomes `option=bare`:
+    `--ray` alone starts a local Ray cluster, `--ray ADDRESS` joins one (typer has no options
+    with an optional value)."""
+    return [
+        f"{option}={bare}"
+        if arg == option and (i + 1 == len(args) or args[i + 1][:1] == "-")
+        else arg
+        for i, arg in enumerate(args)
+    ]
+
+
 def main() -> None:
     """Console-script entry point: user errors become one line on stderr and exit status 1."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sys.argv[1:] = optional_value(sys.argv[1:], "--ray", "local")
     try:
         app()
     except KvfuseError as error:

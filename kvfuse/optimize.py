@@ -111,6 +111,7 @@ def optimize(
     overwrite: bool = False,
     quiet: bool = False,
     quantize: str | quantization.Quantize | None = None,
+    genai_config: bool = False,
 ) -> OptimizeResult:
     """Rewrite an exported ONNX LLM into fused attention with a fixed-size in-place KV cache.
 
@@ -137,6 +138,9 @@ def optimize(
             options): weight-only block quantization of every MatMul and of the embedding/LM
             head; checked exactly against the dequantized original, and its quality measured
             against the original (the write is refused above `max_kld` unless `force`).
+        genai_config: (target "ort") also write what onnxruntime-genai needs to run the model
+            with its own loop: OUT.genai.onnx (valid lengths derived from an attention mask)
+            and genai_config.json beside OUT.onnx and the tokenizer files.
 
     Returns:
         An `OptimizeResult`; the output is written only if every attention layer fused and
@@ -149,6 +153,8 @@ def optimize(
     plan = dataclasses.replace(plan, dtype=_check_dtype(target, dtype))
     if plan.quant is not None and plan.dtype is not None:
         raise KvfuseError(f"--quantize with --target {target} is not built yet; use ort or onnx")
+    if genai_config:
+        _check_genai_request(plan)
     steps = Steps(quiet)
     with steps.step(f"Loading {plan.model_path.name}"):
         model = _load(plan.model_path, in_memory=plan.static)
@@ -176,6 +182,11 @@ def optimize(
             _check_quantized(plan, result, written, written, verify_numerics, steps)
         _write_sidecar(staging / f"{plan.output.stem}.kvfuse.json", plan.model_path, result)
         _copy_companions(plan.model_path, staging, plan.output.parent)
+        if genai_config:
+            from kvfuse.genai import write_genai_files
+
+            record = metadata_record(result.signature, target, plan.model_path)
+            write_genai_files(candidate, record, plan.export_info, staging, plan.output.stem)
     result.output = plan.output
     return result
 
@@ -627,6 +638,19 @@ def metadata_record(signature, target: str, source: Path) -> dict:
             "position_ids": "int64 [batch, S] positions of the new tokens (if an input)",
         },
     }
+
+
+def _check_genai_request(plan: _Plan) -> None:
+    if plan.target != "ort" or plan.static:
+        raise KvfuseError(
+            "--genai-config needs --target ort without --static (onnxruntime-genai runs "
+            "GroupQueryAttention graphs)"
+        )
+    if not (plan.export_info or {}).get("model"):
+        raise KvfuseError(
+            f"--genai-config needs the export's kvfuse-export.json beside {plan.model_path}; "
+            "optimize a `kvfuse export` directory"
+        )
 
 
 def _write_static(output: Path, pair: dict, source: Path, result, overwrite: bool):

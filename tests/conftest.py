@@ -102,3 +102,14 @@ def quantized_smollm2(smollm2_export):
         return done[mode]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the whole session (start-up takes ~10 s): its GCS address, for
+    drivers in other processes to join (`--ray ADDRESS`); this process is a driver too."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()

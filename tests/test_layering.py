@@ -43,3 +43,10 @@ def test_server_uses_the_runtime_only():
     """serve/ drives the runtime; it needs no optimizer, exporter or rule."""
     for forbidden in ("kvfuse.rewriter", "kvfuse.patterns", "kvfuse.exporters", "kvfuse.optimize"):
         assert offenders("serve", forbidden) == []
+
+
+def test_jobs_use_export_and_optimize_only_through_their_public_functions():
+    """jobs/ knows nothing of the exporters', the engine's, the rules' or the runtime's insides:
+    it calls kvfuse.export, kvfuse.optimize and kvfuse.load."""
+    for forbidden in ("kvfuse.rewriter", "kvfuse.patterns", "kvfuse.exporters", "kvfuse.runtime"):
+        assert offenders("jobs", forbidden) == []
