@@ -113,3 +113,13 @@ def ray_cluster():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
+
+
+def pytest_collection_modifyitems(items):
+    """Under xdist's loadgroup: the real-model tests run on one worker (one SmolLM2 export per
+    run, not one per worker), and the tests on the session's Ray cluster on one worker too."""
+    for item in items:
+        if item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.xdist_group("smollm2"))
+        elif "ray_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("ray"))
