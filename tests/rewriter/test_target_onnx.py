@@ -127,10 +127,18 @@ def test_static_needs_the_onnx_target_and_a_prefill_that_fits(tiny_export, tmp_p
     assert not list(tmp_path.iterdir())
 
 
-def test_a_prefill_shorter_than_the_verification_prompt_verifies(onnx_target):
+def test_a_prefill_shorter_than_the_verification_prompt_verifies(tiny_export, tmp_path):
     """--prefill-len 8 (below verification's 12-token prompt): verified with an 8-token prompt,
     not a traceback."""
-    result = onnx_target("llama", static=True, prefill_len=8)
+    result = optimize(
+        tiny_export("llama")[1],
+        tmp_path / "short.onnx",
+        target="onnx",
+        static=True,
+        prefill_len=8,
+        max_context=64,
+        quiet=True,
+    )
     assert result.verification.passed and result.verification.prompt_tokens == 8
 
 
