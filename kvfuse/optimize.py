@@ -7,8 +7,6 @@ IN.onnx | export dir ─ load ─ clean up ─ fuse ─ lower ─ retained-state
 from __future__ import annotations
 
 import dataclasses
-import json
-import shutil
 import sys
 import types
 from pathlib import Path
@@ -17,14 +15,24 @@ import onnx
 import onnx_ir as ir
 from onnxscript import optimizer
 
-from kvfuse import __version__, quantization
-from kvfuse.checks import check_model_file
+from kvfuse import quantization
 from kvfuse.errors import KvfuseError
-from kvfuse.exporters.metadata import read_metadata
 from kvfuse.files import staged_file
+from kvfuse.model_files import (
+    INLINE_WEIGHTS_LIMIT,
+    copy_companions,
+    load_model,
+    metadata_record,
+    release_weights,
+    save_model,
+    stamp_metadata,
+    static_layout,
+    write_sidecar,
+    write_static,
+)
 from kvfuse.patterns import targets
+from kvfuse.plan import Plan, check_dtype, check_genai_request, make_plan
 from kvfuse.progress import Steps, quiet_logs
-from kvfuse.report.summary import load_structure
 from kvfuse.rewriter import (
     packed_heads,
     pipeline,
@@ -43,22 +51,6 @@ from kvfuse.rewriter.verify import (
     locate_divergence,
     prefill_outputs,
     verify,
-)
-
-DEFAULT_MAX_CONTEXT = 2048
-DEFAULT_PREFILL_LEN = 128
-PROTOBUF_LIMIT = 2**31
-INLINE_WEIGHTS_LIMIT = 2**31 - 2**26  # above this the weights go external (room for the graph)
-EXTERNAL_MIN_BYTES = 1024  # smaller tensors (folded index constants) stay inline
-DATA_ALIGNMENT = 65536  # external tensors' offsets: onnxruntime maps aligned ones from the file
-COMPANION_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "config.json",
-    "generation_config.json",
-    "kvfuse-export.json",
 )
 
 
@@ -146,18 +138,18 @@ def optimize(
         An `OptimizeResult`; the output is written only if every attention layer fused and
         verification passed (a `KvfuseError` says why otherwise).
     """
-    plan = _plan(source, output, target, max_context, batch_size, logits, static, prefill_len)
+    plan = make_plan(source, output, target, max_context, batch_size, logits, static, prefill_len)
     plan = dataclasses.replace(plan, quant=quantization.as_options(quantize))
     if plan.quant is not None:
         plan.quant.check(target)
-    plan = dataclasses.replace(plan, dtype=_check_dtype(target, dtype))
+    plan = dataclasses.replace(plan, dtype=check_dtype(target, dtype))
     if plan.quant is not None and plan.dtype is not None:
         raise KvfuseError(f"--quantize with --target {target} is not built yet; use ort or onnx")
     if genai_config:
-        _check_genai_request(plan)
+        check_genai_request(plan)
     steps = Steps(quiet)
     with steps.step(f"Loading {plan.model_path.name}"):
-        model = _load(plan.model_path, in_memory=plan.static)
+        model = load_model(plan.model_path, in_memory=plan.static)
     result = _fuse(model, plan, steps)
     with steps.step(f"Lowering to {target} with fixed {plan.max_context}-position KV buffers"):
         _lower(model, plan, result)
@@ -168,8 +160,8 @@ def optimize(
     with staged_file(plan.output, overwrite=overwrite, inputs=[plan.model_path]) as staging:
         candidate = staging / plan.output.name
         with steps.step(f"Writing {plan.output}"):
-            _save(model, candidate)
-            _release(model)
+            save_model(model, candidate)
+            release_weights(model)
             del model  # from here on the written files are what is checked: one model at a time
         if target == "onnx":
             with steps.step("Checking the model with onnx.checker (full check)"):
@@ -180,8 +172,8 @@ def optimize(
         if plan.quant is not None:  # a gate past --max-kld raises here: nothing is written
             written = candidate.read_bytes()
             _check_quantized(plan, result, written, written, verify_numerics, steps)
-        _write_sidecar(staging / f"{plan.output.stem}.kvfuse.json", plan.model_path, result)
-        _copy_companions(plan.model_path, staging, plan.output.parent)
+        write_sidecar(staging / f"{plan.output.stem}.kvfuse.json", plan.model_path, result)
+        copy_companions(plan.model_path, staging, plan.output.parent)
         if genai_config:
             from kvfuse.genai import write_genai_files
 
@@ -209,56 +201,12 @@ def _finish_static(model, plan, result, steps, verify_numerics: bool, overwrite:
     if plan.quant is not None:
         _check_quantized(plan, result, candidate, proto_bytes, verify_numerics, steps)
     with steps.step(f"Writing {plan.output.with_suffix('.*')}"):
-        result.shared_weights = _write_static(plan.output, pair, plan.model_path, result, overwrite)
+        result.shared_weights = write_static(plan.output, pair, plan.model_path, result, overwrite)
         result.output = plan.output.parent / result.signature.static["graphs"]["decode"]
     return result
 
 
-@dataclasses.dataclass(frozen=True)
-class _Plan:
-    """What one optimize call was asked for, checked and with its defaults filled in."""
-
-    model_path: Path
-    export_info: dict | None
-    output: Path
-    target: str
-    max_context: int
-    batch_size: int | None
-    logits: str
-    static: bool
-    prefill_len: int | None
-    quant: quantization.Quantize | None = None
-    dtype: str | None = None
-
-
-def _plan(source, output, target, max_context, batch_size, logits, static, prefill_len) -> _Plan:
-    if logits not in ("last", "all"):
-        raise KvfuseError(f"logits must be 'last' or 'all', not {logits!r}")
-    if target not in targets.TARGETS:
-        choices = ", ".join(targets.TARGETS)
-        raise KvfuseError(f"unknown target {target!r}; choose one of {choices}")
-    model_path, export_info = _resolve_input(Path(source))
-    output = Path(output)
-    if output.suffix != ".onnx":
-        raise KvfuseError(f"output {output} must be an .onnx file path")
-    max_context = _check_context(max_context, export_info) or _default_context(export_info)
-    if static:
-        batch_size = batch_size or 1
-        prefill_len = _check_static_request(target, prefill_len, max_context)
-    return _Plan(
-        model_path,
-        export_info,
-        output,
-        target,
-        max_context,
-        batch_size,
-        logits,
-        static,
-        prefill_len,
-    )
-
-
-def _fuse(model: ir.Model, plan: _Plan, steps: Steps) -> OptimizeResult:
+def _fuse(model: ir.Model, plan: Plan, steps: Steps) -> OptimizeResult:
     """Clean up and fuse; every attention layer must fuse (else `PartialFusion`)."""
     before_nodes, before_ops = pipeline.count_nodes(model), pipeline.op_histogram(model)
     candidates = pipeline.attention_candidates(model)
@@ -290,7 +238,7 @@ def _fuse(model: ir.Model, plan: _Plan, steps: Steps) -> OptimizeResult:
     return result
 
 
-def _lower(model: ir.Model, plan: _Plan, result: OptimizeResult) -> None:
+def _lower(model: ir.Model, plan: Plan, result: OptimizeResult) -> None:
     """The target's lowering, the retained-state KV signature, last-position logits, and the
     metadata the runtime reads."""
     lowering, records = targets.TARGETS[plan.target], result.stages
@@ -324,12 +272,12 @@ def _lower(model: ir.Model, plan: _Plan, result: OptimizeResult) -> None:
         result.quantization = {"records": quantization.records_of(model)}
     if plan.static:
         signature.static = static_layout(plan.output, plan.prefill_len)
-    _stamp_metadata(model, signature, plan.target, plan.model_path)
+    stamp_metadata(model, signature, plan.target, plan.model_path)
     result.nodes_after, result.ops_after = pipeline.count_nodes(model), pipeline.op_histogram(model)
     result.signature = signature
 
 
-def _verify(plan: _Plan, result: OptimizeResult, candidate) -> None:
+def _verify(plan: Plan, result: OptimizeResult, candidate) -> None:
     """Check `candidate` (a written model file, or the static pair) against the original; on
     failure name the first diverging tensor and raise — nothing is written."""
     signature, batch = result.signature, plan.batch_size or 1
@@ -379,8 +327,8 @@ def _finish_half(model, plan, result, steps, verify_numerics: bool, overwrite: b
     with staged_file(plan.output, overwrite=overwrite, inputs=[plan.model_path]) as staging:
         candidate = staging / plan.output.name
         with steps.step("Writing the float32 rewrite"):
-            _save(model, candidate)
-            _release(model)
+            save_model(model, candidate)
+            release_weights(model)
             del model
         if verify_numerics:
             with steps.step("Verifying the float32 rewrite against the original"):
@@ -389,13 +337,13 @@ def _finish_half(model, plan, result, steps, verify_numerics: bool, overwrite: b
         half = _to_half(plan, result, onnx.load(str(candidate)).SerializeToString(), steps)
         with steps.step(f"Writing {plan.output}"):
             candidate.write_bytes(half)
-        _write_sidecar(staging / f"{plan.output.stem}.kvfuse.json", plan.model_path, result)
-        _copy_companions(plan.model_path, staging, plan.output.parent)
+        write_sidecar(staging / f"{plan.output.stem}.kvfuse.json", plan.model_path, result)
+        copy_companions(plan.model_path, staging, plan.output.parent)
     result.output = plan.output
     return result
 
 
-def _to_half(plan: _Plan, result: OptimizeResult, lowered: bytes, steps) -> bytes:
+def _to_half(plan: Plan, result: OptimizeResult, lowered: bytes, steps) -> bytes:
     """Choose per node what runs in half precision (the range check) and verify that graph
     against the original; with --no-verify (no rewrite verification) every node goes half."""
     if result.rewrite_verification is None:
@@ -431,17 +379,6 @@ def _to_half(plan: _Plan, result: OptimizeResult, lowered: bytes, steps) -> byte
     return half
 
 
-def _check_dtype(target: str, dtype: str | None) -> str | None:
-    default = targets.TARGETS[target].dtype
-    if dtype is None:
-        return default
-    if default is None:
-        raise KvfuseError(f"--dtype is for half-precision targets (cuda), not {target!r}")
-    if dtype not in ("float16", "bfloat16"):
-        raise KvfuseError(f"--dtype must be float16 or bfloat16, not {dtype!r}")
-    return dtype
-
-
 class PartialFusion(KvfuseError):
     """Not every attention layer fused; carries the result so callers can explain why."""
 
@@ -455,120 +392,6 @@ class PartialFusion(KvfuseError):
             f"{reason}); run with --explain for every near miss; nothing was written"
         )
         self.result = result
-
-
-def _check_static_request(target: str, prefill_len: int | None, max_context: int) -> int:
-    if target != "onnx":
-        raise KvfuseError("--static needs --target onnx (standard ops with static shapes)")
-    prefill_len = prefill_len or min(DEFAULT_PREFILL_LEN, max_context)
-    if not 1 < prefill_len <= max_context:
-        raise KvfuseError(
-            f"--prefill-len {prefill_len} must be between 2 and --max-context ({max_context})"
-        )
-    return prefill_len
-
-
-def static_layout(output: Path, prefill_len: int) -> dict:
-    """The files of a static pair written for OUT.onnx, as recorded in its metadata."""
-    return {
-        "prefill_len": prefill_len,
-        "graphs": {
-            "prefill": f"{output.stem}.prefill.onnx",
-            "decode": f"{output.stem}.decode.onnx",
-        },
-        "weights": f"{output.stem}.weights",
-    }
-
-
-def _resolve_input(source: Path) -> tuple[Path, dict | None]:
-    if source.is_dir():
-        model_path = source / "model.onnx"
-        if not model_path.is_file():
-            raise KvfuseError(f"{source} has no model.onnx; give an .onnx file or an export dir")
-        return model_path, read_metadata(source)
-    if not source.exists():
-        raise KvfuseError(f"{source} does not exist; give an .onnx file or an export directory")
-    return source, read_metadata(source.parent)
-
-
-def _check_context(max_context: int | None, export_info: dict | None) -> int | None:
-    """--max-context may go up to the model's own limit (its max positions), not past it."""
-    if max_context is None:
-        return None
-    positions = (export_info or {}).get("model", {}).get("max_positions")
-    if max_context < 2:
-        raise KvfuseError(f"--max-context {max_context} must be at least 2 positions")
-    if positions and max_context > positions:
-        raise KvfuseError(
-            f"--max-context {max_context} is past the model's own limit of {positions} "
-            f"positions (max_position_embeddings); give at most {positions}"
-        )
-    return max_context
-
-
-def _default_context(export_info: dict | None) -> int:
-    positions = (export_info or {}).get("model", {}).get("max_positions")
-    return min(positions, DEFAULT_MAX_CONTEXT) if positions else DEFAULT_MAX_CONTEXT
-
-
-def _load(model_path: Path, in_memory: bool = False) -> ir.Model:
-    """The model with its external weights left in their file (memory-mapped, read only by the
-    rules that need their values), or read into memory for `in_memory` (a static pair)."""
-    proto = load_structure(model_path)  # one-line error for a missing or corrupt file
-    check_model_file(model_path, proto)  # one line for a damaged or hand-edited one
-    del proto  # ir.load reads it again; keep one copy in memory at a time
-    try:
-        model = ir.load(model_path)
-    except (ValueError, TypeError, KeyError) as error:  # what the checks above cannot see
-        raise KvfuseError(
-            f"{model_path} cannot be read into onnx_ir ({type(error).__name__}: "
-            f"{str(error)[:200]}); re-export it"
-        ) from error
-    if any(v.dtype == ir.DataType.BFLOAT16 for v in model.graph.inputs):
-        raise KvfuseError(
-            f"{model_path} is a bfloat16 model: onnxruntime has no CPU kernels for bfloat16 "
-            "MatMul or attention, so it can be neither verified nor run here; export with "
-            "--dtype float16 or float32"
-        )
-    external = [v for v in model.graph.initializers.values() if _is_external(v.const_value)]
-    if in_memory and external:
-        size = sum(v.const_value.nbytes for v in model.graph.initializers.values())
-        if size >= PROTOBUF_LIMIT:
-            raise KvfuseError(
-                f"{model_path} has {size / 2**30:.1f} GiB of weights; a static pair is built "
-                "in memory as one protobuf (< 2 GiB): optimize without --static"
-            )
-        ir.external_data.load_to_model(model)
-    return model
-
-
-def _is_external(tensor) -> bool:
-    return isinstance(tensor, ir.ExternalTensor)
-
-
-def _save(model: ir.Model, path: Path) -> None:
-    """Write `model` to `path`: its weights stay inline when the input had them inline and they
-    fit one protobuf, else they go to one file beside it, `<name>.data` (page-aligned offsets,
-    so onnxruntime can map them), written tensor by tensor from wherever they are."""
-    tensors = [v.const_value for v in model.graph.initializers.values() if v.const_value]
-    size = sum(t.nbytes for t in tensors)
-    if size < INLINE_WEIGHTS_LIMIT and not any(_is_external(t) for t in tensors):
-        ir.save(model, path)
-        return
-    ir.save(
-        model,
-        path,
-        external_data=f"{path.name}.data",
-        size_threshold_bytes=EXTERNAL_MIN_BYTES,
-        alignment=DATA_ALIGNMENT,
-    )
-
-
-def _release(model: ir.Model) -> None:
-    """Unmap the input's weight file (the model is not used after this)."""
-    for value in model.graph.initializers.values():
-        if _is_external(value.const_value):
-            value.const_value.release()
 
 
 def _clean_up(model: ir.Model) -> dict[str, int]:
@@ -609,92 +432,6 @@ def _probe_shapes(model: ir.Model) -> dict[str, int]:
             k: v + (folded if k == "shape/static_dims" else 0) for k, v in _clean_up(model).items()
         }
     return counts
-
-
-def _stamp_metadata(model, signature, target, source) -> None:
-    record = metadata_record(signature, target, source)
-    model.metadata_props["kvfuse"] = json.dumps(record)
-
-
-def metadata_record(signature, target: str, source: Path) -> dict:
-    return {
-        "kvfuse_version": __version__,
-        "target": target,
-        "source_model": str(source),
-        "layout": "BHSD",
-        "max_context": signature.max_context,
-        "batch_size": signature.batch_size,
-        "kv_heads": signature.kv_heads,
-        "logits": signature.logits,
-        "head_dim": signature.head_dim,
-        "dtype": signature.dtype,
-        "logits_dtype": "float32",
-        "kv_pairs": [{"past": p, "present": q} for p, q in signature.pairs],
-        **({"static": signature.static} if signature.static else {}),
-        "inputs": signature.inputs,
-        "feeds": {
-            "seqlens_k": "int32 [batch]: valid positions − 1 per row, after this step",
-            "total_sequence_length": "int32 scalar: max valid positions after this step",
-            "position_ids": "int64 [batch, S] positions of the new tokens (if an input)",
-        },
-    }
-
-
-def _check_genai_request(plan: _Plan) -> None:
-    if plan.target != "ort" or plan.static:
-        raise KvfuseError(
-            "--genai-config needs --target ort without --static (onnxruntime-genai runs "
-            "GroupQueryAttention graphs)"
-        )
-    if not (plan.export_info or {}).get("model"):
-        raise KvfuseError(
-            f"--genai-config needs the export's kvfuse-export.json beside {plan.model_path}; "
-            "optimize a `kvfuse export` directory"
-        )
-
-
-def _write_static(output: Path, pair: dict, source: Path, result, overwrite: bool):
-    """OUT.prefill.onnx + OUT.decode.onnx over one OUT.weights; OUT.kvfuse.json is the
-    file that lands last (the pair is complete once it exists)."""
-    layout = result.signature.static
-    sidecar = output.with_suffix(".kvfuse.json")
-    with staged_file(sidecar, overwrite=overwrite, inputs=[source]) as staging:
-        shared = static_graphs.write_shared(pair, staging / layout["weights"])
-        for role, proto in pair.items():
-            (staging / layout["graphs"][role]).write_bytes(proto.SerializeToString())
-        _write_sidecar(staging / sidecar.name, source, result, shared)
-        _copy_companions(source, staging, output.parent)
-    return shared
-
-
-def _write_sidecar(path: Path, source: Path, result, shared=None) -> None:
-    sidecar = {
-        **metadata_record(result.signature, result.target, source),
-        "rule_counts": result.rule_counts,
-        "nodes_before": result.nodes_before,
-        "nodes_after": result.nodes_after,
-        "layers": [
-            {"layer": o.layer, "lowering": o.lowering, "reason": o.lowering_reason}
-            for o in result.layers
-        ],
-    }
-    if result.verification is not None:
-        sidecar["verification"] = dataclasses.asdict(result.verification)
-    if result.rewrite_verification is not None:
-        sidecar["rewrite_verification"] = dataclasses.asdict(result.rewrite_verification)
-    if result.precision is not None:
-        sidecar["precision"] = dataclasses.asdict(result.precision)
-    if shared is not None:
-        sidecar["shared_weights"] = dataclasses.asdict(shared)
-    if result.quantization is not None:
-        sidecar["quantization"] = result.quantization
-    path.write_text(json.dumps(sidecar, indent=2))
-
-
-def _copy_companions(source: Path, staging: Path, destination: Path) -> None:
-    for name in COMPANION_FILES:
-        if (source.parent / name).is_file() and not (destination / name).exists():
-            shutil.copyfile(source.parent / name, staging / name)
 
 
 class _CallableModule(types.ModuleType):
