@@ -232,7 +232,11 @@ def kvfuse_runner(work: Path, threads: int, system: str = "kvfuse"):
 
     def run(ids, new, decode=False):
         config = GenerationConfig(
-            max_new_tokens=new, ignore_eos=True, chat=False, prefill_chunk=2048
+            max_new_tokens=new,
+            ignore_eos=True,
+            chat=False,
+            prefill_chunk=2048,
+            reuse_prefix=False,  # every prefill measured from an empty cache
         )
         completion = generator.generate(ids, config)
         stats = completion.stats

@@ -35,6 +35,7 @@ class GenerationConfig:
     on_full_context: str = "error"  # or "stop": end cleanly when the buffers are full
     prefill_chunk: int = 512
     ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks)
+    reuse_prefix: bool = True  # keep the KV of a prompt's prefix the last generation left
 
 
 @dataclasses.dataclass
@@ -190,7 +191,9 @@ class _Run:
         """Prompt tokens already in the buffers: a single prompt that starts with what the
         last single-prompt generation left (a chat's next turn), on a dynamic-shape model."""
         held = self.session.held
-        if len(self.prompts) != 1 or self.session.prefill_len or not held:
+        if not self.config.reuse_prefix or len(self.prompts) != 1 or self.session.prefill_len:
+            return 0
+        if not held:
             return 0
         prompt, size = self.prompts[0], min(len(held), len(self.prompts[0]) - 1)
         return next((i for i in range(size) if held[i] != prompt[i]), size)

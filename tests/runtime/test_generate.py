@@ -210,3 +210,15 @@ def test_a_continued_prompt_reuses_the_cache_and_gives_fresh_tokens(tiny):
     assert again.stats.reused_tokens == len(prompt) - 3  # all but the last new token and AB
     fresh = load(generator.spec.path).generate(prompt, greedy(8))
     assert fresh.stats.reused_tokens == 0 and fresh.tokens == again.tokens
+
+
+def test_prefix_reuse_can_be_turned_off(tiny):
+    """`reuse_prefix=False` prefills every prompt from an empty cache (what a benchmark of
+    prefill must measure), with the same tokens."""
+    generator, _ = tiny
+    prompt = generator.text.encode("hello", chat=False)
+    first = generator.generate(prompt, greedy(6, ignore_eos=True))
+    again = generator.generate(prompt, greedy(6, ignore_eos=True, reuse_prefix=False))
+    assert again.stats.reused_tokens == 0 and again.tokens == first.tokens
+    reused = generator.generate(prompt, greedy(6, ignore_eos=True))
+    assert reused.stats.reused_tokens == len(prompt) - 1 and reused.tokens == first.tokens
