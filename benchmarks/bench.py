@@ -87,15 +87,16 @@ TEXT = (
 
 
 def prompt_ids(tokenizer, length: int) -> list[int]:
-    ids = tokenizer(TEXT * 200)["input_ids"]
-    return ids[:length]
+    return tokenizer.encode(TEXT * 200).ids[:length]
 
 
 # ── workers: one system per process ─────────────────────────────────────────────────────────
 def worker(system: str, work: Path, threads: int) -> dict:
-    from transformers import AutoTokenizer
+    # the tokenizers library, not transformers (which imports torch: ~300 MB of every
+    # worker's peak RSS that no runtime needs)
+    from tokenizers import Tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(work / "export")
+    tokenizer = Tokenizer.from_file(str(work / "export" / "tokenizer.json"))
     prompts = {n: prompt_ids(tokenizer, n) for n in (SHORT, 512, LONG)}
     run = RUNNERS[system](work, threads)
     result = {"system": system}
