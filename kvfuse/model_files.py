@@ -4,9 +4,11 @@ the OUT.kvfuse.json sidecar, a static pair over one weights file, and the tokeni
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import onnx_ir as ir
@@ -18,6 +20,7 @@ from kvfuse.exporters.metadata import read_metadata
 from kvfuse.files import staged_file
 from kvfuse.report.summary import load_structure
 from kvfuse.rewriter import static as static_graphs
+from kvfuse.rewriter.widen import widen_bfloat16
 
 PROTOBUF_LIMIT = 2**31
 INLINE_WEIGHTS_LIMIT = 2**31 - 2**26  # above this the weights go external (room for the graph)
@@ -70,12 +73,6 @@ def load_model(model_path: Path, in_memory: bool = False) -> ir.Model:
             f"{model_path} cannot be read into onnx_ir ({type(error).__name__}: "
             f"{str(error)[:200]}); re-export it"
         ) from error
-    if any(v.dtype == ir.DataType.BFLOAT16 for v in model.graph.inputs):
-        raise KvfuseError(
-            f"{model_path} is a bfloat16 model: onnxruntime has no CPU kernels for bfloat16 "
-            "MatMul or attention, so it can be neither verified nor run here; export with "
-            "--dtype float16 or float32"
-        )
     external = [v for v in model.graph.initializers.values() if is_external(v.const_value)]
     if in_memory and external:
         size = sum(v.const_value.nbytes for v in model.graph.initializers.values())
@@ -110,6 +107,35 @@ def save_model(model: ir.Model, path: Path) -> None:
     )
 
 
+@contextlib.contextmanager
+def widened_copies(original: Path, candidate, folder: Path):
+    """`original` and `candidate` (a model file, or a static pair {length: proto}) with their
+    bfloat16 widened to float32 (`kvfuse.rewriter.widen`), for verification on a CPU without
+    bfloat16 kernels: written to a temporary folder inside `folder` (removed on exit), their
+    weights read from the input files one tensor at a time."""
+    with tempfile.TemporaryDirectory(prefix=".kvfuse-widened-", dir=folder) as scratch:
+        widened_original = _widened_file(original, Path(scratch) / "original")
+        if isinstance(candidate, dict):
+            yield widened_original, {k: _widened_proto(p) for k, p in candidate.items()}
+        else:
+            yield widened_original, _widened_file(Path(candidate), Path(scratch) / "rewritten")
+
+
+def _widened_file(path: Path, folder: Path) -> Path:
+    folder.mkdir()
+    model = ir.load(path)
+    widen_bfloat16(model)
+    save_model(model, folder / path.name)
+    release_weights(model)
+    return folder / path.name
+
+
+def _widened_proto(proto):
+    model = ir.serde.deserialize_model(proto)
+    widen_bfloat16(model)
+    return ir.serde.serialize_model(model)
+
+
 def release_weights(model: ir.Model) -> None:
     """Unmap the input's weight file (the model is not used after this)."""
     for value in model.graph.initializers.values():
@@ -134,7 +160,7 @@ def metadata_record(signature, target: str, source: Path) -> dict:
         "logits": signature.logits,
         "head_dim": signature.head_dim,
         "dtype": signature.dtype,
-        "logits_dtype": "float32",
+        "logits_dtype": signature.logits_dtype,
         "kv_pairs": [{"past": p, "present": q} for p, q in signature.pairs],
         **({"static": signature.static} if signature.static else {}),
         "inputs": signature.inputs,

@@ -6,6 +6,7 @@ IN.onnx | export dir ─ load ─ clean up ─ fuse ─ lower ─ retained-state
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 import types
@@ -27,6 +28,7 @@ from kvfuse.model_files import (
     save_model,
     stamp_metadata,
     static_layout,
+    widened_copies,
     write_sidecar,
     write_static,
 )
@@ -47,6 +49,7 @@ from kvfuse.rewriter.pipeline import Stage
 from kvfuse.rewriter.precision import to_half
 from kvfuse.rewriter.verify import (
     HALF_TOLERANCE,
+    WIDENED,
     Verification,
     locate_divergence,
     prefill_outputs,
@@ -252,7 +255,7 @@ def _lower(model: ir.Model, plan: Plan, result: OptimizeResult) -> None:
         sliding_window=window,
     )
     signature.logits = plan.logits
-    signature.dtype = plan.dtype or "float32"
+    signature.dtype = plan.dtype or _kv_dtype(model, signature)
     for outcome in result.layers:
         record = signature.lowerings.get(outcome.layer, {})
         outcome.lowering = record.get("lowering", "")
@@ -272,9 +275,22 @@ def _lower(model: ir.Model, plan: Plan, result: OptimizeResult) -> None:
         result.quantization = {"records": quantization.records_of(model)}
     if plan.static:
         signature.static = static_layout(plan.output, plan.prefill_len)
+    logits = next(v for v in model.graph.outputs if v.name == "logits")
+    signature.logits_dtype = _dtype_name(logits.dtype) if plan.dtype is None else "float32"
     stamp_metadata(model, signature, plan.target, plan.model_path)
     result.nodes_after, result.ops_after = pipeline.count_nodes(model), pipeline.op_histogram(model)
     result.signature = signature
+
+
+def _kv_dtype(model: ir.Model, signature) -> str:
+    """The KV buffers' type as the metadata names it: what a float16/bfloat16 export keeps."""
+    past = next((v for v in model.graph.inputs if v.name == signature.pairs[0][0]), None)
+    return _dtype_name(past.dtype if past is not None else None)
+
+
+def _dtype_name(dtype) -> str:
+    names = {ir.DataType.FLOAT16: "float16", ir.DataType.BFLOAT16: "bfloat16"}
+    return names.get(dtype, "float32")
 
 
 def _verify(plan: Plan, result: OptimizeResult, candidate) -> None:
@@ -282,13 +298,27 @@ def _verify(plan: Plan, result: OptimizeResult, candidate) -> None:
     failure name the first diverging tensor and raise — nothing is written."""
     signature, batch = result.signature, plan.batch_size or 1
     kv_shape = [batch, signature.kv_heads, plan.max_context, signature.head_dim]
-    result.verification = verify(plan.model_path, candidate, signature.pairs, kv_shape, batch=batch)
-    if not result.verification.passed:
-        where = locate_divergence(plan.model_path, candidate, signature.pairs, kv_shape)
-        raise KvfuseError(
-            f"{result.verification.summary()}; {where or 'no shared tensor to compare'}; "
-            "nothing was written"
-        )
+    with _runnable_here(plan, signature, candidate) as (original, candidate):
+        result.verification = verify(original, candidate, signature.pairs, kv_shape, batch=batch)
+        if signature.dtype == "bfloat16":
+            result.verification.arithmetic = WIDENED
+        if not result.verification.passed:
+            where = locate_divergence(original, candidate, signature.pairs, kv_shape)
+            raise KvfuseError(
+                f"{result.verification.summary()}; {where or 'no shared tensor to compare'}; "
+                "nothing was written"
+            )
+
+
+@contextlib.contextmanager
+def _runnable_here(plan: Plan, signature, candidate):
+    """The original and the candidate as this CPU can run them: bfloat16 ones widened to
+    float32 (no bf16 kernels on onnxruntime's CPU provider), others as written."""
+    if signature.dtype != "bfloat16":
+        yield plan.model_path, candidate
+        return
+    with widened_copies(plan.model_path, candidate, plan.output.parent) as pair:
+        yield pair
 
 
 def _check_quantized(plan, result, candidate, proto_bytes, verify_numerics, steps) -> None:

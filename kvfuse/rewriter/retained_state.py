@@ -48,7 +48,8 @@ class KVSignature:
     # per layer: which lowering its attention took and why ({"lowering": kind, "reason": …})
     lowerings: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
     static: dict | None = None  # a static pair's files and prefill length
-    dtype: str = "float32"  # the KV buffers' (and the graph's) precision; logits stay float32
+    dtype: str = "float32"  # the KV buffers' (and the graph's) precision
+    logits_dtype: str = "float32"  # float32 on half targets; a float16/bfloat16 export's own
 
 
 # (graph, CachedAttention, its old presents, seqlens_k, total_sequence_length, rotary tables

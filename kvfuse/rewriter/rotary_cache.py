@@ -16,6 +16,7 @@ import onnxruntime as ort
 
 from kvfuse.errors import KvfuseError
 from kvfuse.rewriter.rules import KVFUSE_DOMAIN
+from kvfuse.rewriter.widen import widen_bfloat16
 
 
 def evaluate_rotary_tables(
@@ -171,6 +172,7 @@ def _run(nodes, inputs, outputs, feeds) -> list[np.ndarray]:
     model = onnx.helper.make_model(
         graph, opset_imports=[onnx.helper.make_opsetid("", opset)], ir_version=10
     )
+    model, feeds = _runnable(model, feeds)
     options = ort.SessionOptions()
     options.log_severity_level = 4  # a failure comes back as the exception below
     try:
@@ -184,6 +186,17 @@ def _run(nodes, inputs, outputs, feeds) -> list[np.ndarray]:
             f"the model's RoPE table builder does not run in onnxruntime "
             f"({reason.split(' : ')[-1][:200]}); re-export the model"
         ) from error
+
+
+def _runnable(model: onnx.ModelProto, feeds: dict) -> tuple[onnx.ModelProto, dict]:
+    """The builder as onnxruntime's CPU provider can run it: a bfloat16 one widened to float32
+    (no bf16 Mul/Cos kernels there). Its tables are rounded to the model's type where they are
+    baked, as the model's own final Cast to bfloat16 rounds them."""
+    widened = ir.serde.deserialize_model(model)
+    if not widen_bfloat16(widened):
+        return model, feeds
+    feeds = {k: v.astype(np.float32) if v.dtype.name == "bfloat16" else v for k, v in feeds.items()}
+    return ir.serde.serialize_model(widened), feeds
 
 
 def _standard(node: ir.Node) -> list[onnx.NodeProto]:

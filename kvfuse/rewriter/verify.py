@@ -25,11 +25,17 @@ ATOL = 1e-4
 RTOL = 1e-4
 # (atol, rtol) by the logits' type: fp16 keeps 11 significant bits (a step of ~1e-3 relative,
 # 0.016 at a logit of 30) and each kernel rounds its intermediates at its own points, so the
-# bound is ten steps. bf16 models are checked widened to fp32 (see `widen`), at fp32's bound.
+# bound is ten steps. bf16 models are checked widened to fp32 (`kvfuse.rewriter.widen`): both
+# graphs then run in fp32 arithmetic over the same (exactly widened) weights, at fp32's bound.
 TOLERANCES = {np.dtype(np.float32): (ATOL, RTOL), np.dtype(np.float16): (1e-2, 1e-2)}
 # a float16 graph against the float32 original: each stored tensor is rounded to 11 bits
 # (relative 4.9e-4) and 30 layers of that reach ~1e-2 of a logit; bfloat16 keeps 8 bits
 HALF_TOLERANCE = {"float16": (0.15, 0.03), "bfloat16": (1.0, 0.1)}
+WIDENED = (
+    "run in float32 arithmetic: the bfloat16 weights and types of both graphs widened to "
+    "float32 (onnxruntime's CPU provider has no bfloat16 MatMul/GroupQueryAttention kernels); "
+    "the bfloat16 model itself runs on onnxruntime's CUDA provider"
+)
 
 
 @dataclasses.dataclass
@@ -50,6 +56,8 @@ class Verification:
     rtol: float
     prompt_tokens: int
     steps: list[StepCheck]
+    # how the two graphs were run when not as written (bfloat16 models: `WIDENED`)
+    arithmetic: str | None = None
 
     @property
     def max_abs_diff(self) -> float:
@@ -66,6 +74,7 @@ class Verification:
             f"verification {verdict}: max |Δlogits| {self.max_abs_diff:.2e} over prefill of "
             f"{self.prompt_tokens} tokens + {len(self.steps) - 1} decode steps, greedy tokens "
             f"{'equal' if self.tokens_equal else 'DIFFER'} (atol {self.atol}, rtol {self.rtol})"
+            + (f"; {self.arithmetic}" if self.arithmetic else "")
         )
 
 

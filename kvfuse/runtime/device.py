@@ -64,6 +64,12 @@ def open_cuda_session(
             f"{spec.path} is a float32 model (target ort); GroupQueryAttention on CUDA runs in "
             "float16/bfloat16 only: optimize with --target cuda for --device cuda"
         )
+    if spec.logits_dtype != "float32":  # an export's own float16 graph (target ort)
+        raise KvfuseError(
+            f"{spec.path} is a {spec.dtype} export optimized for target ort (its logits are "
+            f"{spec.logits_dtype}); the CUDA runtime runs --target cuda models: optimize with "
+            "--target cuda for --device cuda"
+        )
     if not cuda_available():
         raise KvfuseError(
             f"{NO_DEVICE}: onnxruntime here has providers {ort.get_available_providers()}; "

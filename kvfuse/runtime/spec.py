@@ -164,8 +164,10 @@ def _numpy_name(path: Path, elem_type: int) -> str:
     if elem_type not in names:
         kind = onnx.TensorProto.DataType.Name(elem_type).lower()
         raise KvfuseError(
-            f"{path} keeps its KV cache or logits in {kind}; the CPU runtime takes float32 or "
-            "float16 models (onnxruntime has no CPU kernels for bfloat16 MatMul/attention)"
+            f"{path} keeps its KV cache or logits in {kind}; kvfuse's runtime takes float32 or "
+            "float16 models (onnxruntime's CPU provider has no bfloat16 MatMul/attention "
+            "kernels; this model is for onnxruntime's CUDA provider, and kvfuse's CUDA runtime "
+            "runs float16: optimize with --target cuda for --device cuda)"
         )
     return names[elem_type]
 
