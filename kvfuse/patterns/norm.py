@@ -9,6 +9,8 @@ writes `Reciprocal(Sqrt)`; some hand-written graphs divide x by the root directl
 exports upcast x to fp32 first and cast the normalized value back before the weight
 (transformers' `hidden_states.to(float32)` … `weight * hidden_states.to(input_dtype)`): the
 fused op takes x in its own type and normalizes in fp32 (onnxruntime's `stash_type` default).
+Optimum's fp16 export keeps the residual in fp32 after the first attention (x fp32, weight
+fp16): the fused norm then runs in fp32 and its result is cast to fp16, as the export does.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
-from kvfuse.rewriter.rules import KVFUSE_DOMAIN, Rule, fail, like, ok
+from kvfuse.rewriter.rules import KVFUSE_DOMAIN, Rule, add_initializer, fail, like, ok
 
 
 class RMSNormRule(Rule):
@@ -43,17 +45,21 @@ class RMSNormRule(Rule):
             tag_var="down_how",
             tag_values=[1, 0],
         )
-        return op.Mul(normalized, weight)
+        return op.Mul(normalized, weight, _outputs=["y"])
 
     def check(self, context, x, weight, axes, epsilon, mean, **bound):
-        if bound["up_how"] != bound["down_how"]:
+        # an fp32 x's upcast is an identity the clean-up removed (Optimum's fp16 export)
+        cast_back_only = not bound["up_how"] and bound["down_how"] and x.dtype == ir.DataType.FLOAT
+        if bound["up_how"] != bound["down_how"] and not cast_back_only:
             return fail("x is cast for the norm but the result is not cast back (or vice versa)", x)
+        if cast_back_only and bound["down"].producer().attributes.get_int("to") != weight.dtype:
+            return fail("the norm's result is cast to another type than its weight's", x)
         if bound["up_how"] and (
             bound["up"].producer().attributes.get_int("to") != ir.DataType.FLOAT
-            or bound["down"].producer().attributes.get_int("to") != x.dtype
-            or weight.dtype != x.dtype
+            or bound["down"].producer().attributes.get_int("to") != weight.dtype
+            or x.dtype not in (weight.dtype, ir.DataType.FLOAT)
         ):
-            return fail("casts around the norm are not x → float32 → x's type", x)
+            return fail("casts around the norm are not x → float32 → the weight's type", x)
         if bound["square_how"] == "pow" and not is_constant(bound["two"], 2.0):
             return fail("Pow exponent is not 2", bound["two"])
         if bound["divide_how"] == "div" and not is_constant(bound["one"], 1.0):
@@ -72,9 +78,18 @@ class RMSNormRule(Rule):
             return fail(f"epsilon {epsilon.name} is not a constant scalar", epsilon)
         return ok()
 
-    def rewrite(self, op, x, weight, epsilon, **_):
+    def rewrite(self, op, x, weight, epsilon, y, **_):
         eps = float(epsilon.const_value.numpy().reshape(-1)[0])
-        return like(op.RMSNorm(x, weight, epsilon=eps, _domain=KVFUSE_DOMAIN), x)
+        if x.dtype == weight.dtype or x.dtype is None or weight.dtype is None:
+            return like(op.RMSNorm(x, weight, epsilon=eps, _domain=KVFUSE_DOMAIN), x)
+        # Optimum's fp16 export keeps the residual stream in fp32 and casts the normalized x to
+        # fp16 before the fp16 weight: the fused norm runs in fp32 (weight widened, exact),
+        # its result cast to the weight's type for the fp16 projections that read it
+        wide = add_initializer(
+            x.graph, f"{weight.name}.float32", weight.const_value.numpy().astype(np.float32)
+        )
+        normed = like(op.RMSNorm(x, wide, epsilon=eps, _domain=KVFUSE_DOMAIN), x)
+        return like(op.Cast(normed, to=weight.dtype), y)
 
 
 def is_constant(value: ir.Value | None, number: float) -> bool:

@@ -126,6 +126,10 @@ class CachedAttentionRule(Rule):
             _allow_other_inputs=True,
             _outputs=["attended"],
         )
+        # Optimum's fp16 export: the fused core's output cast back to the fp32 of its P·V
+        attended = pattern.OrValue(
+            [op.Cast(attended), attended], tag_var="output_cast", tag_values=[1, 0]
+        )
         # Falcon re-reshapes the output to the [B, H, S, D] it already has
         attended = pattern.OrValue(
             [op.Reshape(attended, pattern.ANY_VALUE, _outputs=["reshaped"]), attended],
@@ -269,11 +273,14 @@ class CachedAttentionRule(Rule):
             _domain=KVFUSE_DOMAIN,
             _outputs=3,
         )
+        out = like(outputs[0], q_flat)
+        if y_flat.dtype is not None and y_flat.dtype != q_flat.dtype:
+            out = op.Cast(out, to=y_flat.dtype)  # readers expect the scores chain's type
         if _rank(y_flat) != _rank(q_flat):
             # the dynamo exporter flattens GPT-2's output to [B·S, H·D] for its Conv1D Gemm:
             # the fused op gives the query's [B, S, H·D], reshaped to the same target
-            return like(op.Reshape(like(outputs[0], q_flat), out_shape), y_flat)
-        return like(outputs[0], y_flat)
+            return like(op.Reshape(out, out_shape), y_flat)
+        return like(out, y_flat)
 
 
 def _head_norm(bound: dict, tag: str) -> ir.Value | None:

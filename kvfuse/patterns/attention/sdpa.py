@@ -3,8 +3,8 @@
 Legend: B batch, H heads, S new tokens, T total (past + new) positions, D head dim.
 
     q_BHSD ── [·s_q] ─┐
-    k_L ─ Transpose(→BHDT) ─ [·s_k] ─ MatMul ─ [·s] ─ [+mask | Where(mask)] ─ [·s_m] ─ [Cast]
-        ─ Softmax(-1) ─ [Cast] ─ [Where(IsNaN, 0)] ─ MatMul(v_BHTD) ─ out_BHSD
+    k_L ─ Transpose(→BHDT) ─ [·s_k] ─ MatMul ─ [Cast] ─ [·s] ─ [+mask | Where(mask)] ─ [·s_m]
+        ─ [Cast] ─ Softmax(-1) ─ [Cast] ─ [Where(IsNaN, 0)] ─ MatMul(v_BHTD ─ [Cast]) ─ out_BHSD
 
 out = softmax(q·kᵀ·scale + mask)·v with scale = s_q·s_k·s·s_m (each a Mul or a Div, or absent;
 CodeGen divides after adding the mask, which masks the same positions).
@@ -55,6 +55,8 @@ class SDPARule(Rule):
     ):
         key_t = maybe_transpose(op, key, self.layout.key_transposed)
         scores = op.MatMul(scaled(op, query, q_scale, "q_how"), scaled(op, key_t, k_scale, "k_how"))
+        # Optimum's fp16 export leaves fp16 right after Q·Kᵀ: mask, softmax and P·V in fp32
+        scores = pattern.OrValue([op.Cast(scores), scores], tag_var="cast_qk", tag_values=[1, 0])
         scores = scaled(op, scores, qk_scale, "qk_how")
         scores = score_modifiers(op, scores)
         scores = pattern.OrValue(
@@ -79,6 +81,9 @@ class SDPARule(Rule):
         )
         probs = without_sinks(op, probs)
         value_bhsd = maybe_transpose(op, value, self.layout.to_bhsd)
+        value_bhsd = pattern.OrValue(
+            [op.Cast(value_bhsd), value_bhsd], tag_var="cast_v", tag_values=[1, 0]
+        )
         return op.MatMul(probs, value_bhsd, _outputs=["attention_out"])
 
     def check(self, context, query, key, value, probs, **bound):
@@ -104,6 +109,8 @@ class SDPARule(Rule):
             return fail(f"key transposed by perm {perm} before Q·Kᵀ, not read as cached", key)
         if attention_scale(bound) is None:
             return fail("attention scale factors are not constant scalars", query)
+        if not _float_types(query, key, value):
+            return fail(f"query/key/value types differ or are not float ({query.dtype})", query)
         modified = check_modifiers(bound)
         if modified is not None:
             return modified
@@ -124,18 +131,23 @@ class SDPARule(Rule):
         inputs += modifier_inputs(bound)
         while inputs[-1] is None:
             inputs.pop()
-        return like(
-            op.Attention(
-                *inputs,
-                scale=attention_scale(bound),
-                layout=self.layout.name,
-                key_layout=self.layout.key_order,
-                mask_kind=bound["mask_how"],
-                **modifier_attributes(bound),
-                _domain=KVFUSE_DOMAIN,
-            ),
-            bound["attention_out"],
+        fused = op.Attention(
+            *inputs,
+            scale=attention_scale(bound),
+            layout=self.layout.name,
+            key_layout=self.layout.key_order,
+            mask_kind=bound["mask_how"],
+            **modifier_attributes(bound),
+            _domain=KVFUSE_DOMAIN,
         )
+        out = bound["attention_out"]
+        if out.dtype is None or out.dtype == query.dtype:
+            return like(fused, out)
+        # the scores' chain ran in another type (Optimum's fp16 export: fp32 after Q·Kᵀ); the
+        # fused op computes in the inputs' type and its output is cast to what readers expect
+        fused = like(fused, out)
+        fused.dtype = query.dtype
+        return like(op.Cast(fused, to=out.dtype), out)
 
 
 def attention_scale(bound: dict) -> float | None:
@@ -156,6 +168,14 @@ def attention_scale(bound: dict) -> float | None:
         number = float(value.const_value.numpy().reshape(-1)[0])
         scale *= number if bound[how] == "mul" else 1.0 / number
     return scale
+
+
+def _float_types(query: ir.Value, key: ir.Value, value: ir.Value) -> bool:
+    """q, k and v of one float type (a Cast the pattern skipped must not hide a mixed one);
+    untyped values are left to the lowering's checks."""
+    types = {v.dtype for v in (query, key, value) if v.dtype is not None}
+    floats = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16}
+    return len(types) <= 1 and types <= floats
 
 
 def _very_negative(value: ir.Value | None) -> bool:
