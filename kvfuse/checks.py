@@ -40,7 +40,7 @@ def check_model_file(path: Path, proto: onnx.ModelProto) -> None:
 def check_external_data(path: Path, proto: onnx.ModelProto) -> None:
     """Every external tensor lies inside the model's folder, in a file that holds it whole."""
     root = Path(path).parent.resolve()
-    for tensor in proto.graph.initializer:
+    for tensor in _stored_tensors(proto.graph):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         entries = {entry.key: entry.value for entry in tensor.external_data}
@@ -123,6 +123,22 @@ def _check_type_attributes(path: Path, graph: onnx.GraphProto) -> None:
                     )
 
 
+def _stored_tensors(graph: onnx.GraphProto):
+    """The initializers and the Constant nodes' tensors (Optimum's > 2 GB exports keep
+    Constants of over 1 KiB in the external data file too)."""
+    yield from graph.initializer
+    for node in graph.node:
+        yield from (a.t for a in node.attribute if a.type == onnx.AttributeProto.TENSOR)
+
+
+def _external_constant(node: onnx.NodeProto) -> onnx.TensorProto | None:
+    for attribute in node.attribute:
+        tensor = attribute.t if attribute.type == onnx.AttributeProto.TENSOR else None
+        if tensor is not None and tensor.data_location == onnx.TensorProto.EXTERNAL:
+            return tensor
+    return None
+
+
 def _check_graph(path: Path, proto: onnx.ModelProto) -> None:
     try:
         onnx.checker.check_model(_weightless(proto), full_check=True)
@@ -143,7 +159,13 @@ def _weightless(proto: onnx.ModelProto) -> onnx.ModelProto:
     light.functions.extend(proto.functions)
     source, graph = proto.graph, light.graph
     graph.name = source.name
-    graph.node.extend(source.node)
+    # a Constant whose tensor is in the external file: an input of its type and dims instead
+    external = {n.output[0]: _external_constant(n) for n in source.node if _external_constant(n)}
+    graph.node.extend(n for n in source.node if not (n.output and n.output[0] in external))
+    graph.input.extend(
+        onnx.helper.make_tensor_value_info(name, t.data_type, list(t.dims))
+        for name, t in external.items()
+    )
     for node in graph.node:
         if node.domain in ("", "ai.onnx") and node.op_type in ORT_OPS_IN_ONNX_DOMAIN:
             node.domain = "com.microsoft"  # a domain onnx.checker leaves to onnxruntime

@@ -30,6 +30,31 @@ def tiny_export(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def dtype_export(tmp_path_factory):
+    """Factory: `dtype_export(name, exporter, dtype)` → the export dir of a tiny model in that
+    dtype (fp16/bf16 tests), built once per session."""
+    from kvfuse.exporters.export import export
+    from kvfuse.models.tiny import build_tiny_model
+
+    root = tmp_path_factory.mktemp("dtype")
+    hf_dirs: dict[str, Path] = {}
+    done: dict[tuple[str, str, str], Path] = {}
+
+    def get(name: str, exporter: str, dtype: str) -> Path:
+        if name not in hf_dirs:
+            hf_dirs[name] = build_tiny_model(name, root / name)
+        key = (name, exporter, dtype)
+        if key not in done:
+            out = root / f"{name}-{exporter}-{dtype}"
+            export(hf_dirs[name], out, exporter=exporter, dtype=dtype, quiet=True)
+            done[key] = out
+        return done[key]
+
+    get.hf_dir = lambda name: hf_dirs[name]
+    return get
+
+
+@pytest.fixture(scope="session")
 def smollm2_export(tmp_path_factory):
     """The bundled default model exported through the CLI entry point, once per session."""
     from kvfuse.exporters.export import export
