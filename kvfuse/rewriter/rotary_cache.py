@@ -204,7 +204,7 @@ def _standard(node: ir.Node) -> list[onnx.NodeProto]:
     ops (GPT-J's tables are repeated per pair with the head-repeat structure, which becomes
     RepeatKV) that onnxruntime cannot run."""
     if node.domain != KVFUSE_DOMAIN:
-        return [ir.serde.serialize_node(node)]
+        return [_inline_constants(node)]
     if node.op_type != "RepeatKV":
         raise KvfuseError(
             f"the RoPE cos/sin builder contains kvfuse's own {node.op_type} ({node.name}); "
@@ -230,6 +230,18 @@ def _standard(node: ir.Node) -> list[onnx.NodeProto]:
         make("Mul", [f"{tag}/shape", f"{tag}/s"], [f"{tag}/target"]),
         make("Reshape", [f"{tag}/t", f"{tag}/target"], [y]),
     ]
+
+
+def _inline_constants(node: ir.Node) -> onnx.NodeProto:
+    """`node` serialized with its tensor attributes inline: Optimum's > 2 GB exports keep
+    Constants over 1 KiB in the external file, which a graph built from bytes cannot read."""
+    proto = ir.serde.serialize_node(node)
+    for attribute in proto.attribute:
+        if attribute.type == onnx.AttributeProto.TENSOR and attribute.t.external_data:
+            tensor = node.attributes[attribute.name].value
+            inline = ir.serde.serialize_tensor(ir.Tensor(tensor.numpy(), name=tensor.name))
+            attribute.t.CopyFrom(inline)
+    return proto
 
 
 def _int_tensor(values: list[int]) -> onnx.TensorProto:
