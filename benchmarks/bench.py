@@ -75,6 +75,7 @@ GENAI_MODELS = {
         "matmul_mixed_precision=last_matmul:int8",
     ],
 }
+CONTEXT = 2048  # KV positions of every ONNX row (kvfuse's --max-context, genai's max_length)
 KVFUSE_GENAI = "kvfuse-genai"  # genai's files for the `kvfuse` model (add_genai_files)
 QUANTIZED = ["genai-int4", "genai-int4-head8", "kvfuse-int4", "kvfuse-gguf", "kvfuse-int8"]
 QUALITY_TOKENS, QUALITY_WINDOW = 2048, 512
@@ -310,7 +311,7 @@ def prepare(work: Path, genai_python: str | None, wanted: list[str] = SYSTEMS) -
         done = STATIC_MARK if options.get("static") else file
         needed = system in wanted or (system == "kvfuse" and KVFUSE_GENAI in wanted)
         if needed and not (work / "export" / done).exists():
-            optimize(work / "export", work / "export" / file, max_context=2048, **options)
+            optimize(work / "export", work / "export" / file, max_context=CONTEXT, **options)
     if KVFUSE_GENAI in wanted and not (work / KVFUSE_GENAI / "genai_config.json").exists():
         add_genai_files(work / "export" / KVFUSE_MODELS["kvfuse"][0], work / KVFUSE_GENAI)
     for system, arguments in GENAI_MODELS.items():
@@ -323,6 +324,9 @@ def prepare(work: Path, genai_python: str | None, wanted: list[str] = SYSTEMS) -
 
 
 def set_genai_threads(work: Path, threads: int) -> None:
+    """The same threads as every other row, and the same context as kvfuse's models: genai
+    shares one past/present buffer of `search.max_length` positions (its builder writes the
+    model's 8,192, which would be 4× the KV memory of kvfuse's 2,048)."""
     for system in [*GENAI_MODELS, KVFUSE_GENAI]:
         _set_threads(work / system / "genai_config.json", threads)
 
@@ -332,6 +336,7 @@ def _set_threads(path: Path, threads: int) -> None:
         config = json.loads(path.read_text())
         options = config["model"]["decoder"].setdefault("session_options", {})
         options["intra_op_num_threads"] = threads
+        config["search"]["max_length"] = CONTEXT
         path.write_text(json.dumps(config, indent=2))
 
 
