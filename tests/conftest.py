@@ -31,12 +31,24 @@ def tiny_export(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def smollm2_export(tmp_path_factory):
-    """The bundled default model exported through the CLI entry point, once per session."""
-    from kvfuse.exporters.export import export
+    """The bundled default model exported once per session through the CLI entry point
+    (`python -m kvfuse export default OUT`, the README's first step): the `ExportResult` read
+    back from what it wrote, with the command's stdout as `cli_stdout`."""
+    import subprocess
+    import sys
+    import types
+
+    from kvfuse.exporters.export import ExportResult
+    from kvfuse.exporters.metadata import ModelFacts, read_metadata
+    from kvfuse.report.summary import summarize
 
     out = tmp_path_factory.mktemp("smollm2") / "onnx"
-    result = export("default", out, quiet=True)
-    return result
+    command = [sys.executable, "-m", "kvfuse", "export", "default", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr
+    facts = ModelFacts(**read_metadata(out)["model"])
+    result = ExportResult(out, out / "model.onnx", facts, summarize(out / "model.onnx"))
+    return types.SimpleNamespace(**vars(result), cli_stdout=done.stdout)
 
 
 @pytest.fixture(scope="session")
