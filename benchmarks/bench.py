@@ -45,6 +45,8 @@ SYSTEMS = [
     "kvfuse",
     "kvfuse-genai",
     "kvfuse-int4",
+    "kvfuse-int4-head4",
+    "kvfuse-int4-zp",
     "kvfuse-gguf",
     "kvfuse-int8",
     "kvfuse-onnx",
@@ -63,6 +65,16 @@ KVFUSE_MODELS = {
 KVFUSE_MODELS["kvfuse-static-prepack"] = KVFUSE_MODELS["kvfuse-static"]  # its own copy per graph
 for _mode in ("int4", "gguf", "int8"):
     KVFUSE_MODELS[f"kvfuse-{_mode}"] = (f"model-{_mode}.onnx", {"quantize": _mode})
+# int4 with genai's head width (an int4 head), and asymmetric blocks (--zero-points)
+# (a dict: kvfuse.quantization.Quantize's fields, made into one when the model is built)
+KVFUSE_MODELS["kvfuse-int4-head4"] = (
+    "model-int4-head4.onnx",
+    {"quantize": {"mode": "int4", "head": "int4"}},
+)
+KVFUSE_MODELS["kvfuse-int4-zp"] = (
+    "model-int4-zp.onnx",
+    {"quantize": {"mode": "int4", "zero_points": True}},
+)
 # genai system → builder arguments (precision and extra options)
 GENAI_MODELS = {
     "genai": ["-p", "fp32"],
@@ -77,7 +89,15 @@ GENAI_MODELS = {
 }
 CONTEXT = 2048  # KV positions of every ONNX row (kvfuse's --max-context, genai's max_length)
 KVFUSE_GENAI = "kvfuse-genai"  # genai's files for the `kvfuse` model (add_genai_files)
-QUANTIZED = ["genai-int4", "genai-int4-head8", "kvfuse-int4", "kvfuse-gguf", "kvfuse-int8"]
+QUANTIZED = [
+    "genai-int4",
+    "genai-int4-head8",
+    "kvfuse-int4",
+    "kvfuse-int4-head4",
+    "kvfuse-int4-zp",
+    "kvfuse-gguf",
+    "kvfuse-int8",
+]
 QUALITY_TOKENS, QUALITY_WINDOW = 2048, 512
 STATIC_MARK = "model-static.kvfuse.json"  # the file a static pair lands last
 SHORT, LONG, NEW_SHORT, NEW_LONG, PARITY = 64, 1024, 128, 64, 32
@@ -283,7 +303,7 @@ RUNNERS = {
         f"kvfuse-{mode}": (lambda m: lambda work, threads: kvfuse_runner(work, threads, m))(
             f"kvfuse-{mode}"
         )
-        for mode in ("int4", "gguf", "int8")
+        for mode in ("int4", "int4-head4", "int4-zp", "gguf", "int8")
     },
     "kvfuse-onnx": lambda work, threads: kvfuse_runner(work, threads, "kvfuse-onnx"),
     "kvfuse-static": lambda work, threads: kvfuse_runner(work, threads, "kvfuse-static"),
@@ -301,6 +321,7 @@ def prepare(work: Path, genai_python: str | None, wanted: list[str] = SYSTEMS) -
     from kvfuse.exporters import default_model
     from kvfuse.exporters.export import DEFAULT_HF_DIR
     from kvfuse.genai import add_genai_files
+    from kvfuse.quantization import Quantize
 
     if not (work / "export" / "model.onnx").exists():
         export("default", work / "export", overwrite=True)
@@ -311,6 +332,8 @@ def prepare(work: Path, genai_python: str | None, wanted: list[str] = SYSTEMS) -
         done = STATIC_MARK if options.get("static") else file
         needed = system in wanted or (system == "kvfuse" and KVFUSE_GENAI in wanted)
         if needed and not (work / "export" / done).exists():
+            if isinstance(options.get("quantize"), dict):
+                options = {**options, "quantize": Quantize(**options["quantize"])}
             optimize(work / "export", work / "export" / file, max_context=CONTEXT, **options)
     if KVFUSE_GENAI in wanted and not (work / KVFUSE_GENAI / "genai_config.json").exists():
         add_genai_files(work / "export" / KVFUSE_MODELS["kvfuse"][0], work / KVFUSE_GENAI)
