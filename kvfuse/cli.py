@@ -300,7 +300,11 @@ def serve(
         int, typer.Option(help="Prompt tokens per step while no other row decodes.")
     ] = 256,
     chunk_while_decoding: Annotated[
-        int, typer.Option(help="Prompt tokens per step between the other rows' decode steps.")
+        int,
+        typer.Option(
+            help="Prompt tokens per step between the other rows' decode steps (0: prompts "
+            "ride along in the decode step, one token each).",
+        ),
     ] = 16,
     max_new_tokens: Annotated[
         int, typer.Option(help="Default max new tokens of a request that gives none.")
