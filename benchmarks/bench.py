@@ -22,6 +22,7 @@ benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -44,6 +45,8 @@ SYSTEMS = [
     "kvfuse",
     "kvfuse-genai",
     "kvfuse-int4",
+    "kvfuse-int4-head4",
+    "kvfuse-int4-zp",
     "kvfuse-gguf",
     "kvfuse-int8",
     "kvfuse-onnx",
@@ -62,6 +65,16 @@ KVFUSE_MODELS = {
 KVFUSE_MODELS["kvfuse-static-prepack"] = KVFUSE_MODELS["kvfuse-static"]  # its own copy per graph
 for _mode in ("int4", "gguf", "int8"):
     KVFUSE_MODELS[f"kvfuse-{_mode}"] = (f"model-{_mode}.onnx", {"quantize": _mode})
+# int4 with genai's head width (an int4 head), and asymmetric blocks (--zero-points)
+# (a dict: kvfuse.quantization.Quantize's fields, made into one when the model is built)
+KVFUSE_MODELS["kvfuse-int4-head4"] = (
+    "model-int4-head4.onnx",
+    {"quantize": {"mode": "int4", "head": "int4"}},
+)
+KVFUSE_MODELS["kvfuse-int4-zp"] = (
+    "model-int4-zp.onnx",
+    {"quantize": {"mode": "int4", "zero_points": True}},
+)
 # genai system → builder arguments (precision and extra options)
 GENAI_MODELS = {
     "genai": ["-p", "fp32"],
@@ -74,8 +87,17 @@ GENAI_MODELS = {
         "matmul_mixed_precision=last_matmul:int8",
     ],
 }
+CONTEXT = 2048  # KV positions of every ONNX row (kvfuse's --max-context, genai's max_length)
 KVFUSE_GENAI = "kvfuse-genai"  # genai's files for the `kvfuse` model (add_genai_files)
-QUANTIZED = ["genai-int4", "genai-int4-head8", "kvfuse-int4", "kvfuse-gguf", "kvfuse-int8"]
+QUANTIZED = [
+    "genai-int4",
+    "genai-int4-head8",
+    "kvfuse-int4",
+    "kvfuse-int4-head4",
+    "kvfuse-int4-zp",
+    "kvfuse-gguf",
+    "kvfuse-int8",
+]
 QUALITY_TOKENS, QUALITY_WINDOW = 2048, 512
 STATIC_MARK = "model-static.kvfuse.json"  # the file a static pair lands last
 SHORT, LONG, NEW_SHORT, NEW_LONG, PARITY = 64, 1024, 128, 64, 32
@@ -98,8 +120,12 @@ def worker(system: str, work: Path, threads: int) -> dict:
 
     tokenizer = Tokenizer.from_file(str(work / "export" / "tokenizer.json"))
     prompts = {n: prompt_ids(tokenizer, n) for n in (SHORT, 512, LONG)}
+    runtime = "genai" if system == KVFUSE_GENAI else system.split("-")[0]
+    for module in RUNTIME_MODULES[runtime]:
+        importlib.import_module(module)
+    baseline = rss_mb()  # the runtime imported, no model loaded yet
     run = RUNNERS[system](work, threads)
-    result = {"system": system}
+    result = {"system": system, "baseline_rss_mb": baseline}
     run(prompts[SHORT], 2)  # warm-up: first-call allocations are not steady state
     for length in (SHORT, 512):
         times = [run(prompts[length], 1)[1] for _ in range(3)]
@@ -109,6 +135,24 @@ def worker(system: str, work: Path, threads: int) -> dict:
     result["decode_long_tps"] = run(prompts[LONG], NEW_LONG, decode=True)[2]
     result["peak_rss_mb"] = peak_rss_mb()
     return result
+
+
+# what each system's process imports before it loads a model (its runtime's baseline RSS)
+RUNTIME_MODULES = {
+    "pytorch": ["torch", "transformers"],
+    "optimum": ["torch", "optimum.onnxruntime"],
+    "plain": ["onnxruntime", "kvfuse.exporters.reference"],
+    "genai": ["onnxruntime_genai"],
+    "kvfuse": ["kvfuse.runtime.generate"],
+}
+
+
+def rss_mb() -> float:
+    """This process's resident memory now."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
 
 
 def peak_rss_mb() -> float:
@@ -259,7 +303,7 @@ RUNNERS = {
         f"kvfuse-{mode}": (lambda m: lambda work, threads: kvfuse_runner(work, threads, m))(
             f"kvfuse-{mode}"
         )
-        for mode in ("int4", "gguf", "int8")
+        for mode in ("int4", "int4-head4", "int4-zp", "gguf", "int8")
     },
     "kvfuse-onnx": lambda work, threads: kvfuse_runner(work, threads, "kvfuse-onnx"),
     "kvfuse-static": lambda work, threads: kvfuse_runner(work, threads, "kvfuse-static"),
@@ -277,6 +321,7 @@ def prepare(work: Path, genai_python: str | None, wanted: list[str] = SYSTEMS) -
     from kvfuse.exporters import default_model
     from kvfuse.exporters.export import DEFAULT_HF_DIR
     from kvfuse.genai import add_genai_files
+    from kvfuse.quantization import Quantize
 
     if not (work / "export" / "model.onnx").exists():
         export("default", work / "export", overwrite=True)
@@ -287,7 +332,9 @@ def prepare(work: Path, genai_python: str | None, wanted: list[str] = SYSTEMS) -
         done = STATIC_MARK if options.get("static") else file
         needed = system in wanted or (system == "kvfuse" and KVFUSE_GENAI in wanted)
         if needed and not (work / "export" / done).exists():
-            optimize(work / "export", work / "export" / file, max_context=2048, **options)
+            if isinstance(options.get("quantize"), dict):
+                options = {**options, "quantize": Quantize(**options["quantize"])}
+            optimize(work / "export", work / "export" / file, max_context=CONTEXT, **options)
     if KVFUSE_GENAI in wanted and not (work / KVFUSE_GENAI / "genai_config.json").exists():
         add_genai_files(work / "export" / KVFUSE_MODELS["kvfuse"][0], work / KVFUSE_GENAI)
     for system, arguments in GENAI_MODELS.items():
@@ -300,6 +347,9 @@ def prepare(work: Path, genai_python: str | None, wanted: list[str] = SYSTEMS) -
 
 
 def set_genai_threads(work: Path, threads: int) -> None:
+    """The same threads as every other row, and the same context as kvfuse's models: genai
+    shares one past/present buffer of `search.max_length` positions (its builder writes the
+    model's 8,192, which would be 4× the KV memory of kvfuse's 2,048)."""
     for system in [*GENAI_MODELS, KVFUSE_GENAI]:
         _set_threads(work / system / "genai_config.json", threads)
 
@@ -309,6 +359,7 @@ def _set_threads(path: Path, threads: int) -> None:
         config = json.loads(path.read_text())
         options = config["model"]["decoder"].setdefault("session_options", {})
         options["intra_op_num_threads"] = threads
+        config["search"]["max_length"] = CONTEXT
         path.write_text(json.dumps(config, indent=2))
 
 
@@ -507,9 +558,10 @@ def write_report(results, bandwidth, weights, args, sizes=None, qualities=None) 
         f"{SHORT}-token prompt (short) and {NEW_LONG} tokens after a {LONG}-token prompt (long).",
         "",
         "| system | prefill 64 (ms) | prefill 512 (ms) | decode short (tok/s) | decode long "
-        "(tok/s) | long/short | vs plain ORT | of roofline | peak RSS (MB) | model (MB) | "
-        f"same greedy tokens as PyTorch (first {PARITY}) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "(tok/s) | long/short | vs plain ORT | of roofline | peak RSS (MB) | peak RSS above "
+        "the runtime's import (MB) | model (MB) | same greedy tokens as PyTorch "
+        f"(first {PARITY}) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for system, m, same in rows:
         versus = m["decode_short_tps"] / plain["decode_short_tps"] if plain else float("nan")
@@ -518,6 +570,7 @@ def write_report(results, bandwidth, weights, args, sizes=None, qualities=None) 
             f"{m['decode_short_tps']:.1f} | {m['decode_long_tps']:.1f} | "
             f"{m['decode_long_tps'] / m['decode_short_tps']:.2f} | {versus:.2f}× | "
             f"{m['decode_short_tps'] / roofline:.0%} | {m['peak_rss_mb']:.0f} | "
+            f"{m['peak_rss_mb'] - m['baseline_rss_mb']:.0f} | "
             f"{(sizes or {}).get(system, 0) / 1e6:.0f} | {same} |"
         )
     lines += _quality_table(qualities or {})

@@ -369,10 +369,40 @@ def _table(rows: list[dict], args) -> list[str]:
             f"| {row['label']} | {', '.join(f'{n} → {v:.1f}' for n, v in decode.items())} | "
             f"{', '.join(f'{c} → {v:.1f}' for c, v in chunk.items())} |"
         )
+    lines += ["", *_explain(rows, args.chunk_while_decoding)]
     partial = [f"{row['label']}: {', '.join(row['partial'])}" for row in rows if row["partial"]]
     if partial:
         lines += ["", "Stopped by --time-limit before all requests ran: " + "; ".join(partial)]
     return [*lines, ""]
+
+
+def _explain(rows: list[dict], chunk: int) -> list[str]:
+    """What the profile says the targets can reach: the aggregate ceiling at 8 rows is
+    8 × the single stream's inter-token median / decode(8); a turn admitting a chunk of C
+    tokens while 8 rows decode costs decode(8) + chunk(C), and no less than decode(8) +
+    decode(1) for any chunk."""
+    lines = []
+    for row in rows:
+        decode, chunks, single = row["profile"]["decode"], row["profile"]["chunk"], row["single"]
+        if 8 not in decode or 1 not in decode:
+            continue
+        ceiling = 8 * single["itl_p50"] / decode[8]
+        text = (
+            f"- {row['label']}: 8 rows decode in {decode[8]:.1f} ms against the single stream's "
+            f"{single['itl_p50']:.1f} ms per token, so 8 streams reach at most {ceiling:.2f}× "
+            "its rate"
+        )
+        if chunk in chunks:
+            turn = decode[8] + chunks[chunk]
+            floor = decode[8] + decode[1]
+            text += (
+                f"; a turn that admits a {chunk}-token chunk costs {decode[8]:.1f} + "
+                f"{chunks[chunk]:.1f} = {turn:.1f} ms = {turn / single['itl_p50']:.2f}× the "
+                f"single-stream median ({single['itl_p50']:.1f} ms), and a chunk of any size at "
+                f"least {floor:.1f} ms = {floor / single['itl_p50']:.2f}×"
+            )
+        lines.append(text + ".")
+    return lines
 
 
 def _line(label, streams, alone, together) -> str:

@@ -31,12 +31,24 @@ def tiny_export(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def smollm2_export(tmp_path_factory):
-    """The bundled default model exported through the CLI entry point, once per session."""
-    from kvfuse.exporters.export import export
+    """The bundled default model exported once per session through the CLI entry point
+    (`python -m kvfuse export default OUT`, the README's first step): the `ExportResult` read
+    back from what it wrote, with the command's stdout as `cli_stdout`."""
+    import subprocess
+    import sys
+    import types
+
+    from kvfuse.exporters.export import ExportResult
+    from kvfuse.exporters.metadata import ModelFacts, read_metadata
+    from kvfuse.report.summary import summarize
 
     out = tmp_path_factory.mktemp("smollm2") / "onnx"
-    result = export("default", out, quiet=True)
-    return result
+    command = [sys.executable, "-m", "kvfuse", "export", "default", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr
+    facts = ModelFacts(**read_metadata(out)["model"])
+    result = ExportResult(out, out / "model.onnx", facts, summarize(out / "model.onnx"))
+    return types.SimpleNamespace(**vars(result), cli_stdout=done.stdout)
 
 
 @pytest.fixture(scope="session")
@@ -84,7 +96,7 @@ def tiny_served_model(tiny_export, tmp_path_factory):
 @pytest.fixture(scope="session")
 def quantized_smollm2(smollm2_export):
     """Factory: SmolLM2 optimized for `ort` with `--quantize MODE` (256 positions, quality over
-    256 tokens), built once per mode."""
+    128 tokens), built once per mode."""
     from kvfuse.optimize import optimize
     from kvfuse.quantization import Quantize
 
@@ -96,7 +108,7 @@ def quantized_smollm2(smollm2_export):
                 smollm2_export.out_dir,
                 smollm2_export.out_dir / f"model-{mode}.onnx",
                 max_context=256,
-                quantize=Quantize(mode, quality_tokens=256),
+                quantize=Quantize(mode, quality_tokens=128),
                 quiet=True,
             )
         return done[mode]
@@ -116,10 +128,12 @@ def ray_cluster():
 
 
 def pytest_collection_modifyitems(items):
-    """Under xdist's loadgroup: the real-model tests run on one worker (one SmolLM2 export per
-    run, not one per worker), and the tests on the session's Ray cluster on one worker too."""
+    """Under xdist's loadgroup: the tests of the real model run on one worker (one SmolLM2
+    export per run, not one per worker), and the tests on the session's Ray cluster on one
+    worker too; a slow test that needs neither (the 2.5 GB model) runs wherever there is room."""
     for item in items:
-        if item.get_closest_marker("slow"):
+        fixtures = getattr(item, "fixturenames", ())
+        if any("smollm2" in name for name in fixtures) or "smollm2" in item.nodeid:
             item.add_marker(pytest.mark.xdist_group("smollm2"))
-        elif "ray_cluster" in getattr(item, "fixturenames", ()):
+        elif "ray_cluster" in fixtures:
             item.add_marker(pytest.mark.xdist_group("ray"))

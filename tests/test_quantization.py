@@ -74,6 +74,31 @@ def test_int4_ort_uses_matmulnbits_and_is_exact(quantized):
     assert result.quantization["bytes"] < result.quantization["fp32_bytes"] / 3
 
 
+def _zero_point_inputs(path) -> dict[str, set[int]]:
+    """Per quantized op type, the input counts its nodes have (MatMulNBits' 4th is zp)."""
+    counts: dict[str, set[int]] = {}
+    for node in onnx.load(str(path)).graph.node:
+        if node.op_type in ("MatMulNBits", "GatherBlockQuantized"):
+            counts.setdefault(node.op_type, set()).add(len(node.input))
+    return counts
+
+
+def test_symmetric_blocks_take_matmulnbits_without_zero_points(quantized):
+    """The default int4 is symmetric: MatMulNBits gets no zero-point input (its default
+    2^(bits−1) — the fast kernel), GatherBlockQuantized keeps explicit ones; `zero_points=True`
+    (--zero-points) gives every MatMulNBits its per-block zero points, both exact."""
+    symmetric, asymmetric = quantized("int4"), quantized("int4", zero_points=True)
+    assert _zero_point_inputs(symmetric.output) == {
+        "MatMulNBits": {3},
+        "GatherBlockQuantized": {4},
+    }
+    assert _zero_point_inputs(asymmetric.output)["MatMulNBits"] == {4}
+    for result in (symmetric, asymmetric):
+        assert result.verification.passed and result.verification.tokens_equal
+    assert {n["symmetric"] for n in symmetric.quantization["nodes"]} == {True}
+    assert {n["symmetric"] for n in asymmetric.quantization["nodes"]} == {False}
+
+
 def test_quality_figures_are_recorded(quantized):
     """KLD, top-1 agreement, perplexities and greedy agreement land in OUT.kvfuse.json."""
     result = quantized("int4")

@@ -51,13 +51,15 @@ class QuantSpec:
 
     bits/head_bits: 4 or 8 (head_bits None keeps the head and embedding in fp32);
     exclude: fnmatch patterns over input-graph node names (a MatMul whose name, or any node it
-    stands for, matches stays fp32); source: blocks to take as they are, before RTN."""
+    stands for, matches stays fp32); source: blocks to take as they are, before RTN; zero_points:
+    RTN asymmetric with a zero point per block, else symmetric (patterns.blocks.quantize_rtn)."""
 
     bits: int
     block_size: int = 32
     head_bits: int | None = 8
     exclude: tuple[str, ...] = ()
     source: BlockSource | None = None
+    zero_points: bool = False
 
 
 def quantize_weights(model: ir.Model, spec: QuantSpec) -> dict[str, int]:
@@ -121,7 +123,7 @@ def _blocks_of(graph, weight: ir.Value, weight_NK, bits, spec: QuantSpec, shared
         if spec.source is not None:
             blocks, note = spec.source.blocks_for(weight_NK)
         if blocks is None:
-            blocks = quantize_rtn(weight_NK, bits, spec.block_size)
+            blocks = quantize_rtn(weight_NK, bits, spec.block_size, spec.zero_points)
         name = weight.name or "weight"
         values = [
             add_initializer(graph, f"{name}.codes", blocks.codes),
@@ -137,6 +139,7 @@ def _blocks_of(graph, weight: ir.Value, weight_NK, bits, spec: QuantSpec, shared
 def _tag(new, old: ir.Node, blocks: Blocks, note: str, fp32_bytes: int, weight: str) -> None:
     n, k = blocks.shape
     record = {
+        "symmetric": blocks.symmetric,
         "weight": weight,
         "bits": blocks.bits,
         "block_size": blocks.block_size,

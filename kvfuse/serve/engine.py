@@ -7,7 +7,9 @@
 Every loop turn (`_turn`): retire what was cancelled or timed out, admit waiting requests into
 free rows, run ONE decode step for every decoding row together (one token each, per-row valid
 lengths), then ONE prompt chunk of the oldest prefilling row. Decode comes first, so a long
-prompt delays each stream by one chunk per step, never by the whole prompt. A request is admitted
+prompt delays each stream by one chunk per step, never by the whole prompt. With no chunk while
+rows decode (`chunk_while_decoding=0`), prefilling rows ride along in the decode step instead,
+one prompt token each: the streams' steps grow by a row, not by a chunk. A request is admitted
 only when its prompt plus max_new_tokens fit a row, so a started request is never evicted.
 
 A row keeps the tokens whose keys and values it holds after its request ends; a new request whose
@@ -131,7 +133,9 @@ class Engine:
         prefill_chunk: prompt tokens per step while no other row is decoding.
         chunk_while_decoding: prompt tokens per step while other rows decode: bounds how much
             one prompt delays every stream's next token (a chunk of C tokens costs about a
-            decode step of C rows: both read all the weights once).
+            decode step of C rows: both read all the weights once); 0: no chunk step while
+            rows decode — each prefilling row feeds one prompt token into the decode step
+            (the least delay for the streams, the slowest admission).
         default_max_new_tokens: max_new_tokens when a request gives none (capped by its row).
         request_timeout_s: a request still running after this long (queue wait included) is
             ended with finish reason "timeout" (None: never), unless it sets its own.
@@ -153,8 +157,10 @@ class Engine:
         name: str | None = None,
         device: str = "cpu",
     ) -> None:
-        if min(slots, prefill_chunk, chunk_while_decoding) < 1 or max_queue < 0:
-            raise KvfuseError("slots and the prefill chunks must be ≥ 1, max_queue ≥ 0")
+        if min(slots, prefill_chunk) < 1 or chunk_while_decoding < 0 or max_queue < 0:
+            raise KvfuseError(
+                "slots and --prefill-chunk must be ≥ 1, --chunk-while-decoding and max_queue ≥ 0"
+            )
         self.spec = read_spec(model)
         self.text = Text(self.spec.directory)
         self.name = name or self.spec.directory.name
@@ -247,10 +253,11 @@ class Engine:
         self._retire()
         self._admit()
         decoding = [row for row in self._rows if row.request and row.request.state == "decode"]
+        riding = not self.chunks[True]  # prompts advance inside the decode step
         if decoding:
-            self._decode(decoding)
+            self._decode(decoding, riding)
         prefilling = [row for row in self._rows if row.request and row.request.state == "prefill"]
-        if prefilling:
+        if prefilling and not (decoding and riding):
             oldest = min(prefilling, key=lambda row: row.request.id)
             self._prefill_chunk(oldest, self.chunks[bool(decoding)])
         self.metrics.rows.set(self.active_rows())
@@ -303,15 +310,22 @@ class Engine:
             request.state = "decode"
             self._accept(row, logits[0])
 
-    def _decode(self, decoding: list[_Row]) -> None:
+    def _decode(self, decoding: list[_Row], riding: bool = False) -> None:
         """One token for every decoding row, as one step over the span of rows they cover
-        (rows in between are fed a throwaway token just past what they hold)."""
-        first, last = decoding[0].index, decoding[-1].index
+        (rows in between are fed a throwaway token just past what they hold); `riding`: every
+        prefilling row joins the step with its next prompt token."""
+        states = ("decode", "prefill") if riding else ("decode",)
+        members = [row for row in self._rows if row.request and row.request.state in states]
+        first, last = members[0].index, members[-1].index
         span = self._rows[first : last + 1]
         ids, lengths = np.zeros([len(span), 1], np.int64), np.zeros([len(span)], np.int64)
+        prompting = {id(row) for row in members if row.request.state == "prefill"}
         for offset, row in enumerate(span):
             if row.request and row.request.state == "decode":
                 ids[offset, 0] = row.request._pending
+                lengths[offset] = len(row.fed) + 1
+            elif id(row) in prompting:
+                ids[offset, 0] = row.request.prompt[len(row.fed)]
                 lengths[offset] = len(row.fed) + 1
             else:  # free or mid-prompt: write a slot nothing reads (or the next chunk rewrites)
                 del row.fed[self.max_context - 1 :]
@@ -319,7 +333,12 @@ class Engine:
         started = time.perf_counter()
         logits = self._steps.step(first, ids, lengths)
         for offset, row in enumerate(span):
-            if row.request and row.request.state == "decode":
+            if id(row) in prompting:
+                row.fed.append(int(ids[offset, 0]))
+                if len(row.fed) == len(row.request.prompt):
+                    row.request.state = "decode"
+                    self._accept(row, logits[offset])
+            elif row.request and row.request.state == "decode":
                 row.fed.append(row.request._pending)
                 self._accept(row, logits[offset])
         self.metrics.step(len(decoding), time.perf_counter() - started)

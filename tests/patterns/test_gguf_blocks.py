@@ -78,13 +78,37 @@ def test_unmapped_type_and_foreign_values_fall_back_with_a_reason(gguf_file):
     assert source.blocks_for(mixed)[1] == "rows mix bit widths (Q4_0, Q8_0)"
 
 
-def test_rtn_blocks_bound_the_error_and_keep_zeros():
-    """Round-to-nearest: error ≤ half a step per block, exact zeros stay zero, codes in range."""
-    rng = np.random.default_rng(2)
+def test_symmetric_rtn_searches_the_scale_and_keeps_zeros():
+    """Symmetric round-to-nearest (the default): every zero point 2^(bits−1), codes in range,
+    exact zeros stay zero, and per block no more squared error than the plain max|w|/2^(bits−1)
+    scale (one of the candidates searched) — strictly less over the whole weight."""
+    rng = np.random.default_rng(3)
     weight = rng.standard_normal((16, 128)).astype(np.float32)
     weight[0, :32] = 0
     for bits in (4, 8):
         blocks = quantize_rtn(weight, bits, 32)
+        middle = 2 ** (bits - 1)
+        assert blocks.symmetric and np.all(blocks.zero_points == middle)
+        assert blocks.codes.max() < 2**bits
+        assert np.all(blocks.dequantize()[0, :32] == 0)
+        grouped = weight.reshape(16, -1, 32)
+        plain = np.abs(grouped).max(axis=-1, keepdims=True) / middle
+        plain = np.where(plain == 0, 1, plain)
+        plain_error = np.square(
+            np.clip(np.round(grouped / plain), -middle, middle - 1) * plain - grouped
+        ).sum(-1)
+        error = np.square(blocks.dequantize().reshape(16, -1, 32) - grouped).sum(-1)
+        assert np.all(error <= plain_error + 1e-9) and error.sum() < plain_error.sum()
+
+
+def test_asymmetric_rtn_blocks_bound_the_error_and_keep_zeros():
+    """Round-to-nearest with zero points: error ≤ half a step per block, exact zeros stay
+    zero, codes in range."""
+    rng = np.random.default_rng(2)
+    weight = rng.standard_normal((16, 128)).astype(np.float32)
+    weight[0, :32] = 0
+    for bits in (4, 8):
+        blocks = quantize_rtn(weight, bits, 32, zero_points=True)
         assert isinstance(blocks, Blocks) and blocks.codes.max() < 2**bits
         step = np.repeat(blocks.scales, 32, axis=1)
         assert np.all(np.abs(blocks.dequantize() - weight) <= step / 2 + 1e-6)
