@@ -162,11 +162,18 @@ POSITION_ARCHITECTURES: dict[str, dict] = {
     # sliding and global layers alternating (window 6, then none); Optimum's export stops at
     # its RoPE builder
     "gemma2": {**_ROPE_LLAMA, "rms_norms_per_layer": 4, "exporters": ("dynamo",)},
+    # ALiBi inside baddbmm: scores over [B·H, S, T], heads folded into the batch
+    "bloom": {
+        **_LAYER_NORM,
+        "rope": None,
+        "positions": "ALiBi",
+        "lowering": {"ort": "gqa", "onnx": "attention"},
+        "parity_exporters": ("optimum",),
+    },
 }
 ARCHITECTURES.update(POSITION_ARCHITECTURES)
 # tiny configs kvfuse does not fuse yet: the coverage command runs them to show why not
 PENDING: dict[str, dict] = {
-    "bloom": {"positions": "ALiBi"},  # scores as a [B·H, S, T] batched MatMul (baddbmm)
     "gpt_oss": {"positions": "rope"},  # RoPE as chunk halves · cos/sin, then cat
 }
 

@@ -15,7 +15,7 @@ from kvfuse.patterns import (
     packed_qkv,
     rotary,
 )
-from kvfuse.patterns.attention import cached, diagnose_cache, repeat_kv, sdpa
+from kvfuse.patterns.attention import batched_heads, cached, diagnose_cache, repeat_kv, sdpa
 from kvfuse.rewriter import last_logits, packed_heads, shapes
 from kvfuse.rewriter.pipeline import Stage
 from kvfuse.rewriter.unsqueezed_split import split_unsqueezed_projections
@@ -27,6 +27,7 @@ FUSION_STAGES = [
     Stage("fuse RMSNorm", rules=norm.RULES),
     Stage("fuse RoPE", rules=rotary.RULES),
     Stage("fuse GQA/MQA head repeat", rules=repeat_kv.RULES),
+    Stage("unfold heads merged into the batch (Bloom)", run=batched_heads.unfold_heads),
     Stage("fuse attention core", rules=sdpa.RULES),
     Stage("fuse attention with its KV cache", rules=cached.RULES),
 ]

@@ -73,6 +73,7 @@ def convert_to_retained_state(
     nodes = [n for n in graph if n.domain == KVFUSE_DOMAIN and n.op_type == "CachedAttention"]
     if not nodes:
         raise KvfuseError("no attention layer was fused; nothing to convert (see --explain)")
+    _check_one_cache_shape(nodes)
     batch = batch_size if batch_size is not None else "batch_size"
     seqlens = _add_input(graph, SEQLENS, ir.DataType.INT32, [batch])
     total = _add_input(graph, TOTAL_LENGTH, ir.DataType.INT32, [])
@@ -109,6 +110,25 @@ def convert_to_retained_state(
         inputs=[v.name for v in graph.inputs],
         lowerings=lowerings,
     )
+
+
+def _check_one_cache_shape(nodes: list[ir.Node]) -> None:
+    """The runtime plans one KV shape for every layer: refuse, naming them, layers whose KV
+    heads or head dim differ (before anything is lowered or written)."""
+    shapes = {}
+    for node in nodes:
+        past_v = node.inputs[4]
+        dim = past_v.shape[-1] if past_v.shape is not None else None
+        shapes[layer_of(past_v.name) or past_v.name] = (
+            node.attributes.get_int("kv_num_heads"),
+            dim,
+        )
+    if len(set(shapes.values())) > 1:
+        found = ", ".join(f"layer {layer} [Hkv {h}, D {d}]" for layer, (h, d) in shapes.items())
+        raise KvfuseError(
+            f"layers differ in KV heads or head dim ({found}); kvfuse's KV arena holds one "
+            "[Hkv, D] for all layers, so such a model is not supported yet"
+        )
 
 
 def _lowering_of(present: ir.Value) -> dict[str, str]:

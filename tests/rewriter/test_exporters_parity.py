@@ -23,7 +23,11 @@ def _cases():
 
 # onnx --static of one structure family in the default run (ALiBi in the float position
 # mask); the coverage command runs every family × exporter × target
-STRUCTURE_FAMILIES = [pytest.param("mpt", "optimum", id="mpt-optimum")]
+STRUCTURE_FAMILIES = [
+    pytest.param("mpt", "optimum", id="mpt-optimum"),
+    # ALiBi built from the attention mask inside baddbmm's [B·H, S, T] scores
+    pytest.param("bloom", "optimum", id="bloom-optimum"),
+]
 
 
 @pytest.fixture(scope="module")

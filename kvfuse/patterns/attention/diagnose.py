@@ -65,7 +65,8 @@ def _scores_matmul(softmax):
     if node is not None and node.op_type == "Reshape" and _batched_heads(node):
         return (
             "scores come from a [B·H, S, T] batched MatMul reshaped to [B, H, S, T] (heads "
-            "merged into the batch, as Bloom's baddbmm does); that form is not matched yet",
+            "merged into the batch, as Bloom's baddbmm does) that layout/heads_from_batch did "
+            "not unfold: its reshapes do not join exactly B and H, or their shapes are unknown",
             [node],
         )
     if node is None or node.op_type != "MatMul":

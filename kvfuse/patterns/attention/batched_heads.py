@@ -1,0 +1,258 @@
+"""Attention with the heads folded into the batch → the [B, H, …] products the core rule matches.
+
+Legend: B batch, H heads, S new tokens, T total positions, D head dim; N = B·H.
+
+Bloom computes its scores with `baddbmm` over 3-D tensors, heads merged into the batch axis,
+the ALiBi bias riding in the same call (β·alibi + α·Q·Kᵀ), and only then views them as
+[B, H, S, T] for the mask and the softmax; its probabilities go back to [N, S, T] for the
+batched product with V:
+
+    q[B,H,S,D] ─ Reshape[N,S,D] ──────────────────────┐
+    k[B,H,T,D] ─ Reshape[N,T,D] ─ Transpose(0, 2, 1) ─ MatMul ─ [·α] ─ [+ bias[N,·,T]]
+        ─ Reshape[B,H,S,T] ─ scores                                    (`layout/heads_from_batch`)
+    probs[B,H,S,T] ─ Reshape[N,S,T] ─┐
+    v[B,H,T,D] ─ Reshape[N,T,D] ───── MatMul ─ Reshape[B,H,S,D] ─ out  (`layout/heads_from_batch_v`)
+
+become the same products over [B, H, …] (the bias split back to [B, H, ·, T] before it is
+added), which is `attention/sdpa_bhsd` with a scale and an additive position bias. The merged
+reshapes only join B and H (the last two axes are kept) and the final ones split them back in
+the same order, so each chain is exactly the 4-D product.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+from onnxscript import optimizer
+from onnxscript.rewriter import pattern
+
+from kvfuse.patterns.attention.sdpa import scaled
+from kvfuse.rewriter import shapes
+from kvfuse.rewriter.rules import Rule, apply_rules, fail, like, ok
+
+
+def _dim(d):
+    return d if isinstance(d, int) else getattr(d, "value", None)
+
+
+def _dims(value: ir.Value) -> list | None:
+    return None if value.shape is None else [_dim(d) for d in value.shape]
+
+
+def _merges_heads(source: ir.Value, merged: ir.Value, heads_of: list) -> str | None:
+    """Why `merged` is not `source` [B, H, a, b] with B and H joined into one axis (None if it
+    is). `heads_of` is [B, H] as the split-back result has them."""
+    found, into = _dims(source), _dims(merged)
+    if found is None or into is None or len(found) != 4 or len(into) != 3:
+        return f"{source.name} {found} reshaped to {into}, expected [B, H, a, b] → [B·H, a, b]"
+    front = _front_factors(merged.producer().inputs[1])
+    same_batch = found[0] == heads_of[0] or _unknown(found[0]) or _unknown(heads_of[0])
+    if not same_batch or found[1] != heads_of[1] or not _same_product(front, _factors(heads_of)):
+        return f"{source.name} {found} merged to {into}, expected [B, H] = {heads_of} joined"
+    # B·H first and the last axis kept: the element count leaves the middle axis as it was
+    if into[2] is None or into[2] != found[3]:
+        return f"{source.name} {found} merged to {into}: its last axis is not kept"
+    return None
+
+
+def _factors(dims: list) -> tuple | None:
+    """A product of dims as (static product, sorted symbols), or None if one is unknown."""
+    if any(d is None for d in dims):
+        return None
+    number = int(np.prod([d for d in dims if isinstance(d, int)], dtype=np.int64))
+    return number, tuple(sorted(d for d in dims if isinstance(d, str)))
+
+
+def _same_product(a: tuple | None, b: tuple | None) -> bool:
+    """Two products of dims that are the same size at run time: equal static parts, symbols
+    equal or one of them a name shape inference made up for the same batch axis."""
+    if a is None or b is None or a[0] != b[0] or len(a[1]) != len(b[1]):
+        return False
+    return all(x == y or _unknown(x) or _unknown(y) for x, y in zip(a[1], b[1], strict=True))
+
+
+def _front_factors(target: ir.Value) -> tuple | None:
+    """The first element of a Reshape target as a product of dims (Bloom writes it as
+    `batch_size · num_heads`: Mul(Gather(Shape(x), 0), H)), or None if it cannot be read."""
+    node = target.producer()
+    if target.const_value is not None:
+        first = int(target.const_value.numpy().reshape(-1)[0])
+        return _factors([first]) if first > 0 else None
+    if node is None or node.op_type != "Concat" or not node.inputs:
+        return None
+    return _product(node.inputs[0])
+
+
+def _product(value: ir.Value) -> tuple | None:
+    scalar = shapes.symbolic_scalar(value)
+    if scalar is not None:
+        return _factors([scalar])
+    node = value.producer()
+    if node is not None and node.op_type in ("Unsqueeze", "Cast", "Identity", "Reshape"):
+        return _product(node.inputs[0])
+    if node is None or node.op_type != "Mul":
+        return None
+    parts = [_product(v) for v in node.inputs]
+    if None in parts:
+        return None
+    return parts[0][0] * parts[1][0], tuple(sorted(parts[0][1] + parts[1][1]))
+
+
+def _split_heads(result: ir.Value, source: ir.Value) -> list | None:
+    """[B, H] of `source` [B, H, a, b] (H static) if `result` splits them back: its H equal,
+    its B equal or unknown to shape inference (the merged reshapes prove it is B·H / H)."""
+    dims, found = _dims(result), _dims(source)
+    if dims is None or found is None or len(dims) != 4 or len(found) != 4:
+        return None
+    batch, heads = found[:2]
+    if batch is None or not isinstance(heads, int) or dims[1] != heads:
+        return None
+    return found[:2] if dims[0] in (batch, None) or _unknown(dims[0]) else None
+
+
+def _unknown(dim) -> bool:
+    """A fresh symbol of ONNX shape inference: a dim it could not name."""
+    return isinstance(dim, str) and dim.startswith("unk__")
+
+
+class ScoresFromBatchRule(Rule):
+    """`layout/heads_from_batch`: [N, S, T] scores (with scale and bias) viewed as [B,H,S,T]."""
+
+    def __init__(self) -> None:
+        # the mask builder reads shapes of the merged key: the old chain dies with the mask
+        super().__init__("layout/heads_from_batch", remove_nodes=False)
+
+    def pattern(self, op, query, key, qk_scale, bias):
+        q_merged = op.Reshape(
+            query, _allow_other_inputs=True, _allow_other_attributes=True, _outputs=["q_merged"]
+        )
+        k_merged = op.Reshape(
+            key, _allow_other_inputs=True, _allow_other_attributes=True, _outputs=["k_merged"]
+        )
+        scores = op.MatMul(q_merged, op.Transpose(k_merged, perm=[0, 2, 1]))
+        scores = scaled(op, scores, qk_scale, "qk_how")
+        scores = pattern.OrValue(
+            [op.Add(scores, bias), scores], tag_var="biased", tag_values=[1, 0]
+        )
+        return op.Reshape(
+            scores, _allow_other_inputs=True, _allow_other_attributes=True, _outputs=["split"]
+        )
+
+    def check(self, context, query, key, q_merged, k_merged, split, **bound):
+        heads_of = _split_heads(split, query)
+        if heads_of is None:
+            return fail(f"scores reshaped to {split.shape}, not [B, H, S, T] with known B, H")
+        for source, merged in ((query, q_merged), (key, k_merged)):
+            reason = _merges_heads(source, merged, heads_of)
+            if reason is not None:
+                return fail(reason, merged)
+        if _dims(split)[2] != _dims(query)[2]:
+            return fail(f"scores {split.shape} split back with other rows than {query.shape}")
+        if bound["biased"]:
+            dims = _dims(bound["bias"])
+            if dims is None or len(dims) != 3:
+                return fail(f"score bias {bound['bias'].name} {dims} is not [B·H | 1, ·, T]")
+        return ok()
+
+    def rewrite(self, op, query, key, split, qk_scale=None, bias=None, **bound):
+        scores = op.MatMul(query, op.Transpose(key, perm=[0, 1, 3, 2]))
+        if bound["qk_how"] != "none":
+            scores = getattr(op, bound["qk_how"].capitalize())(scores, qk_scale)
+        if bound["biased"]:
+            scores = op.Add(scores, _bias_by_head(op, bias, _split_heads(split, query)))
+        return like(scores, split)
+
+
+def _bias_by_head(op, bias: ir.Value, heads_of: list) -> ir.Value:
+    """bias [B·H, a, T] → [B, H, a, T] (a [1, a, T] bias → [1, 1, a, T], broadcast as before)."""
+    if _dim(bias.shape[0]) == 1:
+        return op.Unsqueeze(bias, op.Constant(value=ir.tensor(np.array([0], np.int64))))
+    rest = op.Shape(bias, start=1)
+    front = op.Constant(value=ir.tensor(np.array([-1, heads_of[1]], np.int64)))
+    return op.Reshape(bias, op.Concat(front, rest, axis=0))
+
+
+class ValuesFromBatchRule(Rule):
+    """`layout/heads_from_batch_v`: probabilities × V over [N, …], split back to [B,H,S,D]."""
+
+    def __init__(self) -> None:
+        super().__init__("layout/heads_from_batch_v", remove_nodes=False)
+
+    def pattern(self, op, probs, value):
+        p_merged = op.Reshape(
+            probs, _allow_other_inputs=True, _allow_other_attributes=True, _outputs=["p_merged"]
+        )
+        v_merged = op.Reshape(
+            value, _allow_other_inputs=True, _allow_other_attributes=True, _outputs=["v_merged"]
+        )
+        return op.Reshape(
+            op.MatMul(p_merged, v_merged),
+            _allow_other_inputs=True,
+            _allow_other_attributes=True,
+            _outputs=["split"],
+        )
+
+    def check(self, context, probs, value, p_merged, v_merged, split, **_):
+        heads_of = _split_heads(split, value)
+        if heads_of is None:
+            return fail(f"attention output reshaped to {split.shape}, not [B, H, S, D]")
+        reason = _merges_heads(value, v_merged, heads_of)
+        if reason is not None:
+            return fail(reason, v_merged)
+        found, into = _dims(probs), _dims(p_merged)
+        if found is None or len(found) != 4 or found[1] != heads_of[1]:
+            return fail(f"probabilities {probs.name} {found} are not [B, H, S, T]", probs)
+        front = _front_factors(p_merged.producer().inputs[1])
+        if into is None or len(into) != 3 or not _same_product(front, _factors(heads_of)):
+            return fail(f"probabilities merged to {into}, expected [B·H, S, T]", p_merged)
+        return ok()
+
+    def rewrite(self, op, probs, value, split, **_):
+        return like(op.MatMul(probs, value), split)
+
+
+RULES = [ScoresFromBatchRule.rule(), ValuesFromBatchRule.rule()]
+
+
+def unfold_heads(model: ir.Model) -> dict[str, int]:
+    """Apply both rules, then drop the merged chains: their outputs' shapes are still read by
+    the model's shape plumbing (Bloom's `_merge_heads` takes B from the [B·H, S, D] product),
+    so each such reader is given a free view of the new [B, H, S, D] product instead."""
+    counts = apply_rules(model, RULES)
+    if any(counts.values()):
+        for node in list(model.graph):
+            _rehome_shape_readers(model.graph, node)
+        optimizer.remove_unused_nodes(model)
+    return counts
+
+
+def _rehome_shape_readers(graph: ir.Graph, old: ir.Node) -> None:
+    """`old` a merged MatMul(Reshape(a), Reshape(b)) read only by Shape nodes, with the
+    unfolded MatMul(a, b) beside it: its readers read Reshape(new, [-1, S, D]) instead."""
+    if old.op_type != "MatMul" or old.outputs[0].is_graph_output():
+        return
+    readers = [user for user, _ in old.outputs[0].uses()]
+    merged = [v.producer() for v in old.inputs]
+    if not readers or any(user.op_type != "Shape" for user in readers):
+        return
+    if any(m is None or m.op_type != "Reshape" for m in merged):
+        return
+    sources = [m.inputs[0] for m in merged]
+    twin = next(
+        (
+            user
+            for user, _ in sources[0].uses()
+            if user.op_type == "MatMul" and list(user.inputs) == sources
+        ),
+        None,
+    )
+    if twin is None:
+        return
+    front = ir.node("Constant", [], attributes={"value": ir.tensor(np.array([-1], np.int64))})
+    rest = ir.node("Shape", [twin.outputs[0]], attributes={"start": 2})
+    target = ir.node("Concat", [front.outputs[0], rest.outputs[0]], attributes={"axis": 0})
+    view = ir.node("Reshape", [twin.outputs[0], target.outputs[0]])
+    view.outputs[0].dtype = old.outputs[0].dtype
+    view.outputs[0].shape = old.outputs[0].shape
+    graph.insert_after(twin, [front, rest, target, view])
+    old.outputs[0].replace_all_uses_with(view.outputs[0])
