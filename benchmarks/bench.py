@@ -46,7 +46,7 @@ SYSTEMS = [
     "kvfuse-genai",
     "kvfuse-int4",
     "kvfuse-int4-head4",
-    "kvfuse-int4-zp",
+    "kvfuse-int4-sym",
     "kvfuse-gguf",
     "kvfuse-int8",
     "kvfuse-onnx",
@@ -65,15 +65,15 @@ KVFUSE_MODELS = {
 KVFUSE_MODELS["kvfuse-static-prepack"] = KVFUSE_MODELS["kvfuse-static"]  # its own copy per graph
 for _mode in ("int4", "gguf", "int8"):
     KVFUSE_MODELS[f"kvfuse-{_mode}"] = (f"model-{_mode}.onnx", {"quantize": _mode})
-# int4 with genai's head width (an int4 head), and asymmetric blocks (--zero-points)
+# int4 with genai's head width (an int4 head), and symmetric blocks (--symmetric)
 # (a dict: kvfuse.quantization.Quantize's fields, made into one when the model is built)
 KVFUSE_MODELS["kvfuse-int4-head4"] = (
     "model-int4-head4.onnx",
     {"quantize": {"mode": "int4", "head": "int4"}},
 )
-KVFUSE_MODELS["kvfuse-int4-zp"] = (
-    "model-int4-zp.onnx",
-    {"quantize": {"mode": "int4", "zero_points": True}},
+KVFUSE_MODELS["kvfuse-int4-sym"] = (
+    "model-int4-sym.onnx",
+    {"quantize": {"mode": "int4", "zero_points": False}},
 )
 # genai system → builder arguments (precision and extra options)
 GENAI_MODELS = {
@@ -94,7 +94,7 @@ QUANTIZED = [
     "genai-int4-head8",
     "kvfuse-int4",
     "kvfuse-int4-head4",
-    "kvfuse-int4-zp",
+    "kvfuse-int4-sym",
     "kvfuse-gguf",
     "kvfuse-int8",
 ]
@@ -303,7 +303,7 @@ RUNNERS = {
         f"kvfuse-{mode}": (lambda m: lambda work, threads: kvfuse_runner(work, threads, m))(
             f"kvfuse-{mode}"
         )
-        for mode in ("int4", "int4-head4", "int4-zp", "gguf", "int8")
+        for mode in ("int4", "int4-head4", "int4-sym", "gguf", "int8")
     },
     "kvfuse-onnx": lambda work, threads: kvfuse_runner(work, threads, "kvfuse-onnx"),
     "kvfuse-static": lambda work, threads: kvfuse_runner(work, threads, "kvfuse-static"),

@@ -84,10 +84,10 @@ def _zero_point_inputs(path) -> dict[str, set[int]]:
 
 
 def test_symmetric_blocks_take_matmulnbits_without_zero_points(quantized):
-    """The default int4 is symmetric: MatMulNBits gets no zero-point input (its default
-    2^(bits−1) — the fast kernel), GatherBlockQuantized keeps explicit ones; `zero_points=True`
-    (--zero-points) gives every MatMulNBits its per-block zero points, both exact."""
-    symmetric, asymmetric = quantized("int4"), quantized("int4", zero_points=True)
+    """By default (asymmetric blocks) every MatMulNBits gets its per-block zero points;
+    symmetric blocks (`zero_points=False`, --symmetric) give it none (its default
+    2^(bits−1) — the fast kernel) while GatherBlockQuantized keeps explicit ones; both exact."""
+    asymmetric, symmetric = quantized("int4"), quantized("int4", zero_points=False)
     assert _zero_point_inputs(symmetric.output) == {
         "MatMulNBits": {3},
         "GatherBlockQuantized": {4},

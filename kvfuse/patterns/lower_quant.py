@@ -4,9 +4,8 @@
         points, packed like B for 4 bits), BlockQuantGather → com.microsoft.GatherBlockQuantized
         over the same bytes as a 2-D [N, K·bits/8] table (the tied head reads it through a
         Reshape). GatherBlockQuantized's zero points are always explicit (CPU and CUDA
-        defaults differ); MatMulNBits gets none when they all are its default 2^(bits−1)
-        (symmetric blocks: ~30% faster on x86), and blocks with offsets fold their zero
-        points into the offset term, so they take the fast kernel too.
+        defaults differ); MatMulNBits gets none for symmetric round-to-nearest blocks (its
+        default 2^(bits−1): ~20–30% faster on x86), explicit ones otherwise.
 `onnx`: BlockQuantMatMul → DequantizeLinear(codes [K, N] uint4/uint8, axis 0, block_size) →
         MatMul (onnxruntime fuses this pair into MatMulNBits itself); a tied head and the
         embedding read one DequantizeLinear of E [V, E] (axis 1): Gemm(transB) and Gather.
@@ -19,6 +18,8 @@ one block sum per input and block size, shared by every weight that reads that i
 """
 
 from __future__ import annotations
+
+import json
 
 import ml_dtypes
 import numpy as np
@@ -72,13 +73,8 @@ def _matmul_nbits(graph, node: ir.Node, tensors, accuracy_level: int, sums) -> N
         nodes.append(ir.node("Reshape", [table, shape]))
         weight = nodes[-1].outputs[0]
     inputs, offsets = [node.inputs[0], weight, scales], _offsets(node)
-    centre = 2 ** (bits - 1)
-    codes_zero = node.inputs[3].const_value.numpy()
-    if offsets is not None:  # (q − z)·s + m = (q − 2^(bits−1))·s + (m + (2^(bits−1) − z)·s)
-        step = node.inputs[2].const_value.numpy()
-        offsets = offsets + (np.float32(centre) - codes_zero.astype(np.float32)) * step
-    elif (codes_zero != centre).any():  # symmetric blocks take the kernel's default
-        inputs.append(zero_points)
+    if not json.loads(node.metadata_props.get(QUANT_TAG, "{}")).get("symmetric"):
+        inputs.append(zero_points)  # symmetric RTN blocks take the kernel's default instead
     matmul = _ms(
         "MatMulNBits",
         inputs,
