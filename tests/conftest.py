@@ -153,12 +153,10 @@ def ray_cluster():
 
 
 def pytest_collection_modifyitems(items):
-    """Under xdist's loadgroup: the tests of the real model run on one worker (one SmolLM2
-    export per run, not one per worker), and the tests on the session's Ray cluster on one
-    worker too; a slow test that needs neither (the 2.5 GB model) runs wherever there is room."""
+    """Under xdist's loadgroup: the real-model tests run on one worker (one SmolLM2 export per
+    run, not one per worker), and the tests on the session's Ray cluster on one worker too."""
     for item in items:
-        fixtures = getattr(item, "fixturenames", ())
-        if any("smollm2" in name for name in fixtures) or "smollm2" in item.nodeid:
+        if item.get_closest_marker("slow"):
             item.add_marker(pytest.mark.xdist_group("smollm2"))
-        elif "ray_cluster" in fixtures:
+        elif "ray_cluster" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.xdist_group("ray"))
