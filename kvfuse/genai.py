@@ -105,6 +105,11 @@ def genai_config(record: dict, facts: dict, graph: onnx.ModelProto, filename: st
             "--genai-config needs the export's kvfuse-export.json beside the input (layers, "
             "heads, vocab, eos); optimize a `kvfuse export` directory"
         )
+    if "kv_heads" not in record or "head_dim" not in record:  # written where layers share them
+        raise KvfuseError(
+            "--genai-config: this model's layers differ in KV heads or head dim, and "
+            "onnxruntime-genai's config takes one of each; run it with kvfuse's runtime"
+        )
     inputs = {i.name for i in graph.graph.input}
     decoder_inputs = {"input_ids": "input_ids", "attention_mask": "attention_mask"}
     if "position_ids" in inputs:

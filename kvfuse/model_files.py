@@ -149,6 +149,13 @@ def stamp_metadata(model, signature, target, source) -> None:
 
 
 def metadata_record(signature, target: str, source: Path) -> dict:
+    """The retained-state record the runtime reads: every KV pair with its own buffer's KV
+    heads and head dim (layers may differ); `kv_heads`/`head_dim` at the top only where every
+    layer shares them (the form older records have, which readers still take)."""
+    pairs = [
+        {"past": p, "present": q, "kv_heads": heads, "head_dim": dim}
+        for (p, q), (heads, dim) in zip(signature.pairs, signature.shapes, strict=True)
+    ]
     return {
         "kvfuse_version": __version__,
         "target": target,
@@ -156,12 +163,12 @@ def metadata_record(signature, target: str, source: Path) -> dict:
         "layout": "BHSD",
         "max_context": signature.max_context,
         "batch_size": signature.batch_size,
-        "kv_heads": signature.kv_heads,
+        **({"kv_heads": signature.kv_heads} if signature.kv_heads is not None else {}),
         "logits": signature.logits,
-        "head_dim": signature.head_dim,
+        **({"head_dim": signature.head_dim} if signature.head_dim is not None else {}),
         "dtype": signature.dtype,
         "logits_dtype": signature.logits_dtype,
-        "kv_pairs": [{"past": p, "present": q} for p, q in signature.pairs],
+        "kv_pairs": pairs,
         **({"static": signature.static} if signature.static else {}),
         "inputs": signature.inputs,
         "feeds": {

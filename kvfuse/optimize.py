@@ -297,7 +297,7 @@ def _verify(plan: Plan, result: OptimizeResult, candidate) -> None:
     """Check `candidate` (a written model file, or the static pair) against the original; on
     failure name the first diverging tensor and raise — nothing is written."""
     signature, batch = result.signature, plan.batch_size or 1
-    kv_shape = [batch, signature.kv_heads, plan.max_context, signature.head_dim]
+    kv_shape = signature.kv_shapes(batch)  # per past input: each layer's own [Hkv, D]
     with _runnable_here(plan, signature, candidate) as (original, candidate):
         result.verification = verify(original, candidate, signature.pairs, kv_shape, batch=batch)
         if signature.dtype == "bfloat16":
@@ -326,7 +326,7 @@ def _check_quantized(plan, result, candidate, proto_bytes, verify_numerics, step
     then its quality against the original, which gates the write (`--max-kld`)."""
     options, records = plan.quant, result.quantization["records"]
     signature, batch = result.signature, plan.batch_size or 1
-    kv_shape = [batch, signature.kv_heads, plan.max_context, signature.head_dim]
+    kv_shape = signature.kv_shapes(batch)  # per past input: each layer's own [Hkv, D]
     if verify_numerics:
         with steps.step("Verifying against the original with dequantized weights (fp32 acts)"):
             result.verification = quantization.verify_exact(
@@ -336,7 +336,7 @@ def _check_quantized(plan, result, candidate, proto_bytes, verify_numerics, step
             raise KvfuseError(f"{result.verification.summary()}; nothing was written")
     label = f"Measuring quality over {options.quality_tokens} tokens of pydoc_data.topics"
     with steps.step(label):
-        kv_one = [1, *kv_shape[1:]]
+        kv_one = signature.kv_shapes(1)
         measured = quantization.measure_quality(
             options, plan.model_path, proto_bytes, signature.pairs, kv_one
         )
@@ -382,7 +382,7 @@ def _to_half(plan: Plan, result: OptimizeResult, lowered: bytes, steps) -> bytes
         result.precision = range_check.PrecisionChoice(plan.dtype, [], 0, counts)
         return ir.serde.serialize_model(model).SerializeToString()
     signature, batch = result.signature, plan.batch_size or 1
-    kv_shape = [batch, signature.kv_heads, plan.max_context, signature.head_dim]
+    kv_shape = signature.kv_shapes(batch)  # per past input: each layer's own [Hkv, D]
     tolerance = HALF_TOLERANCE[plan.dtype]
     with steps.step(f"Choosing {plan.dtype} or float32 per node (range check + verification)"):
         try:

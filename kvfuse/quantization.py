@@ -24,7 +24,7 @@ from kvfuse.patterns.blocks import check_block_size, quantize_rtn
 from kvfuse.rewriter import quality
 from kvfuse.rewriter.pipeline import Stage
 from kvfuse.rewriter.rules import REPLACED_TAG
-from kvfuse.rewriter.verify import Verification, verify
+from kvfuse.rewriter.verify import Verification, cache_shapes, verify
 
 MODES = ("int4", "int8", "gguf")
 HEADS = {"int8": 8, "int4": 4, "float": None}
@@ -201,7 +201,7 @@ def verify_exact(model_path, candidate, records, pairs, kv_shape, batch: int) ->
 def measure_quality(options: Quantize, model_path: Path, candidate: bytes, pairs, kv_shape):
     """Check 2 at the level written (and, for "gguf" at level 4, also at level 0)."""
     ids = _text_ids(model_path.parent, options.quality_tokens)
-    window = min(512, kv_shape[2])
+    window = min(512, next(iter(cache_shapes(pairs, kv_shape).values()))[2])  # max_context
     levels = [options.accuracy_level]
     if options.mode == "gguf" and options.accuracy_level != 0:
         levels.append(0)

@@ -15,8 +15,7 @@ def print_optimize_summary(result, explain: bool) -> None:
     console.print(
         f"[bold]{escape(str(result.output))}[/bold]: {result.fused_layers}/{len(result.layers)} "
         f"attention layers fused, {result.nodes_before:,} → {result.nodes_after:,} nodes, KV "
-        f"buffers \\[{signature.batch_size or 'batch'}, {signature.kv_heads}, "
-        f"{signature.max_context}, {signature.head_dim}] shared past/present"
+        f"buffers {escape(signature.shape_text())} shared past/present"
     )
     if signature.static:
         shared = result.shared_weights

@@ -204,16 +204,22 @@ def _kv_facts(model: onnx.ModelProto, record: dict) -> dict:
     value = next((v for v in model.graph.input if v.name == past), None)
     dtype = value.type.tensor_type.elem_type if value is not None else onnx.TensorProto.FLOAT
     width = _BYTES.get(dtype, 4)
-    buffers = len(record["kv_pairs"])
-    per_buffer = record["kv_heads"] * record["max_context"] * record["head_dim"] * width
+    pairs = record["kv_pairs"]
+    # each pair's own [Hkv, D]; records where every layer shares them give them once
+    shapes = [
+        (pair.get("kv_heads", record.get("kv_heads")), pair.get("head_dim", record.get("head_dim")))
+        for pair in pairs
+    ]
+    per_position = sum(heads * dim for heads, dim in shapes)
+    uniform = len(set(shapes)) == 1
     return {
-        "buffers": buffers,
+        "buffers": len(pairs),
         "batch_size": record.get("batch_size"),
-        "kv_heads": record["kv_heads"],
+        "kv_heads": shapes[0][0] if uniform else [heads for heads, _ in shapes[::2]],
         "max_context": record["max_context"],
-        "head_dim": record["head_dim"],
+        "head_dim": shapes[0][1] if uniform else [dim for _, dim in shapes[::2]],
         "dtype": onnx.helper.tensor_dtype_to_np_dtype(dtype).name,
-        "bytes_per_row": buffers * per_buffer,
+        "bytes_per_row": per_position * record["max_context"] * width,
         "in_place": True,
     }
 

@@ -4,8 +4,9 @@ After the attention rules, each layer is one `CachedAttention` reading `past_key
 graph inputs and producing `present.{i}.*` graph outputs. The target's lowering replaces each
 (GroupQueryAttention for `ort`, TensorScatter + Attention for `onnx`); the signature changes:
 
-- every past input and present output becomes `[batch, kv_heads, max_context, head_dim]`, the
-  same buffer updated in place (the runtime binds both to one OrtValue);
+- every past input and present output becomes `[batch, kv_heads, max_context, head_dim]` with
+  its own layer's KV heads and head dim (layers may differ), the same buffer updated in place
+  (the runtime binds both to one address);
 - `seqlens_k` (int32 [batch], valid positions − 1 per row) and `total_sequence_length` (int32
   scalar) are added: they tell the fused op how much of each buffer is real;
 - RoPE tables are baked for max_context positions from the model's own builder;
@@ -39,8 +40,8 @@ class KVSignature:
     """What the runtime needs to know about the retained-state I/O."""
 
     pairs: list[tuple[str, str]]  # (past input, present output) sharing one buffer
-    kv_heads: int
-    head_dim: int
+    kv_heads: int | None  # every layer's, or None where layers differ (see `shapes`)
+    head_dim: int | None
     max_context: int
     batch_size: int | None
     inputs: list[str]
@@ -50,6 +51,27 @@ class KVSignature:
     static: dict | None = None  # a static pair's files and prefill length
     dtype: str = "float32"  # the KV buffers' (and the graph's) precision
     logits_dtype: str = "float32"  # float32 on half targets; a float16/bfloat16 export's own
+    shapes: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # per pair: Hkv, D
+
+    def kv_shapes(self, batch) -> dict[str, list]:
+        """Each past input's buffer shape [batch, Hkv, max_context, D] (its layer's own)."""
+        return {
+            past: [batch, heads, self.max_context, dim]
+            for (past, _), (heads, dim) in zip(self.pairs, self.shapes, strict=True)
+        }
+
+    def shape_text(self) -> str:
+        """The buffers' shape for people: one [B, Hkv, T, D], or each distinct one with its
+        layers ("[1, 2, 64, 16] × layer 0, [1, 1, 64, 32] × layer 1")."""
+        batch = self.batch_size or "batch"
+        layers: dict[tuple[int, int], list[str]] = {}
+        for (past, _), shape in zip(self.pairs[::2], self.shapes[::2], strict=True):
+            layers.setdefault(shape, []).append(layer_of(past) or past)
+        texts = [f"[{batch}, {h}, {self.max_context}, {d}]" for h, d in layers]
+        if len(texts) == 1:
+            return texts[0]
+        names = [", ".join(names) for names in layers.values()]
+        return ", ".join(f"{text} × layer {n}" for text, n in zip(texts, names, strict=True))
 
 
 # (graph, CachedAttention, its old presents, seqlens_k, total_sequence_length, rotary tables
@@ -73,13 +95,12 @@ def convert_to_retained_state(
     nodes = [n for n in graph if n.domain == KVFUSE_DOMAIN and n.op_type == "CachedAttention"]
     if not nodes:
         raise KvfuseError("no attention layer was fused; nothing to convert (see --explain)")
-    _check_one_cache_shape(nodes)
+    _check_one_cache_dtype(nodes)
     batch = batch_size if batch_size is not None else "batch_size"
     seqlens = _add_input(graph, SEQLENS, ir.DataType.INT32, [batch])
     total = _add_input(graph, TOTAL_LENGTH, ir.DataType.INT32, [])
     caches: dict[tuple[str, str], tuple[ir.Value, ir.Value]] = {}
-    pairs, lowerings = [], {}
-    kv_heads = head_dim = None
+    pairs, lowerings, shapes = [], {}, []
     # read every layer's window and position bias before any lowering changes the cache
     # shapes their builders read
     windows = [_layer_window(graph, node, max_context, sliding_window) for node in nodes]
@@ -100,11 +121,14 @@ def convert_to_retained_state(
             past.shape, present.shape = fixed, ir.Shape(fixed)
             present.dtype = past.dtype
             pairs.append((past.name, present.name))
+            shapes.append((kv_heads, head_dim))
     _remove_dead(model)
+    uniform = shapes[0] if len(set(shapes)) == 1 else (None, None)
     return KVSignature(
         pairs=pairs,
-        kv_heads=kv_heads,
-        head_dim=head_dim,
+        kv_heads=uniform[0],
+        head_dim=uniform[1],
+        shapes=shapes,
         max_context=max_context,
         batch_size=batch_size,
         inputs=[v.name for v in graph.inputs],
@@ -112,22 +136,19 @@ def convert_to_retained_state(
     )
 
 
-def _check_one_cache_shape(nodes: list[ir.Node]) -> None:
-    """The runtime plans one KV shape for every layer: refuse, naming them, layers whose KV
-    heads or head dim differ (before anything is lowered or written)."""
-    shapes = {}
+def _check_one_cache_dtype(nodes: list[ir.Node]) -> None:
+    """Layers may differ in KV heads and head dim (each buffer has its own shape), but the
+    runtime plans one element type for the arena: refuse, naming them, layers whose caches
+    differ in type (before anything is lowered or written)."""
+    types = {}
     for node in nodes:
         past_v = node.inputs[4]
-        dim = past_v.shape[-1] if past_v.shape is not None else None
-        shapes[layer_of(past_v.name) or past_v.name] = (
-            node.attributes.get_int("kv_num_heads"),
-            dim,
-        )
-    if len(set(shapes.values())) > 1:
-        found = ", ".join(f"layer {layer} [Hkv {h}, D {d}]" for layer, (h, d) in shapes.items())
+        types[layer_of(past_v.name) or past_v.name] = past_v.dtype
+    if len(set(types.values())) > 1:
+        found = ", ".join(f"layer {layer} {dtype}" for layer, dtype in types.items())
         raise KvfuseError(
-            f"layers differ in KV heads or head dim ({found}); kvfuse's KV arena holds one "
-            "[Hkv, D] for all layers, so such a model is not supported yet"
+            f"layers keep their KV caches in different types ({found}); kvfuse's KV arena "
+            "holds one type for every layer: export the model in one precision"
         )
 
 

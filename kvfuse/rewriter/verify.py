@@ -81,11 +81,15 @@ class Verification:
 class FixedCacheRunner:
     """Drive a retained-state model: fixed [B, Hkv, max_context, D] buffers fed back each step.
 
+    `kv_shape` is one [B, Hkv, max_context, D] for every layer, or a mapping past input → its
+    own (layers that differ in KV heads or head dim; `KVSignature.kv_shapes`); B is replaced by
+    each prompt's batch.
+
     `model` is one graph, or a static pair {prefill length: graph, 1: graph}: a step of one
     token runs the decode graph, a longer one (up to the prefill length) the prefill graph,
     right-padded — the padding's cache slots lie past the valid length and are never read."""
 
-    def __init__(self, model, pairs, kv_shape: list[int], optimized: bool = False):
+    def __init__(self, model, pairs, kv_shape: list | dict[str, list], optimized: bool = False):
         """`optimized`: onnxruntime's own graph optimisations on (as a deployed model runs)."""
         graphs = model if isinstance(model, dict) else {None: model}
         self.sessions = {
@@ -104,8 +108,10 @@ class FixedCacheRunner:
 
     def prefill(self, input_ids: np.ndarray) -> np.ndarray:
         batch = input_ids.shape[0]
-        shape = [batch, *self.kv_shape[1:]]
-        self.cache = {past: np.zeros(shape, self.kv_type) for past, _ in self.pairs}
+        self.cache = {
+            past: np.zeros([batch, *shape[1:]], self.kv_type)
+            for past, shape in cache_shapes(self.pairs, self.kv_shape).items()
+        }
         self.length = 0
         return self.step(input_ids)
 
@@ -139,6 +145,14 @@ class FixedCacheRunner:
         if not fits:
             raise ValueError(f"no static graph takes {new} new tokens")
         return self.sessions[fits[0]], fits[0]
+
+
+def cache_shapes(pairs, kv_shape: list | dict[str, list]) -> dict[str, list]:
+    """Each past input's buffer shape: `kv_shape` is one shape for every layer, or a mapping
+    past input → its own."""
+    if isinstance(kv_shape, dict):
+        return {past: list(kv_shape[past]) for past, _ in pairs}
+    return {past: list(kv_shape) for past, _ in pairs}
 
 
 def verify(

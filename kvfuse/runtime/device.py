@@ -1,6 +1,7 @@
 """A retained-state model on the CUDA provider: KV in device memory, decode as a CUDA graph.
 
-    one device allocation: the arena [2·layers, B, Hkv, max_context, D] (float16)
+    one device allocation: the arena, layer buffer after layer buffer, each [B, Hkv,
+              max_context, D] with its layer's own Hkv and D (float16)
     layer i's past and present ─ bound to the same address inside it (IOBinding, raw pointer)
     prefill ─ eager (`gpu_graph_id` -1): CPU inputs copied in by onnxruntime
     decode  ─ input_ids [B, 1] and seqlens_k [B] are device tensors at fixed addresses, updated
@@ -26,7 +27,7 @@ import numpy as np
 import onnxruntime as ort
 
 from kvfuse.errors import KvfuseError
-from kvfuse.runtime.spec import ModelSpec
+from kvfuse.runtime.spec import ModelSpec, arena_layout
 
 CUDA = "CUDAExecutionProvider"
 NO_DEVICE = "no CUDA device"
@@ -98,11 +99,13 @@ class CudaSession:
             raise KvfuseError(f"the CUDA runtime runs float16 models; this one is {spec.dtype}")
         self.device = device  # (onnxruntime device type, id); ("cpu", 0) tests the bindings
         self.kv_dtype = np.float16
-        shape = (len(spec.pairs), batch, spec.kv_heads, spec.max_context, spec.head_dim)
-        self.arena = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.kv_dtype), *self.device)
-        step = int(np.prod(shape[1:])) * np.dtype(self.kv_dtype).itemsize
-        self.kv_addresses = [self.arena.data_ptr() + i * step for i in range(shape[0])]
-        self.kv_shape = list(shape[1:])
+        shapes = spec.buffer_shapes(batch)
+        offsets, elements = arena_layout(shapes)
+        zeros = np.zeros(elements, self.kv_dtype)
+        self.arena = ort.OrtValue.ortvalue_from_numpy(zeros, *self.device)  # one allocation
+        width = np.dtype(self.kv_dtype).itemsize
+        self.kv_addresses = [self.arena.data_ptr() + offset * width for offset in offsets]
+        self.kv_shapes = [list(shape) for shape in shapes]  # per layer buffer, [B, Hkv, T, D]
         width = 1 if spec.last_logits_only else None
         self._prefill = self._binding()
         self._decode = self._binding()
@@ -134,9 +137,10 @@ class CudaSession:
     def _binding(self) -> ort.IOBinding:
         """A binding with every layer's past and present at its arena slice."""
         binding = self.session.io_binding()
-        for (past, present), address in zip(self.spec.pairs, self.kv_addresses, strict=True):
-            binding.bind_input(past, *self.device, self.kv_dtype, self.kv_shape, address)
-            binding.bind_output(present, *self.device, self.kv_dtype, self.kv_shape, address)
+        buffers = zip(self.spec.pairs, self.kv_addresses, self.kv_shapes, strict=True)
+        for (past, present), address, shape in buffers:
+            binding.bind_input(past, *self.device, self.kv_dtype, shape, address)
+            binding.bind_output(present, *self.device, self.kv_dtype, shape, address)
         return binding
 
     @property
@@ -145,12 +149,12 @@ class CudaSession:
 
     def row_address(self, index: int, row: int) -> int:
         """The device address of layer-buffer `index`'s row `row` in the arena."""
-        row_bytes = int(np.prod(self.kv_shape[1:])) * np.dtype(self.kv_dtype).itemsize
+        row_bytes = int(np.prod(self.kv_shapes[index][1:])) * np.dtype(self.kv_dtype).itemsize
         return self.kv_addresses[index] + row * row_bytes
 
     @property
     def kv_bytes(self) -> int:
-        return len(self.kv_addresses) * int(np.prod(self.kv_shape)) * 2
+        return sum(int(np.prod(shape)) for shape in self.kv_shapes) * 2
 
     @property
     def prefill_len(self) -> int | None:

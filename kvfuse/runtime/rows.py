@@ -1,8 +1,9 @@
 """Steps over some rows of a Session's KV arena: the batching engine's view of the memory.
 
-The arena [2·layers, B, Hkv, max_context, D] is B independent rows. A step here runs the
-session on a contiguous span of rows [first, first + n): every layer's past and present are
-bound, by pointer, to the same [n, Hkv, max_context, D] slice of the arena, so the graph writes
+Each layer buffer of the arena, [B, Hkv, max_context, D] (its layer's own Hkv and D), is B
+independent rows. A step here runs the session on a contiguous span of rows [first, first + n):
+every layer's past and present are bound, by pointer, to the same [n, Hkv, max_context, D] slice
+of that layer's buffer (the address of its row `first`), so the graph writes
 each row's new positions in place at that row's own valid length (GroupQueryAttention reads
 `seqlens_k` per row). A prompt chunk is a span of one row — onnxruntime's GroupQueryAttention
 takes more than one new token with a past only at batch 1 — and a decode step is a span of
@@ -85,10 +86,11 @@ class RowSteps:
             session = self.session
             binding = session.session.io_binding()
             spec = self.spec
-            shape = [count, spec.kv_heads, spec.max_context, spec.head_dim]
             where, dtype = session.kv_location, session.kv_dtype
             for index, (past, present) in enumerate(spec.pairs):
-                pointer = session.row_address(index, first)  # rows are contiguous in the arena
+                heads, dim = spec.kv_shapes[index]  # each layer's own
+                shape = [count, heads, spec.max_context, dim]
+                pointer = session.row_address(index, first)  # rows are contiguous in a buffer
                 binding.bind_input(past, *where, dtype, shape, pointer)
                 binding.bind_output(present, *where, dtype, shape, pointer)
             self._bindings[first, count] = binding

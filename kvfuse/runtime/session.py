@@ -1,10 +1,12 @@
 """An onnxruntime session over a retained-state model, with its KV memory planned up front.
 
-Every layer's K and V buffer is a slice of one arena allocated once: [2·layers, B, Hkv,
-max_context, D]. Each slice is bound, through IOBinding, as both the layer's `past` input and
-its `present` output, so the graph writes the new positions into the buffer it reads
-(onnxruntime's GroupQueryAttention and TensorScatter update in place only when past and present
-are the same memory). The logits are bound into preallocated buffers, one per step length.
+Every layer's K and V buffer is a view into one arena allocated once, buffer after buffer, each
+[B, Hkv, max_context, D] with its own layer's KV heads and head dim (layers may differ; where
+they do not, the arena is [2·layers, B, Hkv, max_context, D]). Each view is bound, through
+IOBinding, as both the layer's `past` input and its `present` output, so the graph writes the
+new positions into the buffer it reads (onnxruntime's GroupQueryAttention and TensorScatter
+update in place only when past and present are the same memory). The logits are bound into
+preallocated buffers, one per step length.
 
 A static pair (`--target onnx --static`) is two sessions — a prefill graph of `prefill_len` new
 tokens and a decode graph of one — over the same arena and the same in-memory weights (see
@@ -20,6 +22,7 @@ warnings captured (it warns when an in-place update falls back to copying), and
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import tempfile
 
@@ -28,7 +31,7 @@ import onnxruntime as ort
 
 from kvfuse.errors import KvfuseError
 from kvfuse.runtime.shared_weights import SharedWeights
-from kvfuse.runtime.spec import ModelSpec
+from kvfuse.runtime.spec import ModelSpec, arena_layout, arena_text
 
 COPY_WARNING = "in-place optimization not activated"
 
@@ -49,12 +52,18 @@ class Session:
             graphs = {1: spec.path, spec.prefill_len: spec.prefill_path}
             if not prepack:  # else each session reads (and pre-packs) its own copy
                 self.weights = SharedWeights(spec.weights_path, list(graphs.values()))
-        shape = (len(spec.pairs), batch, spec.kv_heads, spec.max_context, spec.head_dim)
         if spec.dtype not in ("float32", "float16"):
             raise KvfuseError(f"onnxruntime's CPU kernels cannot run this {spec.dtype} model")
-        check_fits(int(np.prod(shape)) * np.dtype(spec.kv_dtype).itemsize, shape)
-        self.arena = np.zeros(shape, dtype=spec.kv_dtype)  # the only KV memory, allocated once
-        self._kv_values = [ort.OrtValue.ortvalue_from_numpy(self.arena[i]) for i in range(shape[0])]
+        shapes = spec.buffer_shapes(batch)
+        offsets, elements = arena_layout(shapes)
+        check_fits(elements * np.dtype(spec.kv_dtype).itemsize, arena_text(shapes))
+        self.arena = np.zeros(elements, dtype=spec.kv_dtype)  # the only KV memory, allocated once
+        # layer buffer i: a view at its offset, in its own shape
+        self.kv = [
+            self.arena[offset : offset + math.prod(shape)].reshape(shape)
+            for offset, shape in zip(offsets, shapes, strict=True)
+        ]
+        self._kv_values = [ort.OrtValue.ortvalue_from_numpy(buffer) for buffer in self.kv]
         self._graphs = {length: self._open(path) for length, path in graphs.items()}
         self.session, self.binding = self._graphs[1 if spec.prefill_path else None]  # decode
         self._logits: dict[tuple[int, int | None], np.ndarray] = {}
@@ -90,7 +99,7 @@ class Session:
 
     def row_address(self, index: int, row: int) -> int:
         """The address of layer-buffer `index`'s row `row` in the arena."""
-        return self.arena[index, row].ctypes.data
+        return self.kv[index][row].ctypes.data
 
     @property
     def prefill_len(self) -> int | None:
@@ -174,7 +183,7 @@ class Session:
             # get_outputs() lists outputs in binding order, so compare addresses as a set
             written = {value.data_ptr() for value in binding.get_outputs()}
             for index, (_, present) in enumerate(self.spec.pairs):
-                if self.arena[index].ctypes.data not in written:
+                if self.kv[index].ctypes.data not in written:
                     raise KvfuseError(
                         f"onnxruntime wrote {present} to new memory instead of updating the KV "
                         "buffer in place (past and present are not shared); the cache would be "
@@ -233,12 +242,13 @@ def ort_reason(error: Exception) -> str:
     return text.split(" : ")[-1][:300]
 
 
-def check_fits(arena_bytes: int, shape) -> None:
-    """Refuse a KV arena larger than the memory available now (before allocating it)."""
+def check_fits(arena_bytes: int, shape_text: str) -> None:
+    """Refuse a KV arena larger than the memory available now (before allocating it);
+    `shape_text` names its shape (`spec.arena_text`)."""
     available = available_memory()
     if available is not None and arena_bytes > available:
         raise KvfuseError(
-            f"the KV arena {list(shape)} needs {_size(arena_bytes)} but only {_size(available)} "
+            f"the KV arena {shape_text} needs {_size(arena_bytes)} but only {_size(available)} "
             "of memory is available; optimize with a smaller --max-context (or batch size)"
         )
 

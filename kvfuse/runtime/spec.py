@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import onnx
@@ -26,8 +27,7 @@ class ModelSpec:
 
     path: Path
     pairs: list[tuple[str, str]]  # (past input, present output): one buffer each
-    kv_heads: int
-    head_dim: int
+    kv_shapes: list[tuple[int, int]]  # per pair: its buffer's KV heads and head dim
     max_context: int
     batch_size: int | None  # static batch, or None for any
     inputs: list[str]
@@ -45,6 +45,37 @@ class ModelSpec:
     @property
     def directory(self) -> Path:
         return self.path.parent
+
+    def buffer_shapes(self, batch: int) -> list[tuple[int, int, int, int]]:
+        """Each KV pair's buffer [batch, Hkv, max_context, D] (its layer's own Hkv and D)."""
+        return [(batch, heads, self.max_context, dim) for heads, dim in self.kv_shapes]
+
+
+def arena_layout(shapes: list[tuple[int, ...]]) -> tuple[list[int], int]:
+    """Where each buffer lies in one arena, buffer after buffer (rows of a buffer contiguous).
+
+    Args:
+        shapes: each buffer's shape, [B, Hkv, T, D].
+
+    Returns:
+        (each buffer's offset in elements, the arena's elements in all).
+    """
+    offsets, total = [], 0
+    for shape in shapes:
+        offsets.append(total)
+        total += math.prod(shape)
+    return offsets, total
+
+
+def arena_text(shapes: list[tuple[int, ...]]) -> str:
+    """The arena's shape for people: [2·layers, B, Hkv, T, D] where every buffer has one
+    shape, else each distinct shape with its count ("2 × [1, 2, 64, 16] + 2 × [1, 1, 64, 32]")."""
+    counts: dict[tuple[int, ...], int] = {}
+    for shape in shapes:
+        counts[tuple(shape)] = counts.get(tuple(shape), 0) + 1
+    if len(counts) == 1:
+        return str([len(shapes), *shapes[0]])
+    return " + ".join(f"{count} × {list(shape)}" for shape, count in counts.items())
 
 
 def find_model(path: str | Path) -> Path:
@@ -132,8 +163,7 @@ def _spec(model_path: Path, proto: onnx.ModelProto, record: dict) -> ModelSpec:
     spec = ModelSpec(
         path=model_path,
         pairs=[(str(p["past"]), str(p["present"])) for p in record["kv_pairs"]],
-        kv_heads=_positive(record["kv_heads"]),
-        head_dim=_positive(record["head_dim"]),
+        kv_shapes=[_pair_shape(p, record) for p in record["kv_pairs"]],
         max_context=_positive(record["max_context"]),
         batch_size=record.get("batch_size") and _positive(record["batch_size"]),
         inputs=[str(name) for name in record["inputs"]],
@@ -147,14 +177,26 @@ def _spec(model_path: Path, proto: onnx.ModelProto, record: dict) -> ModelSpec:
     )
     graph_inputs = {v.name: v for v in proto.graph.input}
     graph_outputs = {v.name for v in proto.graph.output}
-    for past, present in spec.pairs:
+    for (past, present), shape in zip(spec.pairs, spec.kv_shapes, strict=True):
         if past not in graph_inputs or present not in graph_outputs:
             raise KeyError(f"KV pair {past} → {present} is not in the graph")
+        dims = [d.dim_value for d in graph_inputs[past].type.tensor_type.shape.dim]
+        if len(dims) != 4 or (dims[1], dims[3]) != shape:
+            raise ValueError(f"{past} has dims {dims}, the record says [Hkv, D] = {list(shape)}")
     kv_type = graph_inputs[spec.pairs[0][0]].type.tensor_type.elem_type
     return dataclasses.replace(
         spec,
         kv_dtype=_numpy_name(model_path, kv_type),
         logits_dtype=_numpy_name(model_path, logits.type.tensor_type.elem_type),
+    )
+
+
+def _pair_shape(pair: dict, record: dict) -> tuple[int, int]:
+    """A KV pair's (KV heads, head dim): its own, or (records before per-layer shapes) the
+    record's one shape for every layer."""
+    return (
+        _positive(pair.get("kv_heads", record.get("kv_heads"))),
+        _positive(pair.get("head_dim", record.get("head_dim"))),
     )
 
 

@@ -145,7 +145,8 @@ def test_cache_stays_in_place_and_its_size_is_reported(tiny):
     before = session.arena.ctypes.data
     session.check_in_place()
     assert session.arena.ctypes.data == before
-    assert np.abs(session.arena[0, 0, :, : len(completion.tokens[0]) + 8]).sum() > 0
+    assert np.abs(session.kv[0][0, :, : len(completion.tokens[0]) + 8]).sum() > 0
+    assert all(np.shares_memory(buffer, session.arena) for buffer in session.kv)
 
 
 def test_broken_aliasing_is_caught(tiny, monkeypatch):

@@ -19,9 +19,9 @@ def rows(tiny_served_model):
 
 def test_a_prompt_chunk_writes_its_row_only_and_in_place(rows):
     """A batch-1 step on row 2 fills row 2's positions and leaves every other row as it was."""
-    arena = rows.session.arena
-    arena[...] = 7.0
+    rows.session.arena[...] = 7.0
     rows.step(2, np.array([[5, 6, 7]]), np.array([3]))
+    arena = np.stack(rows.session.kv)  # every layer's buffer [B, Hkv, T, D] (one shape here)
     others = np.delete(arena, 2, axis=1)
     assert np.all(others == 7.0)
     assert not np.any(arena[:, 2, :, :3] == 7.0) and np.all(arena[:, 2, :, 3:] == 7.0)

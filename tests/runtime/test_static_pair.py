@@ -50,8 +50,9 @@ def test_pair_runs_both_graphs_over_one_arena(models):
     session = generator.session(1)
     assert session.prefill_len == PREFILL_LEN and set(session._probed) == {1, PREFILL_LEN}
     session.check_in_place()
-    assert np.abs(session.arena[:, 0, :, 40 + 15 :]).sum() == 0  # nothing past the end
-    assert np.abs(session.arena[:, 0, :, : 40 + 15]).min(axis=-1).max() > 0
+    kv = np.stack(session.kv)  # every layer's buffer [B, Hkv, T, D] (one shape here)
+    assert np.abs(kv[:, 0, :, 40 + 15 :]).sum() == 0  # nothing past the end
+    assert np.abs(kv[:, 0, :, : 40 + 15]).min(axis=-1).max() > 0
 
 
 def test_a_copied_cache_is_refused(models, monkeypatch):
