@@ -53,7 +53,7 @@ def dynamo_export(
         hf_dir, trust_remote_code=trust_remote_code, dtype=torch_dtype, local_files_only=True
     ).eval()
     wrapper = FlatCacheLM(model, facts.num_layers).eval()
-    arguments = _example_inputs(facts, torch_dtype)
+    arguments = _example_inputs(model, facts, torch_dtype)
     dynamic_shapes = _dynamic_shapes(facts.num_layers)
     substituted = _substitute_and_check(wrapper, arguments)
     try:
@@ -155,14 +155,34 @@ def output_names(num_layers: int) -> list[str]:
     return ["logits", *present]
 
 
-def _example_inputs(facts: Any, dtype: torch.dtype = torch.float32) -> tuple:
+def _example_inputs(model: Any, facts: Any, dtype: torch.dtype = torch.float32) -> tuple:
     batch, new, past = EXAMPLE_BATCH, EXAMPLE_NEW, EXAMPLE_PAST
     input_ids = torch.randint(3, min(facts.vocab_size, 1000), (batch, new))
     attention_mask = torch.ones(batch, past + new, dtype=torch.int64)
     position_ids = torch.arange(past, past + new).expand(batch, new).contiguous()
-    kv_shape = (batch, facts.cache_kv_heads, past, facts.head_dim)
-    cache = tuple(torch.randn(kv_shape, dtype=dtype) for _ in range(2 * facts.num_layers))
+    cache = tuple(
+        torch.randn((batch, heads, past, dim), dtype=dtype)
+        for heads, dim in _cache_shapes(model, facts)
+        for _ in ("key", "value")
+    )
     return (input_ids, attention_mask, position_ids, cache)
+
+
+def _cache_shapes(model: Any, facts: Any) -> list[tuple[int, int]]:
+    """Each layer's cached (KV heads, head dim), as the model itself caches them: layers may
+    differ (models with their own code, e.g. per-layer KV heads), which no config field says.
+    Read from one token run through the model (Falcon's new architecture, for one, caches
+    every query head, not its config's KV heads)."""
+    with torch.no_grad():
+        output = model(input_ids=torch.tensor([[3]]), use_cache=True)
+    layers = output.past_key_values.layers
+    shapes = [(int(layer.keys.shape[1]), int(layer.keys.shape[-1])) for layer in layers]
+    if len(shapes) != facts.num_layers:
+        raise KvfuseError(
+            f"the model caches {len(shapes)} layers, its config says {facts.num_layers}; "
+            "cannot export its cache"
+        )
+    return shapes
 
 
 def _dynamic_shapes(num_layers: int) -> tuple:

@@ -239,16 +239,22 @@ def build_tiny_model(name: str, out_dir: Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(name), dtype=torch.float32)
-    with torch.no_grad():
-        # norm weights initialise to all-ones, which the exporter deduplicates into one shared
-        # tensor; perturb them so each layer's norm has its own weight, as a trained model does
-        for parameter in model.parameters():
-            if parameter.ndim == 1 and bool(torch.all(parameter == 1)):
-                parameter.add_(0.1 * torch.randn_like(parameter))
+    _perturb_norms(model)
     model.eval()
     model.save_pretrained(out_dir)
     save_byte_tokenizer(Path(out_dir))
     return Path(out_dir)
+
+
+def _perturb_norms(model) -> None:
+    """Norm weights initialise to all-ones, which the exporter deduplicates into one shared
+    tensor; perturb them so each layer's norm has its own weight, as a trained model does."""
+    import torch
+
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.ndim == 1 and bool(torch.all(parameter == 1)):
+                parameter.add_(0.1 * torch.randn_like(parameter))
 
 
 def build_large_model(name: str, out_dir: Path, seed: int = 0) -> Path:
@@ -299,3 +305,33 @@ def save_byte_tokenizer(out_dir: Path) -> None:
         "model_max_length": 512,
     }
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+# --- per-layer attention shapes (issue 11): layer 1's attention has its own KV heads or head
+# dim; no transformers family has this, so these models carry their own code
+# (`kvfuse.models.layerwise_llama`, loaded with trust_remote_code)
+LAYERWISE_CONFIGS: dict[str, list[dict[str, int] | None]] = {
+    "llama_layer_kv_heads": [None, {"num_key_value_heads": 1}],
+    "llama_layer_head_dim": [None, {"head_dim": 32}],
+}
+
+
+def build_layerwise_model(name: str, out_dir: Path, seed: int = 0) -> Path:
+    """Create the tiny Llama `name` of `LAYERWISE_CONFIGS` (seeded) and save it, with its
+    modelling code, to `out_dir`: load it with `trust_remote_code=True`."""
+    import torch
+    from transformers import LlamaConfig
+
+    from kvfuse.models.layerwise_llama import LayerwiseLlamaForCausalLM
+
+    config = LlamaConfig(**_COMMON, **_LLAMA_LIKE, bos_token_id=1, eos_token_id=2)
+    config.layer_attention = LAYERWISE_CONFIGS[name]
+    torch.manual_seed(seed)
+    # save_pretrained copies this class's source file and names it in config.auto_map
+    LayerwiseLlamaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+    model = LayerwiseLlamaForCausalLM(config)
+    _perturb_norms(model)
+    model.eval()
+    model.save_pretrained(out_dir)
+    save_byte_tokenizer(Path(out_dir))
+    return Path(out_dir)
