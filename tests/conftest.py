@@ -30,6 +30,53 @@ def tiny_export(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def layerwise_export(tmp_path_factory):
+    """Factory: `layerwise_export(name)` → (hf_dir, export_dir) of a tiny Llama whose layers
+    differ in KV heads or head dim (`tiny.LAYERWISE_CONFIGS`, its own model code), exported
+    once per session with the dynamo exporter."""
+    from kvfuse.exporters.export import export
+    from kvfuse.models.tiny import build_layerwise_model
+
+    root = tmp_path_factory.mktemp("layerwise")
+    done: dict[str, tuple[Path, Path]] = {}
+
+    def get(name: str) -> tuple[Path, Path]:
+        if name not in done:
+            hf_dir = build_layerwise_model(name, root / name)
+            out = root / f"{name}-onnx"
+            export(hf_dir, out, quiet=True, exporter="dynamo", trust_remote_code=True)
+            done[name] = (hf_dir, out)
+        return done[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def layerwise_optimized(layerwise_export, tmp_path_factory):
+    """Factory: `layerwise_optimized(name, target)` → the `OptimizeResult` of that model for
+    "ort" (dynamic batch) or "onnx-static" (prefill 16), 64 positions; optimized once."""
+    from kvfuse.optimize import optimize
+
+    targets = {
+        "ort": {"target": "ort"},
+        "onnx-static": {"target": "onnx", "static": True, "prefill_len": 16},
+    }
+    root = tmp_path_factory.mktemp("layerwise-optimized")
+    done: dict[tuple[str, str], object] = {}
+
+    def get(name: str, target: str):
+        if (name, target) not in done:
+            _, export_dir = layerwise_export(name)
+            out = root / f"{name}-{target}" / "m.onnx"
+            done[name, target] = optimize(
+                export_dir, out, max_context=64, quiet=True, **targets[target]
+            )
+        return done[name, target]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def dtype_export(tmp_path_factory):
     """Factory: `dtype_export(name, exporter, dtype)` → the export dir of a tiny model in that
     dtype (fp16/bf16 tests), built once per session."""

@@ -182,7 +182,8 @@ def _spec(model_path: Path, proto: onnx.ModelProto, record: dict) -> ModelSpec:
             raise KeyError(f"KV pair {past} → {present} is not in the graph")
         dims = [d.dim_value for d in graph_inputs[past].type.tensor_type.shape.dim]
         if len(dims) != 4 or (dims[1], dims[3]) != shape:
-            raise ValueError(f"{past} has dims {dims}, the record says [Hkv, D] = {list(shape)}")
+            found = f"[Hkv {dims[1]}, D {dims[3]}]" if len(dims) == 4 else f"rank {len(dims)}"
+            raise ValueError(f"{past}: {found} in the graph, [Hkv {shape[0]}, D {shape[1]}] here")
     kv_type = graph_inputs[spec.pairs[0][0]].type.tensor_type.elem_type
     return dataclasses.replace(
         spec,

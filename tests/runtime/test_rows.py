@@ -54,3 +54,26 @@ def test_a_chunk_of_several_tokens_takes_one_row(rows):
         rows.step(0, np.zeros([2, 3], np.int64), np.array([3, 3]))
     with pytest.raises(KvfuseError, match="outside"):
         rows.step(3, np.zeros([2, 1], np.int64), np.array([1, 1]))
+
+
+def test_rows_of_layers_with_their_own_cache_shapes(layerwise_optimized):
+    """Layer 1 caches one KV head, layer 0 two: each layer's rows are bound at that layer's own
+    row addresses, and a ragged decode over rows 0..2 gives each row its tokens alone."""
+    path = layerwise_optimized("llama_layer_kv_heads", "ort").output
+    rows = RowSteps(Session(read_spec(path), batch=3, threads=1))
+    assert [buffer.shape[1] for buffer in rows.session.kv] == [2, 2, 1, 1]
+    prompts = [[10, 11, 12], [20], [30, 31, 32, 33, 34]]
+    alone = load(path, threads=1)
+    config = GenerationConfig(max_new_tokens=5, chat=False, ignore_eos=True)
+    expected = [alone.generate(p, config).tokens[0] for p in prompts]
+    tokens = [
+        int(rows.step(row, np.array([p]), np.array([len(p)]))[0].argmax())
+        for row, p in enumerate(prompts)
+    ]
+    got, lengths = [[t] for t in tokens], np.array([len(p) for p in prompts])
+    for _ in range(4):
+        lengths = lengths + 1
+        tokens = rows.step(0, np.array(tokens)[:, None], lengths).argmax(-1).tolist()
+        for row, token in enumerate(tokens):
+            got[row].append(token)
+    assert got == expected
