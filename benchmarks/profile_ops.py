@@ -33,12 +33,10 @@ def main() -> None:
     options.enable_profiling = True
     options.profile_file_prefix = "/tmp/kvfuse-profile"
     session = ort.InferenceSession(str(spec.path), options, providers=["CPUExecutionProvider"])
-    arena = np.zeros(
-        (len(spec.pairs), 1, spec.kv_heads, spec.max_context, spec.head_dim), np.float32
-    )
+    buffers = [np.zeros(shape, np.float32) for shape in spec.buffer_shapes(1)]  # per layer
     binding = session.io_binding()
     for index, (past, present) in enumerate(spec.pairs):
-        value = ort.OrtValue.ortvalue_from_numpy(arena[index])
+        value = ort.OrtValue.ortvalue_from_numpy(buffers[index])
         binding.bind_ortvalue_input(past, value)
         binding.bind_ortvalue_output(present, value)
     binding.bind_output("logits", "cpu")

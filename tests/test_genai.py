@@ -82,3 +82,15 @@ def test_genai_runs_optimized_smollm2_to_kvfuse_run_tokens(optimized_smollm2, tm
     stopped = theirs[len(ours.tokens[0]) :][:1]
     assert stopped[0] in generator.text.eos_ids if eos else stopped == []
     assert "Paris" in generator.text.decode(theirs)
+
+
+def test_genai_config_refuses_layers_of_different_cache_shapes(layerwise_optimized):
+    """genai's config takes one KV-head count and head dim: a model whose layers differ is
+    refused in one line, nothing written beside it."""
+    from kvfuse.errors import KvfuseError
+
+    output = layerwise_optimized("llama_layer_kv_heads", "ort").output
+    before = sorted(output.parent.iterdir())
+    with pytest.raises(KvfuseError, match="layers differ in KV heads or head dim"):
+        add_genai_files(output)
+    assert sorted(output.parent.iterdir()) == before

@@ -145,7 +145,10 @@ def _check_one_cache_dtype(nodes: list[ir.Node]) -> None:
         past_v = node.inputs[4]
         types[layer_of(past_v.name) or past_v.name] = past_v.dtype
     if len(set(types.values())) > 1:
-        found = ", ".join(f"layer {layer} {dtype}" for layer, dtype in types.items())
+        found = ", ".join(
+            f"layer {layer} {dtype.name if dtype is not None else 'untyped'}"
+            for layer, dtype in types.items()
+        )
         raise KvfuseError(
             f"layers keep their KV caches in different types ({found}); kvfuse's KV arena "
             "holds one type for every layer: export the model in one precision"
