@@ -240,3 +240,33 @@ def test_server_rows_over_the_device_session(cuda_llama):
             seen.append(picked)
         tokens[name] = seen
     assert tokens["device"] == tokens["host"]
+
+
+def test_device_arena_of_layers_with_their_own_cache_shapes(layerwise_export, tmp_path):
+    """A `--target cuda` model whose layer 1 caches one KV head: the GPU runtime's one arena
+    holds each layer's buffer at its offset in its own shape, driven through the CPU provider
+    to the CPU session's tokens, every present written in place."""
+    import onnxruntime as ort
+
+    from kvfuse.runtime.device import CudaSession
+    from kvfuse.runtime.session import Session
+    from kvfuse.runtime.spec import read_spec
+
+    _, export_dir = layerwise_export("llama_layer_kv_heads")
+    result = optimize(export_dir, tmp_path / "m.onnx", target="cuda", max_context=64, quiet=True)
+    spec = read_spec(result.output)
+    session = ort.InferenceSession(str(spec.path), providers=["CPUExecutionProvider"])
+    device = CudaSession(spec, 1, session, cuda_graph=False, device=("cpu", 0))
+    assert device.kv_shapes == [[1, 2, 64, 16]] * 2 + [[1, 1, 64, 16]] * 2
+    sizes = [2 * 64 * 16 * 2] * 2 + [64 * 16 * 2] * 2  # float16 bytes of each buffer
+    starts = [device.arena.data_ptr() + sum(sizes[:i]) for i in range(4)]
+    assert device.kv_addresses == starts and device.kv_bytes == sum(sizes)
+    host, prompt, tokens = Session(spec, 1), np.array([[5, 17, 99, 3, 42, 7]]), {}
+    for name, runner in (("device", device), ("host", host)):
+        tokens[name] = [int(runner.run(prompt, np.array([6]))[0, -1].argmax())]
+        for step in range(6):
+            ids, lengths = np.array([[tokens[name][-1]]]), np.array([7 + step])
+            tokens[name].append(int(runner.run(ids, lengths)[0, -1].argmax()))
+    assert tokens["device"] == tokens["host"]
+    device.check_in_place()
+    host.check_in_place()
