@@ -168,7 +168,8 @@ POSITION_ARCHITECTURES: dict[str, dict] = {
         "rope": None,
         "positions": "ALiBi",
         "lowering": {"ort": "gqa", "onnx": "attention"},
-        "parity_exporters": ("optimum",),
+        # the dynamo export reads B·H from Shape(past)[0:1] · H instead of batch_size · H
+        "parity_exporters": ("optimum", "dynamo"),
     },
 }
 ARCHITECTURES.update(POSITION_ARCHITECTURES)

@@ -88,7 +88,10 @@ def _product(value: ir.Value) -> tuple | None:
     if scalar is not None:
         return _factors([scalar])
     node = value.producer()
-    if node is not None and node.op_type in ("Unsqueeze", "Cast", "Identity", "Reshape"):
+    if node is not None and node.op_type == "Shape":  # the dynamo export: Shape(x)[0:1]
+        dims = shapes.symbolic_ints(value)
+        return _factors(dims) if dims is not None and len(dims) == 1 else None
+    if node is not None and node.op_type in ("Unsqueeze", "Squeeze", "Cast", "Identity", "Reshape"):
         return _product(node.inputs[0])
     if node is None or node.op_type != "Mul":
         return None
@@ -139,20 +142,9 @@ class ScoresFromBatchRule(Rule):
         )
 
     def check(self, context, query, key, q_merged, k_merged, split, **bound):
-        heads_of = _split_heads(split, query)
-        if heads_of is None:
-            return fail(f"scores reshaped to {split.shape}, not [B, H, S, T] with known B, H")
-        for source, merged in ((query, q_merged), (key, k_merged)):
-            reason = _merges_heads(source, merged, heads_of)
-            if reason is not None:
-                return fail(reason, merged)
-        if _dims(split)[2] != _dims(query)[2]:
-            return fail(f"scores {split.shape} split back with other rows than {query.shape}")
-        if bound["biased"]:
-            dims = _dims(bound["bias"])
-            if dims is None or len(dims) != 3:
-                return fail(f"score bias {bound['bias'].name} {dims} is not [B·H | 1, ·, T]")
-        return ok()
+        bias = bound["bias"] if bound["biased"] else None
+        failure = _scores_failure(query, key, q_merged, k_merged, split, bias)
+        return ok() if failure is None else fail(*failure)
 
     def rewrite(self, op, query, key, split, qk_scale=None, bias=None, **bound):
         scores = op.MatMul(query, op.Transpose(key, perm=[0, 1, 3, 2]))
@@ -161,6 +153,53 @@ class ScoresFromBatchRule(Rule):
         if bound["biased"]:
             scores = op.Add(scores, _bias_by_head(op, bias, _split_heads(split, query)))
         return like(scores, split)
+
+
+def _scores_failure(query, key, q_merged, k_merged, split, bias) -> tuple | None:
+    """(reason, culprit) why the scores chain is not the [B, H, S, T] product, or None."""
+    heads_of = _split_heads(split, query)
+    if heads_of is None:
+        return f"scores reshaped to {split.shape}, not [B, H, S, T] with known B, H", split
+    for source, merged in ((query, q_merged), (key, k_merged)):
+        reason = _merges_heads(source, merged, heads_of)
+        if reason is not None:
+            return reason, merged
+    if _dims(split)[2] != _dims(query)[2]:
+        return f"scores {split.shape} split back with other rows than {query.shape}", split
+    if bias is not None and (_dims(bias) is None or len(_dims(bias)) != 3):
+        return f"score bias {bias.name} {_dims(bias)} is not [B·H | 1, ·, T]", bias
+    return None
+
+
+def scores_left_batched(split: ir.Node) -> str | None:
+    """Why `layout/heads_from_batch` left the Reshape `split` of batched scores as it is, in
+    words (what its merging reshapes join), or None if the chain is not that rule's shape:
+    split ← [Add(bias)] ← [Mul|Div] ← MatMul(Reshape(q), Transpose(Reshape(k)))."""
+    node, bias = split.inputs[0].producer(), None
+    if node is not None and node.op_type == "Add":
+        node, bias = _operand(node, ("Mul", "Div", "MatMul"))
+    if node is not None and node.op_type in ("Mul", "Div"):
+        node, _ = _operand(node, ("MatMul",))
+    if node is None or node.op_type != "MatMul":
+        return None
+    q_merged, key_t = node.inputs
+    transpose = key_t.producer()
+    k_merged = transpose.inputs[0] if transpose and transpose.op_type == "Transpose" else None
+    merges = [v.producer() if v is not None else None for v in (q_merged, k_merged)]
+    if any(m is None or m.op_type != "Reshape" for m in merges):
+        return None
+    sources = [m.inputs[0] for m in merges]
+    failure = _scores_failure(*sources, q_merged, k_merged, split.outputs[0], bias)
+    return failure[0] if failure is not None else None
+
+
+def _operand(node: ir.Node, op_types: tuple) -> tuple:
+    """(the producer among `op_types` of one of `node`'s two inputs, the other input)."""
+    for mine, other in (node.inputs, node.inputs[::-1]):
+        if mine is not None and mine.producer() is not None:
+            if mine.producer().op_type in op_types:
+                return mine.producer(), other
+    return None, None
 
 
 def _bias_by_head(op, bias: ir.Value, heads_of: list) -> ir.Value:
@@ -193,22 +232,45 @@ class ValuesFromBatchRule(Rule):
         )
 
     def check(self, context, probs, value, p_merged, v_merged, split, **_):
-        heads_of = _split_heads(split, value)
-        if heads_of is None:
-            return fail(f"attention output reshaped to {split.shape}, not [B, H, S, D]")
-        reason = _merges_heads(value, v_merged, heads_of)
-        if reason is not None:
-            return fail(reason, v_merged)
-        found, into = _dims(probs), _dims(p_merged)
-        if found is None or len(found) != 4 or found[1] != heads_of[1]:
-            return fail(f"probabilities {probs.name} {found} are not [B, H, S, T]", probs)
-        front = _front_factors(p_merged.producer().inputs[1])
-        if into is None or len(into) != 3 or not _same_product(front, _factors(heads_of)):
-            return fail(f"probabilities merged to {into}, expected [B·H, S, T]", p_merged)
-        return ok()
+        failure = _values_failure(probs, value, p_merged, v_merged, split)
+        return ok() if failure is None else fail(*failure)
 
     def rewrite(self, op, probs, value, split, **_):
         return like(op.MatMul(probs, value), split)
+
+
+def _values_failure(probs, value, p_merged, v_merged, split) -> tuple | None:
+    """(reason, culprit) why the P·V chain is not the [B, H, S, D] product, or None."""
+    heads_of = _split_heads(split, value)
+    if heads_of is None:
+        return f"attention output reshaped to {split.shape}, not [B, H, S, D]", split
+    reason = _merges_heads(value, v_merged, heads_of)
+    if reason is not None:
+        return reason, v_merged
+    found, into = _dims(probs), _dims(p_merged)
+    if found is None or len(found) != 4 or found[1] != heads_of[1]:
+        return f"probabilities {probs.name} {found} are not [B, H, S, T]", probs
+    front = _front_factors(p_merged.producer().inputs[1])
+    if into is None or len(into) != 3 or not _same_product(front, _factors(heads_of)):
+        return f"probabilities merged to {into}, expected [B·H, S, T]", p_merged
+    return None
+
+
+def values_left_batched(probs: ir.Value) -> str | None:
+    """Why `layout/heads_from_batch_v` left the batched product of `probs` with V as it is, in
+    words, or None if there is none: probs ─ Reshape ─ MatMul(·, Reshape(v)) ─ Reshape."""
+    for merge, _ in probs.uses():
+        uses = merge.outputs[0].uses() if merge.op_type == "Reshape" else []
+        for matmul, index in uses:
+            v_merge = matmul.inputs[1].producer() if matmul.op_type == "MatMul" else None
+            if index != 0 or v_merge is None or v_merge.op_type != "Reshape":
+                continue
+            splits = [u for u, _ in matmul.outputs[0].uses() if u.op_type == "Reshape"]
+            if splits:
+                merged = (merge.outputs[0], matmul.inputs[1], splits[0].outputs[0])
+                failure = _values_failure(probs, v_merge.inputs[0], *merged)
+                return failure[0] if failure is not None else None
+    return None
 
 
 RULES = [ScoresFromBatchRule.rule(), ValuesFromBatchRule.rule()]
