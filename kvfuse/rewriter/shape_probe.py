@@ -21,7 +21,7 @@ from kvfuse.errors import KvfuseError
 from kvfuse.rewriter.rotary_cache import POSITIONS, evaluate_at_prompt
 
 PROBES = ((1, 3), (2, 5))  # (rows, new tokens) of the two prompts measured
-PAST = 4  # cached positions before the third run (the first prompt's size again)
+PAST = 4  # cached positions before a third run of the first prompt (rows, new tokens)
 
 
 def probe_position_shapes(model: ir.Model) -> dict[str, int]:
