@@ -280,8 +280,8 @@ def kvfuse_runner(work: Path, threads: int, system: str = "kvfuse"):
             max_new_tokens=new,
             ignore_eos=True,
             chat=False,
-            prefill_chunk=2048,
             reuse_prefix=False,  # every prefill measured from an empty cache
+            # prefill_chunk: the runtime's default (512), as a user runs it
         )
         completion = generator.generate(ids, config)
         stats = completion.stats

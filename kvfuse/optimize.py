@@ -173,7 +173,7 @@ def optimize(
             with steps.step("Verifying against the original (prefill + 8 decode steps)"):
                 _verify(plan, result, candidate)
         if plan.quant is not None:  # a gate past --max-kld raises here: nothing is written
-            written = candidate.read_bytes()
+            written = onnx.load(str(candidate)).SerializeToString()  # weights read in
             _check_quantized(plan, result, written, written, verify_numerics, steps)
         write_sidecar(staging / f"{plan.output.stem}.kvfuse.json", plan.model_path, result)
         copy_companions(plan.model_path, staging, plan.output.parent)
@@ -357,7 +357,7 @@ def _finish_half(model, plan, result, steps, verify_numerics: bool, overwrite: b
     with staged_file(plan.output, overwrite=overwrite, inputs=[plan.model_path]) as staging:
         candidate = staging / plan.output.name
         with steps.step("Writing the float32 rewrite"):
-            save_model(model, candidate)
+            save_model(model, candidate, mapped=False)  # read back whole, then replaced
             release_weights(model)
             del model
         if verify_numerics:
@@ -366,7 +366,8 @@ def _finish_half(model, plan, result, steps, verify_numerics: bool, overwrite: b
             result.rewrite_verification = result.verification
         half = _to_half(plan, result, onnx.load(str(candidate)).SerializeToString(), steps)
         with steps.step(f"Writing {plan.output}"):
-            candidate.write_bytes(half)
+            candidate.write_bytes(half)  # inline: the float32 rewrite's weights file goes
+            (staging / f"{candidate.name}.data").unlink(missing_ok=True)
         write_sidecar(staging / f"{plan.output.stem}.kvfuse.json", plan.model_path, result)
         copy_companions(plan.model_path, staging, plan.output.parent)
     result.output = plan.output

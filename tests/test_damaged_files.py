@@ -248,7 +248,7 @@ def _copy(source: Path) -> Path:
     return work
 
 
-@SETTINGS
+@settings(SETTINGS, max_examples=56)  # 4 per mutation on average: each runs the whole optimize
 @given(data=st.data())
 def test_optimize_refuses_damaged_exports_cleanly(sources, data):
     """`kvfuse optimize` on a mutated export: one line or a complete, verified output."""

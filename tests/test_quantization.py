@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
@@ -43,7 +44,7 @@ def quantized(tiny_export, tmp_path_factory):
 
 def _ops(path) -> dict[str, int]:
     ops: dict[str, int] = {}
-    for node in onnx.load(str(path)).graph.node:
+    for node in onnx.load(str(path), load_external_data=False).graph.node:
         ops[node.op_type] = ops.get(node.op_type, 0) + 1
     return ops
 
@@ -72,6 +73,25 @@ def test_int4_ort_uses_matmulnbits_and_is_exact(quantized):
     }
     assert levels == {4}
     assert result.quantization["bytes"] < result.quantization["fp32_bytes"] / 3
+
+
+def test_tied_embedding_and_head_read_one_table(tiny_export, tmp_path):
+    """A tied embedding and head: GatherBlockQuantized reads the 8-bit table and the head's
+    MatMulNBits the same initializer through a Reshape to B's [N, K/bs, bs]; exact."""
+    _, export_dir = tiny_export("llama_tied")
+    out = tmp_path / "model.onnx"
+    result = optimize(
+        export_dir, out, max_context=64, quantize=Quantize("int4", **QUICK), quiet=True
+    )
+    assert result.verification.passed and result.verification.tokens_equal
+    graph = onnx.load(str(out), load_external_data=False).graph
+    (gather,) = [n for n in graph.node if n.op_type == "GatherBlockQuantized"]
+    table = gather.input[0]
+    (reshape,) = [n for n in graph.node if n.op_type == "Reshape" and n.input[0] == table]
+    assert [n for n in graph.node if n.op_type == "MatMulNBits" and reshape.output[0] in n.input]
+    vocab, hidden = [list(t.dims) for t in graph.initializer if t.name == table][0]
+    big = [t.name for t in graph.initializer if np.prod(t.dims) >= vocab * hidden]
+    assert big == [table]  # one copy of the matrix in the file
 
 
 def _zero_point_inputs(path) -> dict[str, set[int]]:

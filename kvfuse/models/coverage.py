@@ -93,15 +93,16 @@ def main() -> None:
     args = parser.parse_args()
     exporters = args.exporter or list(EXPORTERS)
     names = args.architecture or [*ARCHITECTURES, *PENDING]
-    with tempfile.TemporaryDirectory() as tmp:
-        work = args.work or Path(tmp)
-        rows = [coverage_row(name, work, e) for name in names for e in exporters]
     print(
         "| architecture (tiny) | exporter | positions | layers fused | lowering (`ort` / `onnx`) "
         "| `ort`: verified, nodes | `onnx --static`: verified, nodes (decode graph) | why not |"
     )
-    print("|---|---|---|---|---|---|---|---|")
-    print("\n".join(rows))
+    print("|---|---|---|---|---|---|---|---|", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.work or Path(tmp)
+        for name in names:
+            for exporter in exporters:  # each row as it is made: the whole run takes a while
+                print(coverage_row(name, work, exporter), flush=True)
 
 
 if __name__ == "__main__":

@@ -205,6 +205,10 @@ ROTARY_CONFIGS: dict[str, dict[str, Any]] = {
 TINY_CONFIGS.update(ROTARY_CONFIGS)
 
 
+# the embedding and the LM head one matrix, as SmolLM2 has them (quantization keeps one copy)
+TINY_CONFIGS["llama_tied"] = {**TINY_CONFIGS["llama"], "tie_word_embeddings": True}
+
+
 # not tiny: a random Llama of 2.49 GB in fp32 (623 M parameters, most in two wide layers and an
 # untied 32k-token head), past protobuf's 2 GiB limit, to prove weights stay external end to end
 LARGE_CONFIGS: dict[str, dict[str, Any]] = {

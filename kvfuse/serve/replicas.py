@@ -137,9 +137,17 @@ def start_replicas(
 
     connect(address)
     from ray import serve
+    from ray.exceptions import RayError
 
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(application(model, plan), name=APP_NAME, route_prefix="/")
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(application(model, plan), name=APP_NAME, route_prefix="/")
+    except RayError as error:  # a proxy or replica that died starting: one line, not Ray's trace
+        reason = str(error).strip().splitlines()[0][:300]
+        raise KvfuseError(
+            f"Ray Serve could not start on {host}:{port} ({type(error).__name__}: {reason}); "
+            "check the cluster (`ray status`) and the port, then run again"
+        ) from error
     return f"http://{host}:{port}"
 
 

@@ -73,7 +73,9 @@ def check_index(out_root: Path) -> dict[str, dict]:
         assert row["nodes_after"] < row["nodes_before"]
         assert row["verification"]["passed"] and row["verification"]["tokens_equal"]
         assert row["benchmark"]["decode_tokens_per_s"] > 0 and row["benchmark"]["prefill_ms"] > 0
-        assert row["bytes"] == (out_root / name / row["model"]).stat().st_size
+        graph = out_root / name / row["model"]
+        weights = graph.with_name(f"{graph.name}.data")  # mapped weights beside the graph
+        assert row["bytes"] == graph.stat().st_size + weights.stat().st_size
         assert (out_root / name / "report.html").is_file()
     assert rows["qwen2-onnx"]["options"]["target"] == "onnx"
     broken = rows["broken"]
