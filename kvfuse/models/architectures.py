@@ -161,16 +161,20 @@ POSITION_ARCHITECTURES: dict[str, dict] = {
     # MoE MLP (router softmax → top-2): attention fuses, the MLP stays as exported
     # (`softmax_left`: the routers' softmaxes, one per layer, which are no attention)
     "mixtral": {**_ROPE_LLAMA, "exporters": ("dynamo",), "softmax_left": 2},
-    # sliding and global layers alternating (window 6, then none); Optimum's export stops at
-    # its RoPE builder
-    "gemma2": {**_ROPE_LLAMA, "rms_norms_per_layer": 4, "exporters": ("dynamo",)},
+    # sliding and global layers alternating (window 6, then none), each layer's window read
+    # from its own mask (Optimum's mask builder reads the past's shape: its key axis is a total
+    # length, not the new tokens). transformers loads Gemma 2 with SDPA attention by default,
+    # which leaves attn_logit_softcapping out: neither PyTorch's default run nor either export
+    # has a Tanh on the scores
+    "gemma2": {**_ROPE_LLAMA, "rms_norms_per_layer": 4},
     # ALiBi inside baddbmm: scores over [B·H, S, T], heads folded into the batch
     "bloom": {
         **_LAYER_NORM,
         "rope": None,
         "positions": "ALiBi",
         "lowering": {"ort": "gqa", "onnx": "attention"},
-        "parity_exporters": ("optimum",),
+        # the dynamo export reads B·H from Shape(past)[0:1] · H instead of batch_size · H
+        "parity_exporters": ("optimum", "dynamo"),
     },
 }
 ARCHITECTURES.update(POSITION_ARCHITECTURES)

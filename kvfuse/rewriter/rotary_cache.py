@@ -29,9 +29,11 @@ def evaluate_rotary_tables(
 
 
 def evaluate_at_prompt(
-    graph: ir.Graph, outputs: list[ir.Value], new_tokens: int, rows: int = 1
+    graph: ir.Graph, outputs: list[ir.Value], new_tokens: int, rows: int = 1, past: int = 0
 ) -> list[np.ndarray]:
-    """`outputs` as at the first step of a prompt of `new_tokens` tokens in `rows` rows.
+    """`outputs` as at the first step of a prompt of `new_tokens` tokens in `rows` rows (or,
+    with `past` > 0, as after `past` cached positions, for shape-only readers: the positions
+    fed stay 0..new_tokens-1).
 
     They may read `position_ids`' values (0..new_tokens-1 per row: Llama's cos/sin computed or
     gathered from them) and any tensor's shape or dtype only (Gemma's Optimum export builds
@@ -46,7 +48,7 @@ def evaluate_at_prompt(
             "(or tensor shapes); this exporter's rotary builder is not supported"
         )
     dims = _prompt_dims(graph, new_tokens, rows)
-    feeds = {name: _zeros(value, dims) for name, value in stand_ins.items()}
+    feeds = {name: _zeros(value, dims, past) for name, value in stand_ins.items()}
     if POSITIONS in data_inputs:
         positions = data_inputs[POSITIONS]
         batch = positions.shape[0] if positions.shape else 1
@@ -74,16 +76,17 @@ def _dim_name(value: ir.Value, axis: int) -> str | None:
     return dim.value if isinstance(dim, ir.SymbolicDim) else None
 
 
-def _zeros(value: ir.Value, dims: dict[str, int]) -> np.ndarray:
-    """Zeros shaped as `value` at the first prompt step: a named dim's size from `dims`, a sum
-    of named dims (`past_sequence_length + sequence_length`) the sum of their sizes."""
+def _zeros(value: ir.Value, dims: dict[str, int], past: int = 0) -> np.ndarray:
+    """Zeros shaped as `value` at the first prompt step: a named dim's size from `dims` (any
+    other name, a past length, is `past`), a sum of named dims (`past_sequence_length +
+    sequence_length`) the sum of their sizes."""
     shape = []
     for dim in value.shape:
         if isinstance(dim, int):
             shape.append(dim)
             continue
         terms = [t.strip() for t in str(dim.value or "").split("+")]
-        shape.append(sum(int(t) if t.isdigit() else dims.get(t, 0) for t in terms))
+        shape.append(sum(int(t) if t.isdigit() else dims.get(t, past) for t in terms))
     return np.zeros(shape, dtype=value.dtype.numpy())
 
 

@@ -27,6 +27,7 @@ STRUCTURE_FAMILIES = [
     pytest.param("mpt", "optimum", id="mpt-optimum"),
     # ALiBi built from the attention mask inside baddbmm's [B·H, S, T] scores
     pytest.param("bloom", "optimum", id="bloom-optimum"),
+    pytest.param("bloom", "dynamo", id="bloom-dynamo"),
 ]
 
 

@@ -16,7 +16,10 @@ batched product with V:
 become the same products over [B, H, …] (the bias split back to [B, H, ·, T] before it is
 added), which is `attention/sdpa_bhsd` with a scale and an additive position bias. The merged
 reshapes only join B and H (the last two axes are kept) and the final ones split them back in
-the same order, so each chain is exactly the 4-D product.
+the same order, so each chain is exactly the 4-D product. What a merge joins is read from
+what its target computes (`merged_heads`), so Optimum's and the dynamo exporter's Bloom match
+alike; where a merge joins anything else, `scores_left_batched` / `values_left_batched` say
+which, for the Softmax's diagnosis.
 """
 
 from __future__ import annotations
@@ -26,93 +29,17 @@ import onnx_ir as ir
 from onnxscript import optimizer
 from onnxscript.rewriter import pattern
 
+from kvfuse.patterns.attention.merged_heads import (
+    dim,
+    dims,
+    factors,
+    front_factors,
+    merges_heads,
+    same_product,
+    split_heads,
+)
 from kvfuse.patterns.attention.sdpa import scaled
-from kvfuse.rewriter import shapes
 from kvfuse.rewriter.rules import Rule, apply_rules, fail, like, ok
-
-
-def _dim(d):
-    return d if isinstance(d, int) else getattr(d, "value", None)
-
-
-def _dims(value: ir.Value) -> list | None:
-    return None if value.shape is None else [_dim(d) for d in value.shape]
-
-
-def _merges_heads(source: ir.Value, merged: ir.Value, heads_of: list) -> str | None:
-    """Why `merged` is not `source` [B, H, a, b] with B and H joined into one axis (None if it
-    is). `heads_of` is [B, H] as the split-back result has them."""
-    found, into = _dims(source), _dims(merged)
-    if found is None or into is None or len(found) != 4 or len(into) != 3:
-        return f"{source.name} {found} reshaped to {into}, expected [B, H, a, b] → [B·H, a, b]"
-    front = _front_factors(merged.producer().inputs[1])
-    same_batch = found[0] == heads_of[0] or _unknown(found[0]) or _unknown(heads_of[0])
-    if not same_batch or found[1] != heads_of[1] or not _same_product(front, _factors(heads_of)):
-        return f"{source.name} {found} merged to {into}, expected [B, H] = {heads_of} joined"
-    # B·H first and the last axis kept: the element count leaves the middle axis as it was
-    if into[2] is None or into[2] != found[3]:
-        return f"{source.name} {found} merged to {into}: its last axis is not kept"
-    return None
-
-
-def _factors(dims: list) -> tuple | None:
-    """A product of dims as (static product, sorted symbols), or None if one is unknown."""
-    if any(d is None for d in dims):
-        return None
-    number = int(np.prod([d for d in dims if isinstance(d, int)], dtype=np.int64))
-    return number, tuple(sorted(d for d in dims if isinstance(d, str)))
-
-
-def _same_product(a: tuple | None, b: tuple | None) -> bool:
-    """Two products of dims that are the same size at run time: equal static parts, symbols
-    equal or one of them a name shape inference made up for the same batch axis."""
-    if a is None or b is None or a[0] != b[0] or len(a[1]) != len(b[1]):
-        return False
-    return all(x == y or _unknown(x) or _unknown(y) for x, y in zip(a[1], b[1], strict=True))
-
-
-def _front_factors(target: ir.Value) -> tuple | None:
-    """The first element of a Reshape target as a product of dims (Bloom writes it as
-    `batch_size · num_heads`: Mul(Gather(Shape(x), 0), H)), or None if it cannot be read."""
-    node = target.producer()
-    if target.const_value is not None:
-        first = int(target.const_value.numpy().reshape(-1)[0])
-        return _factors([first]) if first > 0 else None
-    if node is None or node.op_type != "Concat" or not node.inputs:
-        return None
-    return _product(node.inputs[0])
-
-
-def _product(value: ir.Value) -> tuple | None:
-    scalar = shapes.symbolic_scalar(value)
-    if scalar is not None:
-        return _factors([scalar])
-    node = value.producer()
-    if node is not None and node.op_type in ("Unsqueeze", "Cast", "Identity", "Reshape"):
-        return _product(node.inputs[0])
-    if node is None or node.op_type != "Mul":
-        return None
-    parts = [_product(v) for v in node.inputs]
-    if None in parts:
-        return None
-    return parts[0][0] * parts[1][0], tuple(sorted(parts[0][1] + parts[1][1]))
-
-
-def _split_heads(result: ir.Value, source: ir.Value) -> list | None:
-    """[B, H] of `source` [B, H, a, b] (H static) if `result` splits them back: its H equal,
-    its B equal or unknown to shape inference (the merged reshapes prove it is B·H / H)."""
-    dims, found = _dims(result), _dims(source)
-    if dims is None or found is None or len(dims) != 4 or len(found) != 4:
-        return None
-    batch, heads = found[:2]
-    if batch is None or not isinstance(heads, int) or dims[1] != heads:
-        return None
-    return found[:2] if dims[0] in (batch, None) or _unknown(dims[0]) else None
-
-
-def _unknown(dim) -> bool:
-    """A fresh symbol of ONNX shape inference: a dim it could not name."""
-    return isinstance(dim, str) and dim.startswith("unk__")
 
 
 class ScoresFromBatchRule(Rule):
@@ -139,33 +66,69 @@ class ScoresFromBatchRule(Rule):
         )
 
     def check(self, context, query, key, q_merged, k_merged, split, **bound):
-        heads_of = _split_heads(split, query)
-        if heads_of is None:
-            return fail(f"scores reshaped to {split.shape}, not [B, H, S, T] with known B, H")
-        for source, merged in ((query, q_merged), (key, k_merged)):
-            reason = _merges_heads(source, merged, heads_of)
-            if reason is not None:
-                return fail(reason, merged)
-        if _dims(split)[2] != _dims(query)[2]:
-            return fail(f"scores {split.shape} split back with other rows than {query.shape}")
-        if bound["biased"]:
-            dims = _dims(bound["bias"])
-            if dims is None or len(dims) != 3:
-                return fail(f"score bias {bound['bias'].name} {dims} is not [B·H | 1, ·, T]")
-        return ok()
+        bias = bound["bias"] if bound["biased"] else None
+        failure = _scores_failure(query, key, q_merged, k_merged, split, bias)
+        return ok() if failure is None else fail(*failure)
 
     def rewrite(self, op, query, key, split, qk_scale=None, bias=None, **bound):
         scores = op.MatMul(query, op.Transpose(key, perm=[0, 1, 3, 2]))
         if bound["qk_how"] != "none":
             scores = getattr(op, bound["qk_how"].capitalize())(scores, qk_scale)
         if bound["biased"]:
-            scores = op.Add(scores, _bias_by_head(op, bias, _split_heads(split, query)))
+            scores = op.Add(scores, _bias_by_head(op, bias, split_heads(split, query)))
         return like(scores, split)
+
+
+def _scores_failure(query, key, q_merged, k_merged, split, bias) -> tuple | None:
+    """(reason, culprit) why the scores chain is not the [B, H, S, T] product, or None."""
+    heads_of = split_heads(split, query)
+    if heads_of is None:
+        return f"scores reshaped to {split.shape}, not [B, H, S, T] with known B, H", split
+    for source, merged in ((query, q_merged), (key, k_merged)):
+        reason = merges_heads(source, merged, heads_of)
+        if reason is not None:
+            return reason, merged
+    if dims(split)[2] != dims(query)[2]:
+        return f"scores {split.shape} split back with other rows than {query.shape}", split
+    if bias is not None and (dims(bias) is None or len(dims(bias)) != 3):
+        return f"score bias {bias.name} {dims(bias)} is not [B·H | 1, ·, T]", bias
+    return None
+
+
+def scores_left_batched(split: ir.Node) -> str | None:
+    """Why `layout/heads_from_batch` left the Reshape `split` of batched scores as it is, in
+    words (what its merging reshapes join), or None if the chain is not that rule's shape:
+    split ← [Add(bias)] ← [Mul|Div] ← MatMul(Reshape(q), Transpose(Reshape(k)))."""
+    node, bias = split.inputs[0].producer(), None
+    if node is not None and node.op_type == "Add":
+        node, bias = _operand(node, ("Mul", "Div", "MatMul"))
+    if node is not None and node.op_type in ("Mul", "Div"):
+        node, _ = _operand(node, ("MatMul",))
+    if node is None or node.op_type != "MatMul":
+        return None
+    q_merged, key_t = node.inputs
+    transpose = key_t.producer()
+    k_merged = transpose.inputs[0] if transpose and transpose.op_type == "Transpose" else None
+    merges = [v.producer() if v is not None else None for v in (q_merged, k_merged)]
+    if any(m is None or m.op_type != "Reshape" for m in merges):
+        return None
+    sources = [m.inputs[0] for m in merges]
+    failure = _scores_failure(*sources, q_merged, k_merged, split.outputs[0], bias)
+    return failure[0] if failure is not None else None
+
+
+def _operand(node: ir.Node, op_types: tuple) -> tuple:
+    """(the producer among `op_types` of one of `node`'s two inputs, the other input)."""
+    for mine, other in (node.inputs, node.inputs[::-1]):
+        if mine is not None and mine.producer() is not None:
+            if mine.producer().op_type in op_types:
+                return mine.producer(), other
+    return None, None
 
 
 def _bias_by_head(op, bias: ir.Value, heads_of: list) -> ir.Value:
     """bias [B·H, a, T] → [B, H, a, T] (a [1, a, T] bias → [1, 1, a, T], broadcast as before)."""
-    if _dim(bias.shape[0]) == 1:
+    if dim(bias.shape[0]) == 1:
         return op.Unsqueeze(bias, op.Constant(value=ir.tensor(np.array([0], np.int64))))
     rest = op.Shape(bias, start=1)
     front = op.Constant(value=ir.tensor(np.array([-1, heads_of[1]], np.int64)))
@@ -193,22 +156,45 @@ class ValuesFromBatchRule(Rule):
         )
 
     def check(self, context, probs, value, p_merged, v_merged, split, **_):
-        heads_of = _split_heads(split, value)
-        if heads_of is None:
-            return fail(f"attention output reshaped to {split.shape}, not [B, H, S, D]")
-        reason = _merges_heads(value, v_merged, heads_of)
-        if reason is not None:
-            return fail(reason, v_merged)
-        found, into = _dims(probs), _dims(p_merged)
-        if found is None or len(found) != 4 or found[1] != heads_of[1]:
-            return fail(f"probabilities {probs.name} {found} are not [B, H, S, T]", probs)
-        front = _front_factors(p_merged.producer().inputs[1])
-        if into is None or len(into) != 3 or not _same_product(front, _factors(heads_of)):
-            return fail(f"probabilities merged to {into}, expected [B·H, S, T]", p_merged)
-        return ok()
+        failure = _values_failure(probs, value, p_merged, v_merged, split)
+        return ok() if failure is None else fail(*failure)
 
     def rewrite(self, op, probs, value, split, **_):
         return like(op.MatMul(probs, value), split)
+
+
+def _values_failure(probs, value, p_merged, v_merged, split) -> tuple | None:
+    """(reason, culprit) why the P·V chain is not the [B, H, S, D] product, or None."""
+    heads_of = split_heads(split, value)
+    if heads_of is None:
+        return f"attention output reshaped to {split.shape}, not [B, H, S, D]", split
+    reason = merges_heads(value, v_merged, heads_of)
+    if reason is not None:
+        return reason, v_merged
+    found, into = dims(probs), dims(p_merged)
+    if found is None or len(found) != 4 or found[1] != heads_of[1]:
+        return f"probabilities {probs.name} {found} are not [B, H, S, T]", probs
+    front = front_factors(p_merged.producer().inputs[1])
+    if into is None or len(into) != 3 or not same_product(front, factors(heads_of)):
+        return f"probabilities merged to {into}, expected [B·H, S, T]", p_merged
+    return None
+
+
+def values_left_batched(probs: ir.Value) -> str | None:
+    """Why `layout/heads_from_batch_v` left the batched product of `probs` with V as it is, in
+    words, or None if there is none: probs ─ Reshape ─ MatMul(·, Reshape(v)) ─ Reshape."""
+    for merge, _ in probs.uses():
+        uses = merge.outputs[0].uses() if merge.op_type == "Reshape" else []
+        for matmul, index in uses:
+            v_merge = matmul.inputs[1].producer() if matmul.op_type == "MatMul" else None
+            if index != 0 or v_merge is None or v_merge.op_type != "Reshape":
+                continue
+            splits = [u for u, _ in matmul.outputs[0].uses() if u.op_type == "Reshape"]
+            if splits:
+                merged = (merge.outputs[0], matmul.inputs[1], splits[0].outputs[0])
+                failure = _values_failure(probs, v_merge.inputs[0], *merged)
+                return failure[0] if failure is not None else None
+    return None
 
 
 RULES = [ScoresFromBatchRule.rule(), ValuesFromBatchRule.rule()]

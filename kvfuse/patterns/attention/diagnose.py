@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from kvfuse.patterns.attention import batched_heads
 from kvfuse.rewriter.layout import LAYOUTS
 from kvfuse.rewriter.rules import KVFUSE_DOMAIN, NearMiss
 
@@ -25,7 +26,8 @@ def diagnose_softmax(softmax: ir.Node) -> NearMiss | None:
     kvfuse Attention left unfused with its cache: see `diagnose_cached`)."""
     if softmax.domain == KVFUSE_DOMAIN and softmax.op_type == "Attention":
         return diagnose_cached(softmax)
-    for check in (_axis, _single_use, _scores_matmul, _key_transpose, _value_head_dim):
+    checks = (_axis, _single_use, _scores_matmul, _key_transpose, _value_head_dim, _values_matmul)
+    for check in checks:
         reason = check(softmax)
         if reason is not None:
             text, culprits = reason
@@ -63,10 +65,13 @@ def _single_use(softmax):
 def _scores_matmul(softmax):
     node = _walk_up(softmax.inputs[0])
     if node is not None and node.op_type == "Reshape" and _batched_heads(node):
+        why = batched_heads.scores_left_batched(node) or (
+            "the ops between that MatMul and the reshape are not baddbmm's α·Q·Kᵀ + bias"
+        )
         return (
             "scores come from a [B·H, S, T] batched MatMul reshaped to [B, H, S, T] (heads "
             "merged into the batch, as Bloom's baddbmm does) that layout/heads_from_batch did "
-            "not unfold: its reshapes do not join exactly B and H, or their shapes are unknown",
+            f"not unfold: {why}",
             [node],
         )
     if node is None or node.op_type != "MatMul":
@@ -109,6 +114,21 @@ def _value_head_dim(softmax):
                     [user],
                 )
     return None
+
+
+def _values_matmul(softmax):
+    probs = softmax.outputs[0]
+    users = [user for user, _ in probs.uses()]
+    if len(users) == 2 and {u.op_type for u in users} == {"IsNaN", "Where"}:  # NaN guard
+        probs = next(u for u in users if u.op_type == "Where").outputs[0]
+    why = batched_heads.values_left_batched(probs)
+    if why is None:
+        return None
+    return (
+        "probabilities × V is a [B·H, S, D] batched MatMul (heads merged into the batch, as "
+        f"Bloom's bmm does) that layout/heads_from_batch_v did not unfold: {why}",
+        [softmax],
+    )
 
 
 def _walk_up(value: ir.Value | None, through=PASS_THROUGH) -> ir.Node | None:
