@@ -166,7 +166,9 @@ POSITION_ARCHITECTURES: dict[str, dict] = {
     # length, not the new tokens). transformers loads Gemma 2 with SDPA attention by default,
     # which leaves attn_logit_softcapping out: neither PyTorch's default run nor either export
     # has a Tanh on the scores
-    "gemma2": {**_ROPE_LLAMA, "rms_norms_per_layer": 4},
+    # (the default run proves it through Optimum, whose export needs each layer's own window
+    # read from its mask; the coverage command runs both exporters)
+    "gemma2": {**_ROPE_LLAMA, "rms_norms_per_layer": 4, "parity_exporters": ("optimum",)},
     # ALiBi inside baddbmm: scores over [B·H, S, T], heads folded into the batch
     "bloom": {
         **_LAYER_NORM,
