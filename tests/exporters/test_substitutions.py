@@ -22,7 +22,7 @@ def mixtral():
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     facts = ModelFacts.from_config(config)
     wrapper = dynamo.FlatCacheLM(model, facts.num_layers).eval()
-    return wrapper, dynamo._example_inputs(facts)
+    return wrapper, dynamo._example_inputs(model, facts)
 
 
 def test_moe_blocks_are_substituted_with_the_same_outputs(mixtral):

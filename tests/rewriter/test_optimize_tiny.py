@@ -174,14 +174,22 @@ def test_mistral_sliding_window_becomes_gqa_local_window(
     optimized, tiny_export, tmp_path, monkeypatch
 ):
     """Mistral's window (8, shorter than the 12 + 8 verified tokens) is lowered to GQA's
-    local_window_size; without it the same rewrite fails verification."""
+    local_window_size, read from each layer's own mask (the export's model-wide fact is not
+    needed); without a window the same rewrite fails verification."""
     from kvfuse.errors import KvfuseError
     from kvfuse.rewriter import retained_state
 
-    model = onnx.load(optimized("mistral").output)
-    for node in (n for n in model.graph.node if n.op_type == "GroupQueryAttention"):
-        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        assert attributes["local_window_size"] == 8
+    def windows(path) -> set[int]:
+        nodes = onnx.load(str(path), load_external_data=False).graph.node
+        return {
+            onnx.helper.get_attribute_value(a)
+            for n in nodes
+            if n.op_type == "GroupQueryAttention"
+            for a in n.attribute
+            if a.name == "local_window_size"
+        }
+
+    assert windows(optimized("mistral").output) == {8}
     convert = retained_state.convert_to_retained_state
     monkeypatch.setattr(
         retained_state,
@@ -189,5 +197,8 @@ def test_mistral_sliding_window_becomes_gqa_local_window(
         lambda m, c, b, lower, sliding_window=None: convert(m, c, b, lower, None),
     )
     _, export_dir = tiny_export("mistral")
+    from_masks = optimize(export_dir, tmp_path / "from-masks.onnx", max_context=64, quiet=True)
+    assert from_masks.verification.passed and windows(from_masks.output) == {8}
+    monkeypatch.setattr(retained_state, "_layer_window", lambda *_args: None)
     with pytest.raises(KvfuseError, match="verification FAILED"):
         optimize(export_dir, tmp_path / "no-window.onnx", max_context=64, quiet=True)
