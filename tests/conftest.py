@@ -199,6 +199,10 @@ def ray_cluster():
     ray.shutdown()
 
 
+# tryfirst: xdist's own hook turns the xdist_group marks into each test's `@group` suffix, and
+# the conftest loaded at start-up would otherwise run after it (marks added too late: the
+# SmolLM2 fixtures were then built on both workers, ~4 min of setup twice)
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items):
     """Under xdist's loadgroup: the real-model tests run on one worker (one SmolLM2 export per
     run, not one per worker), and the tests on the session's Ray cluster on one worker too."""
