@@ -175,7 +175,11 @@ def _cache_shapes(model: Any, facts: Any) -> list[tuple[int, int]]:
     every query head, not its config's KV heads)."""
     with torch.no_grad():
         output = model(input_ids=torch.tensor([[3]]), use_cache=True)
-    layers = output.past_key_values.layers
+    cache = output.past_key_values
+    cache = getattr(cache, "self_attention_cache", cache)  # GPTBigCode's EncoderDecoderCache
+    layers = getattr(cache, "layers", None)
+    if layers is None:  # a cache that does not list its layers: the config's shape for all
+        return [(facts.cache_kv_heads, facts.head_dim)] * facts.num_layers
     shapes = [(int(layer.keys.shape[1]), int(layer.keys.shape[-1])) for layer in layers]
     if len(shapes) != facts.num_layers:
         raise KvfuseError(

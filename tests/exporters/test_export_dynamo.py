@@ -52,3 +52,20 @@ def test_local_functions_are_inlined():
     x = np.arange(8, dtype=np.float32).reshape(2, 4)
     (y,) = ort.InferenceSession(proto, providers=["CPUExecutionProvider"]).run(None, {"x": x})
     np.testing.assert_allclose(y, 2 * x * x)
+
+
+def test_cache_shapes_of_a_cache_wrapped_for_cross_attention():
+    """GPTBigCode returns its cache inside an EncoderDecoderCache: the example inputs read each
+    layer's (KV heads, head dim) from the self-attention cache it wraps (one KV head here)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from kvfuse.exporters import dynamo
+    from kvfuse.exporters.metadata import ModelFacts
+    from kvfuse.models.tiny import tiny_config
+
+    config = tiny_config("gpt_bigcode")
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    facts = ModelFacts.from_config(config)
+    shapes = dynamo._cache_shapes(model, facts)
+    assert shapes == [(1, config.n_embd // config.n_head)] * facts.num_layers
