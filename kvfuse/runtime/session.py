@@ -1,8 +1,8 @@
 """An onnxruntime session over a retained-state model, with its KV memory planned up front.
 
 Every layer's K and V buffer is a view into one arena allocated once, buffer after buffer, each
-[B, Hkv, max_context, D] with its own layer's KV heads and head dim (layers may differ; where
-they do not, the arena is [2·layers, B, Hkv, max_context, D]). Each view is bound, through
+[B, Hkv, max_context, D] with its own layer's KV heads and head dim (layers may differ; the
+arena itself is one flat array, `self.kv` its per-buffer views). Each view is bound, through
 IOBinding, as both the layer's `past` input and its `present` output, so the graph writes the
 new positions into the buffer it reads (onnxruntime's GroupQueryAttention and TensorScatter
 update in place only when past and present are the same memory). The logits are bound into
