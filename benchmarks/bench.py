@@ -65,11 +65,11 @@ KVFUSE_MODELS = {
 KVFUSE_MODELS["kvfuse-static-prepack"] = KVFUSE_MODELS["kvfuse-static"]  # its own copy per graph
 for _mode in ("int4", "gguf", "int8"):
     KVFUSE_MODELS[f"kvfuse-{_mode}"] = (f"model-{_mode}.onnx", {"quantize": _mode})
-# int4 with genai's head width (an int4 head), and symmetric blocks (--symmetric)
+# int4 in genai's bits (symmetric blocks, an int4 head), and symmetric blocks (--symmetric)
 # (a dict: kvfuse.quantization.Quantize's fields, made into one when the model is built)
 KVFUSE_MODELS["kvfuse-int4-head4"] = (
     "model-int4-head4.onnx",
-    {"quantize": {"mode": "int4", "head": "int4"}},
+    {"quantize": {"mode": "int4", "head": "int4", "zero_points": False}},
 )
 KVFUSE_MODELS["kvfuse-int4-sym"] = (
     "model-int4-sym.onnx",
@@ -281,7 +281,7 @@ def kvfuse_runner(work: Path, threads: int, system: str = "kvfuse"):
             ignore_eos=True,
             chat=False,
             reuse_prefix=False,  # every prefill measured from an empty cache
-            # prefill_chunk: the runtime's default (512), as a user runs it
+            # prefill_chunk: the runtime's default (256), as a user runs it
         )
         completion = generator.generate(ids, config)
         stats = completion.stats
@@ -515,8 +515,30 @@ def main() -> None:
             continue
         qualities[system] = json.loads(done.stdout.strip().splitlines()[-1])
         print(f"quality {system}: {qualities[system]}", file=sys.stderr)
+    profiles = {system: profile(args.work, system, args.threads) for system in systems}
     sizes = {system: model_bytes(args.work, system) for system in systems}
-    write_report(results, bandwidth, weight_bytes(args.work), args, sizes, qualities)
+    write_report(results, bandwidth, weight_bytes(args.work), args, sizes, qualities, profiles)
+
+
+PROFILED = ["kvfuse-int4", "kvfuse-int4-head4", "genai-int4"]  # decode time by op type
+
+
+def profile(work: Path, system: str, threads: int) -> str | None:
+    """onnxruntime's profiler over 32 decode steps of a PROFILED system's graph
+    (benchmarks/profile_ops.py, its own process), as text; None for other systems."""
+    if system not in PROFILED:
+        return None
+    if system in KVFUSE_MODELS:
+        model = work / "export" / KVFUSE_MODELS[system][0]
+    else:
+        model = work / system / "model.onnx"
+    script = Path(__file__).with_name("profile_ops.py")
+    command = [sys.executable, str(script), str(model), "--steps", "32"]
+    done = subprocess.run(command + ["--threads", str(threads)], capture_output=True, text=True)
+    if done.returncode != 0:
+        print(done.stderr[-2000:], file=sys.stderr)
+        return None
+    return done.stdout.strip()
 
 
 def _run_self(arguments: list[str], args) -> subprocess.CompletedProcess:
@@ -525,7 +547,9 @@ def _run_self(arguments: list[str], args) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True)
 
 
-def write_report(results, bandwidth, weights, args, sizes=None, qualities=None) -> None:
+def write_report(
+    results, bandwidth, weights, args, sizes=None, qualities=None, profiles=None
+) -> None:
     roofline = bandwidth * 1e9 / weights
     reference = (results.get("pytorch") or [{}])[0].get("tokens")
     rows = []
@@ -574,6 +598,8 @@ def write_report(results, bandwidth, weights, args, sizes=None, qualities=None) 
             f"{(sizes or {}).get(system, 0) / 1e6:.0f} | {same} |"
         )
     lines += _quality_table(qualities or {})
+    lines += _targets(dict((system, m) for system, m, _ in rows), qualities or {})
+    lines += _profiles(profiles or {})
     out = Path(__file__).with_name("RESULTS.md")
     previous = out.read_text() if out.exists() else ""
     marks = [previous.index(m) for m in (SECTION_MARK, GPU_MARK) if m in previous]
@@ -604,6 +630,47 @@ def _quality_table(qualities: dict) -> list[str]:
             f"{q['perplexity_quantized']:.3f} | {q['greedy_equal']}/{q['greedy_steps']} | "
             f"{', '.join(map(str, q['mismatch_margins'])) or '—'} |"
         )
+    return lines
+
+
+def _targets(medians: dict, qualities: dict) -> list[str]:
+    """Each quantized kvfuse row against genai int4 (its builder's defaults), in this run."""
+    genai = medians.get("genai-int4")
+    if genai is None:
+        return []
+    lines = [
+        "",
+        "Against `genai-int4` in this run (decode after 64 / 1,024 tokens, prefill of 512 "
+        "tokens: > 1 is faster; peak RSS: < 1 is less; KLD: lower is better):",
+        "",
+        "| system | decode short | decode long | prefill 512 | peak RSS | KLD mean |",
+        "|---|---|---|---|---|---|",
+    ]
+    base_kld = qualities.get("genai-int4", {}).get("kld_mean")
+    for system, m in medians.items():
+        if not system.startswith("kvfuse-int") and system != "kvfuse-gguf":
+            continue
+        kld = qualities.get(system, {}).get("kld_mean")
+        kld_text = f"{kld:.4f} vs {base_kld:.4f}" if kld is not None and base_kld else "—"
+        lines.append(
+            f"| {system} | {m['decode_short_tps'] / genai['decode_short_tps']:.2f}× | "
+            f"{m['decode_long_tps'] / genai['decode_long_tps']:.2f}× | "
+            f"{genai['prefill_512_ms'] / m['prefill_512_ms']:.2f}× | "
+            f"{m['peak_rss_mb'] / genai['peak_rss_mb']:.2f}× | {kld_text} |"
+        )
+    return lines
+
+
+def _profiles(profiles: dict) -> list[str]:
+    """Decode time by op type (onnxruntime's profiler: its per-node events inflate the step;
+    the shares are what to compare), one block per profiled system."""
+    lines = []
+    for system, text in profiles.items():
+        if text:
+            lines += ["", f"Decode by op type, `{system}` (benchmarks/profile_ops.py):", "", "```"]
+            lines += [text, "```"]
+    if lines:
+        lines = ["", "Where a decode step's time goes, same run:", *lines]
     return lines
 
 

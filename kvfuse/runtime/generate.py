@@ -33,7 +33,9 @@ class GenerationConfig:
     stop: tuple[str, ...] = ()
     chat: bool = True  # wrap the prompt with the model's chat template, if it has one
     on_full_context: str = "error"  # or "stop": end cleanly when the buffers are full
-    prefill_chunk: int = 512
+    # prompt tokens per step, as `kvfuse serve`: onnxruntime's GroupQueryAttention holds a
+    # score scratch of heads × chunk × buffer positions (SmolLM2: 19 MB at 256, 38 MB at 512)
+    prefill_chunk: int = 256
     ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks)
     reuse_prefix: bool = True  # keep the KV of a prompt's prefix the last generation left
 
