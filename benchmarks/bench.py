@@ -250,6 +250,9 @@ def genai_runner(work: Path, threads: int, system: str = "genai"):
     import onnxruntime_genai as og
 
     model = og.Model(str(work / system))
+    # held as kvfuse.load holds its tokenizer (and a process generating text holds one): the
+    # prompts are token ids, but peak RSS compares the runtimes as they are used
+    tokenizer = og.Tokenizer(model)
 
     def run(ids, new, decode=False):
         params = og.GeneratorParams(model)
@@ -266,6 +269,7 @@ def genai_runner(work: Path, threads: int, system: str = "genai"):
             stamps.append(time.perf_counter())
         return tokens, stamps[0] - start, _decode_rate(stamps)
 
+    run.tokenizer = tokenizer  # alive as long as the runner
     return run
 
 
@@ -414,7 +418,7 @@ def quality_worker(system: str, work: Path, threads: int, tokens: int = QUALITY_
 
     from kvfuse.exporters.reference import ConcatCacheRunner
     from kvfuse.rewriter import quality
-    from kvfuse.rewriter.verify import FixedCacheRunner
+    from kvfuse.rewriter.verify import FixedCacheRunner, _session
 
     text = quality.reference_text()[1]
     tokenizer = Tokenizer.from_file(str(work / "export" / "tokenizer.json"))
@@ -436,8 +440,9 @@ def quality_worker(system: str, work: Path, threads: int, tokens: int = QUALITY_
         sidecar = json.loads(file.with_suffix(".kvfuse.json").read_text())
         pairs = [(p["past"], p["present"]) for p in sidecar["kv_pairs"]]
         shape = [1, sidecar["kv_heads"], sidecar["max_context"], sidecar["head_dim"]]
-        graph = quality.all_position_logits(file.read_bytes())
-        candidate = FixedCacheRunner(graph, pairs, shape, optimized=True)
+        graph = quality.all_position_logits(file.read_bytes())  # weights: OUT.onnx.data
+        session = _session(graph, data_folder=file.parent, optimized=True)
+        candidate = FixedCacheRunner(session, pairs, shape, optimized=True)
     figures = quality.compare(reference, candidate, ids, QUALITY_WINDOW, greedy_steps=32)
     result = {"system": system, **{k: v for k, v in vars(figures).items() if k != "mismatches"}}
     result["mismatch_margins"] = [round(m.margin, 3) for m in figures.mismatches]
@@ -446,12 +451,16 @@ def quality_worker(system: str, work: Path, threads: int, tokens: int = QUALITY_
 
 
 def weight_bytes(work: Path) -> int:
+    """Bytes of the fp32 weights a decode step reads, from the dims (the data is not loaded:
+    onnx refuses a hard-linked data file, which kvfuse-genai's directory shares)."""
     import onnx
 
     path = work / "export" / "model-kvfuse.onnx"
-    model = onnx.load(str(path if path.exists() else work / "export" / "model.onnx"))
+    path = path if path.exists() else work / "export" / "model.onnx"
+    model = onnx.load(str(path), load_external_data=False)
     return sum(
-        onnx.numpy_helper.to_array(t).nbytes
+        int(np.prod(t.dims, dtype=np.int64))
+        * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
         for t in model.graph.initializer
         if not t.name.startswith("kvfuse.rotary")
     )
@@ -471,6 +480,11 @@ def main() -> None:
     parser.add_argument("--quality", help="(internal) measure one quantized system's quality")
     parser.add_argument("--quality-tokens", type=int, default=QUALITY_TOKENS)
     parser.add_argument("--systems", help="comma-separated subset")
+    parser.add_argument(
+        "--report-from",
+        type=Path,
+        help="a results.json an earlier run saved: measure quality and profiles, write the report",
+    )
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.worker:
@@ -479,6 +493,11 @@ def main() -> None:
     if args.quality:
         figures = quality_worker(args.quality, args.work, args.threads, args.quality_tokens)
         print(json.dumps(figures))
+        return
+    if args.report_from:
+        raw = json.loads(args.report_from.read_text())
+        args.rounds = raw["rounds"]
+        report(args, list(raw["results"]), raw["results"], raw["bandwidth"])
         return
     args.work.mkdir(parents=True, exist_ok=True)
     wanted = [s for s in SYSTEMS if not args.systems or s in args.systems.split(",")]
@@ -507,6 +526,13 @@ def main() -> None:
                 continue
             results[system].append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(f"round {round_index + 1} {system}: {results[system][-1]}", file=sys.stderr)
+    raw = {"results": results, "bandwidth": bandwidth, "rounds": args.rounds}
+    (args.work / "results.json").write_text(json.dumps(raw))  # a crash after here loses nothing
+    report(args, systems, results, bandwidth)
+
+
+def report(args, systems: list[str], results: dict, bandwidth: float) -> None:
+    """Quality of the quantized rows, decode profiles and model sizes, then RESULTS.md."""
     qualities = {}
     for system in [s for s in systems if s in QUANTIZED]:
         done = _run_self(["--quality", system], args)
