@@ -13,10 +13,13 @@ dynamic shapes) and `onnx --static` (a prefill graph of 128 tokens and a decode 
 one weights file); `kvfuse-genai`, kvfuse's `ort` model under onnxruntime-genai's runtime (its
 C++ loop over the graph `optimize --genai-config` writes), which separates the graph's quality
 from kvfuse's Python loop. Quantized rows: kvfuse `--quantize int4`, `gguf` (the GGUF's own blocks)
-and `int8`, beside genai's int4 model (its builder's defaults) and genai int4 with an 8-bit LM
-head; each quantized row also gets its quality against the same fp32 reference (Optimum's
-export), teacher-forced over 2,048 tokens of `pydoc_data.topics` (`--quality` worker). Writes
-benchmarks/RESULTS.md.
+and `int8`, int4 in genai's bits (`--symmetric --head int4`) and `--symmetric`, beside genai's
+int4 model (its builder's defaults) and genai int4 with an 8-bit LM head; each quantized row
+also gets its quality against the same fp32 reference (Optimum's export), teacher-forced over
+2,048 tokens of `pydoc_data.topics` (`--quality` worker), a same-run table against genai int4,
+and decode profiles by op type of kvfuse int4 and genai int4 (profile_ops.py). Every runtime
+holds its own tokenizer, as a process generating text does. Raw results go to WORK/results.json
+before the report (`--report-from` re-makes the report from it). Writes benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
