@@ -627,7 +627,7 @@ def write_report(
             f"{(sizes or {}).get(system, 0) / 1e6:.0f} | {same} |"
         )
     lines += _quality_table(qualities or {})
-    lines += _targets(dict((system, m) for system, m, _ in rows), qualities or {})
+    lines += _targets({system: m for system, m, _ in rows}, qualities or {})
     lines += _profiles(profiles or {})
     out = Path(__file__).with_name("RESULTS.md")
     previous = out.read_text() if out.exists() else ""

@@ -6,7 +6,7 @@ Prints the share of node time per op type for single-token decode steps after a 
 `--context` tokens, and the time outside nodes (session overhead). MODEL is a kvfuse-optimized
 model, or an onnxruntime-genai model (a `genai_config.json` beside it: its inputs are fed as
 genai's runtime feeds them, one shared past/present buffer per cache of `--max-length`
-positions), so both run under the same profiler in one process.
+positions), so both run under the same profiler and the same harness.
 """
 
 from __future__ import annotations
