@@ -37,7 +37,7 @@ def main() -> None:
     options.profile_file_prefix = "/tmp/kvfuse-profile"
     if (args.model.parent / "genai_config.json").exists():
         session = ort.InferenceSession(str(args.model), options, providers=["CPUExecutionProvider"])
-        step = genai_stepper(session, args.max_length)
+        step = genai_stepper(session, args.model, args.max_length)
     else:
         spec = read_spec(args.model)
         session = ort.InferenceSession(str(spec.path), options, providers=["CPUExecutionProvider"])
@@ -70,10 +70,10 @@ def kvfuse_stepper(session: ort.InferenceSession, spec):
     return step
 
 
-def genai_stepper(session: ort.InferenceSession, max_length: int):
+def genai_stepper(session: ort.InferenceSession, model: Path, max_length: int):
     """genai's feeds with past_present_share_buffer: each past.N.key/value bound in place
     to its present, `max_length` positions, and an attention mask of the valid length."""
-    config = json.loads((Path(session._model_path).parent / "genai_config.json").read_text())
+    config = json.loads((model.parent / "genai_config.json").read_text())
     head_size = config["model"]["decoder"]["head_size"]
     binding, values = session.io_binding(), []
     for value in session.get_inputs():
